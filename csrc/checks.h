@@ -1,0 +1,99 @@
+// Argument checks shared by every compiled backend, so CPU and CUDA reject the same
+// inputs with the same messages (efficientvit_kernels/ops.py mirrors them for the
+// fake and Triton implementations).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace efficientvit {
+
+inline void check_same(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "efficientvit: ", name, " is on ", t.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "efficientvit: ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", x.scalar_type());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "efficientvit: ", name, " must have shape ", expected,
+              ", got ", t.sizes());
+}
+
+inline void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "efficientvit: x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "efficientvit: x must be a floating-point tensor, got ", x.scalar_type());
+}
+
+// Sizes of a cga call, derived from its weights and checked against x.
+struct CgaDims {
+  int64_t batch, channels, height, width;
+  int64_t heads, key_dim, value_dim, kernel, window;
+};
+
+inline CgaDims check_cga(const at::Tensor& x, const at::Tensor& qkv_weight,
+                         const at::Tensor& qkv_bias, const at::Tensor& dw_weight,
+                         const at::Tensor& dw_bias, const at::Tensor& attention_bias,
+                         const at::Tensor& proj_weight, const at::Tensor& proj_bias,
+                         int64_t window_size) {
+  check_input(x);
+  CgaDims d{};
+  d.batch = x.size(0), d.channels = x.size(1), d.height = x.size(2), d.width = x.size(3);
+  TORCH_CHECK(qkv_weight.dim() == 3, "efficientvit: qkv_weight must be 3-D (heads, 2*kd+d, d), got ",
+              qkv_weight.sizes());
+  TORCH_CHECK(dw_weight.dim() == 4, "efficientvit: dw_weight must be 4-D (heads, kd, K, K), got ",
+              dw_weight.sizes());
+  d.heads = qkv_weight.size(0);
+  TORCH_CHECK(d.heads > 0 && d.channels % d.heads == 0, "efficientvit: ", d.heads,
+              " heads do not divide the ", d.channels, " channels of x");
+  d.value_dim = d.channels / d.heads;
+  d.key_dim = dw_weight.size(1);
+  d.kernel = dw_weight.size(3);
+  d.window = window_size;
+  TORCH_CHECK(window_size > 0, "efficientvit: window_size must be positive, got ", window_size);
+  TORCH_CHECK(d.kernel % 2 == 1, "efficientvit: the query kernel size must be odd, got ", d.kernel);
+  check_shape(qkv_weight, {d.heads, 2 * d.key_dim + d.value_dim, d.value_dim}, "qkv_weight");
+  check_shape(qkv_bias, {d.heads, 2 * d.key_dim + d.value_dim}, "qkv_bias");
+  check_shape(dw_weight, {d.heads, d.key_dim, d.kernel, d.kernel}, "dw_weight");
+  check_shape(dw_bias, {d.heads, d.key_dim}, "dw_bias");
+  TORCH_CHECK(attention_bias.sizes() == at::IntArrayRef({d.heads, window_size, window_size}),
+              "efficientvit: attention_bias must have shape (heads, window_size, window_size) = (",
+              d.heads, ", ", window_size, ", ", window_size, "), got ", attention_bias.sizes());
+  check_shape(proj_weight, {d.channels, d.channels}, "proj_weight");
+  check_shape(proj_bias, {d.channels}, "proj_bias");
+  const at::Tensor* params[] = {&qkv_weight, &qkv_bias, &dw_weight, &dw_bias,
+                                &attention_bias, &proj_weight, &proj_bias};
+  const char* names[] = {"qkv_weight", "qkv_bias", "dw_weight", "dw_bias",
+                         "attention_bias", "proj_weight", "proj_bias"};
+  for (int i = 0; i < 7; ++i) check_same(x, *params[i], names[i]);
+  return d;
+}
+
+inline void check_dwconv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_input(x);
+  TORCH_CHECK(weight.dim() == 3, "efficientvit: dwconv weight must be 3-D (C, K, K), got ",
+              weight.sizes());
+  const int64_t K = weight.size(1);
+  TORCH_CHECK(K % 2 == 1, "efficientvit: the dwconv kernel size must be odd, got ", K);
+  check_shape(weight, {x.size(1), K, K}, "weight");
+  check_shape(bias, {x.size(1)}, "bias");
+  check_same(x, weight, "weight");
+  check_same(x, bias, "bias");
+}
+
+inline void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                      const at::Tensor& w2, const at::Tensor& b2) {
+  check_input(x);
+  TORCH_CHECK(w1.dim() == 2, "efficientvit: w1 must be 2-D (hidden, C), got ", w1.sizes());
+  const int64_t C = x.size(1), M = w1.size(0);
+  check_shape(w1, {M, C}, "w1");
+  check_shape(b1, {M}, "b1");
+  check_shape(w2, {C, M}, "w2");
+  check_shape(b2, {C}, "b2");
+  check_same(x, w1, "w1");
+  check_same(x, b1, "b1");
+  check_same(x, w2, "w2");
+  check_same(x, b2, "b2");
+}
+
+}  // namespace efficientvit

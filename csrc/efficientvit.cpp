@@ -1,0 +1,31 @@
+// The efficientvit op library: every op's schema, defined once. Each backend
+// (csrc/cpu, csrc/cuda, and the Triton kernels from Python) registers an
+// implementation of these schemas; efficientvit_kernels/ops.py documents them and
+// registers their fake (meta) implementations.
+#include <torch/library.h>
+
+TORCH_LIBRARY(efficientvit, m) {
+  // Local-window cascaded group attention on folded parameters (see DESIGN.md):
+  // x (B, C, H, W); qkv_weight (h, 2kd+d, d), qkv_bias (h, 2kd+d), d = C/h;
+  // dw_weight (h, kd, K, K), dw_bias (h, kd); attention_bias (h, ws, ws);
+  // proj_weight (C, C), proj_bias (C). Returns [x +] attention(x), shaped and laid out like x.
+  m.def(
+      "cga(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor dw_weight, Tensor dw_bias, "
+      "Tensor attention_bias, Tensor proj_weight, Tensor proj_bias, int window_size, float scale, "
+      "bool residual) -> Tensor");
+  // Depthwise KxK convolution with zero padding K//2: [x +] [relu](dwconv(x) + bias);
+  // weight (C, K, K), bias (C).
+  m.def("dwconv(Tensor x, Tensor weight, Tensor bias, bool relu, bool residual) -> Tensor");
+  // Pointwise MLP: [x +] w2 relu(w1 x + b1) + b2; w1 (M, C), b1 (M), w2 (C, M), b2 (C).
+  m.def("ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual) -> Tensor");
+}
+
+#ifdef EFFICIENTVIT_PYTHON_MODULE
+#include <Python.h>
+// An empty Python module: importing efficientvit_kernels._C loads this library,
+// whose static initializers register the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

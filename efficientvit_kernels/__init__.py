@@ -1,0 +1,8 @@
+"""Fused kernels for EfficientViT: ``torch.ops.efficientvit.{cga, dwconv, ffn}``.
+
+``convert(model)`` turns a reference, official or timm EfficientViT into a model whose
+forward calls the fused ops.
+"""
+from . import ops
+
+__all__ = ["ops"]

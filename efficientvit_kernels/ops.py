@@ -1,0 +1,162 @@
+"""Python face of the fused ops: ``torch.ops.efficientvit.{cga, dwconv, ffn}``.
+
+The schemas live in ``csrc/efficientvit.cpp``; the compiled library registers the CPU
+(and, where built, CUDA) kernels. This module documents each op, checks arguments the
+way the C++ side does (for the fake implementation, so ``torch.compile`` and
+``torch.export`` reject bad input at trace time, and for the Triton and reference
+backends), and registers the fake implementations. The ops are inference-only: they
+have no autograd formula.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
+
+__all__ = ["cga", "dwconv", "ffn", "check_cga", "check_dwconv", "check_ffn"]
+
+
+def _fail(message):
+    raise ValueError(f"efficientvit: {message}")
+
+
+def _check_input(x):
+    if x.dim() != 4:
+        _fail(f"x must be 4-D (B, C, H, W), got {x.dim()}-D")
+    if not x.dtype.is_floating_point:
+        _fail(f"x must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_params(x, **params):
+    for name, t in params.items():
+        if t.device != x.device:
+            _fail(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            _fail(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+
+
+def _check_shape(t, expected, name):
+    if tuple(t.shape) != tuple(expected):
+        _fail(f"{name} must have shape {list(expected)}, got {list(t.shape)}")
+
+
+def check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
+              proj_bias, window_size):
+    """Checks cga arguments; returns (heads, key_dim, value_dim, kernel)."""
+    _check_input(x)
+    C = x.shape[1]
+    if qkv_weight.dim() != 3:
+        _fail(f"qkv_weight must be 3-D (heads, 2*kd+d, d), got {list(qkv_weight.shape)}")
+    if dw_weight.dim() != 4:
+        _fail(f"dw_weight must be 4-D (heads, kd, K, K), got {list(dw_weight.shape)}")
+    heads = qkv_weight.shape[0]
+    if heads <= 0 or C % heads != 0:
+        _fail(f"{heads} heads do not divide the {C} channels of x")
+    d, kd, K = C // heads, dw_weight.shape[1], dw_weight.shape[3]
+    if window_size <= 0:
+        _fail(f"window_size must be positive, got {window_size}")
+    if K % 2 != 1:
+        _fail(f"the query kernel size must be odd, got {K}")
+    _check_shape(qkv_weight, (heads, 2 * kd + d, d), "qkv_weight")
+    _check_shape(qkv_bias, (heads, 2 * kd + d), "qkv_bias")
+    _check_shape(dw_weight, (heads, kd, K, K), "dw_weight")
+    _check_shape(dw_bias, (heads, kd), "dw_bias")
+    if tuple(attention_bias.shape) != (heads, window_size, window_size):
+        _fail(f"attention_bias must have shape (heads, window_size, window_size) = "
+              f"{[heads, window_size, window_size]}, got {list(attention_bias.shape)}")
+    _check_shape(proj_weight, (C, C), "proj_weight")
+    _check_shape(proj_bias, (C,), "proj_bias")
+    _check_params(x, qkv_weight=qkv_weight, qkv_bias=qkv_bias, dw_weight=dw_weight,
+                  dw_bias=dw_bias, attention_bias=attention_bias, proj_weight=proj_weight,
+                  proj_bias=proj_bias)
+    return heads, kd, d, K
+
+
+def check_dwconv(x, weight, bias):
+    """Checks dwconv arguments; returns the kernel size."""
+    _check_input(x)
+    if weight.dim() != 3:
+        _fail(f"dwconv weight must be 3-D (C, K, K), got {list(weight.shape)}")
+    K = weight.shape[1]
+    if K % 2 != 1:
+        _fail(f"the dwconv kernel size must be odd, got {K}")
+    _check_shape(weight, (x.shape[1], K, K), "weight")
+    _check_shape(bias, (x.shape[1],), "bias")
+    _check_params(x, weight=weight, bias=bias)
+    return K
+
+
+def check_ffn(x, w1, b1, w2, b2):
+    """Checks ffn arguments; returns the hidden width."""
+    _check_input(x)
+    if w1.dim() != 2:
+        _fail(f"w1 must be 2-D (hidden, C), got {list(w1.shape)}")
+    C, M = x.shape[1], w1.shape[0]
+    _check_shape(w1, (M, C), "w1")
+    _check_shape(b1, (M,), "b1")
+    _check_shape(w2, (C, M), "w2")
+    _check_shape(b2, (C,), "b2")
+    _check_params(x, w1=w1, b1=b1, w2=w2, b2=b2)
+    return M
+
+
+def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
+        window_size, scale, residual=True):
+    """Local-window cascaded group attention, fused (DESIGN.md), on folded parameters.
+
+    Args:
+        x: (B, C, H, W), contiguous or channels-last; fp32 on CPU.
+        qkv_weight: (h, 2*kd + d, d), per-head 1x1 conv with BN folded; d = C / h.
+        qkv_bias: (h, 2*kd + d).
+        dw_weight: (h, kd, K, K), depthwise conv on q (K odd); a head with a smaller kernel
+            holds it zero-padded around the centre.
+        dw_bias: (h, kd).
+        attention_bias: (h, ws, ws): the learned bias for token offset (|dy|, |dx|).
+        proj_weight: (C, C), output 1x1 conv (input channels in head order), BN folded.
+        proj_bias: (C,).
+        window_size: ws. A map of exactly ws x ws is one window; any other size is
+            zero-padded at the bottom/right to whole windows, whose padded tokens take part
+            in attention, and cropped after.
+        scale: multiplies q.k (kd ** -0.5 in EfficientViT).
+        residual: add x to the result.
+
+    Returns:
+        (B, C, H, W) in x's memory format.
+    """
+    return torch.ops.efficientvit.cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
+                                      proj_weight, proj_bias, window_size, scale, residual)
+
+
+def dwconv(x, weight, bias, relu=False, residual=True):
+    """Depthwise KxK conv, zero padding K//2, stride 1: ``[x +] [relu](dwconv(x) + bias)``.
+
+    x (B, C, H, W), weight (C, K, K) with K odd, bias (C,). Returns x's shape and layout.
+    """
+    return torch.ops.efficientvit.dwconv(x, weight, bias, relu, residual)
+
+
+def ffn(x, w1, b1, w2, b2, residual=True):
+    """Pointwise MLP at every pixel: ``[x +] w2 relu(w1 x + b1) + b2``.
+
+    x (B, C, H, W), w1 (M, C), b1 (M,), w2 (C, M), b2 (C,). The hidden (M-channel)
+    activation is never written to memory. Returns x's shape and layout.
+    """
+    return torch.ops.efficientvit.ffn(x, w1, b1, w2, b2, residual)
+
+
+@torch.library.register_fake("efficientvit::cga")
+def _cga_fake(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
+              proj_bias, window_size, scale, residual):
+    check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
+              proj_bias, window_size)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("efficientvit::dwconv")
+def _dwconv_fake(x, weight, bias, relu, residual):
+    check_dwconv(x, weight, bias)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("efficientvit::ffn")
+def _ffn_fake(x, w1, b1, w2, b2, residual):
+    check_ffn(x, w1, b1, w2, b2)
+    return torch.empty_like(x)
