@@ -4,5 +4,7 @@
 forward calls the fused ops.
 """
 from . import ops
+from .convert import convert
+from .modules import BACKENDS, FusedCGA, FusedDWConv, FusedFFN
 
-__all__ = ["ops"]
+__all__ = ["ops", "convert", "BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN"]

@@ -1,0 +1,137 @@
+"""The main job: build EfficientViT, convert it, check fused against reference, time both.
+
+    python -m efficientvit_kernels [--model m4|all] [--batch N] [--dtype fp32|fp16|bf16]
+        [--device cpu|cuda] [--backend auto] [--resolution 224] [--checkpoint PATH] [--json PATH]
+
+Defaults follow the paper's protocols: on CPU one thread, batch 16, fp32; on GPU fp16,
+batch 256. Prints one table (img/s, latency, speedup, error); exits 1 if a check fails.
+"""
+import argparse
+import datetime
+import json
+import platform
+import sys
+
+import torch
+
+import python_ref
+
+from . import convert
+from .modules import BACKENDS
+from .timing import median_time, tolerance
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m efficientvit_kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="m4", choices=[*python_ref.MODEL_CONFIGS, "all"])
+    p.add_argument("--batch", type=int, help="default: 16 on CPU, 256 on GPU")
+    p.add_argument("--dtype", choices=DTYPES, help="default: fp32 on CPU, fp16 on GPU")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--checkpoint", help="official or timm checkpoint (default: random weights and BN statistics)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (the paper's CPU protocol: 1)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    args.batch = args.batch or (16 if args.device == "cpu" else 256)
+    args.dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "fp16")]
+    if args.batch <= 0 or args.resolution < 16:
+        p.error("--batch must be positive and --resolution at least 16")
+    return args
+
+
+def _build(name, checkpoint):
+    model = python_ref.build(name)
+    if checkpoint:
+        python_ref.load_checkpoint(model, checkpoint)
+    else:
+        python_ref.randomize_(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def _run_model(name, args, progress):
+    model = _build(name, args.checkpoint)
+    device, dtype = torch.device(args.device), args.dtype
+    exact_model = python_ref.fold_batchnorm(model).to(device=device, dtype=torch.float64)
+    fused = convert(model, backend=args.backend).to(device=device, dtype=dtype)
+    reference = model.to(device=device, dtype=dtype)
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(args.batch, 3, args.resolution, args.resolution, generator=g).to(device, dtype)
+              for _ in range(2)]
+    exact = exact_model(inputs[0].double())
+    out = fused(inputs[0]).double()
+    error = ((out - exact).norm() / exact.norm()).item() if torch.isfinite(out).all() else float("inf")
+    max_error = (out - exact).abs().max().item()
+    progress(f"{name}: checked")
+
+    timings = {"eager": median_time(reference, inputs)}
+    progress(f"{name}: eager timed")
+    if not args.no_compile:
+        mode = "max-autotune" if args.device == "cuda" else None
+        compiled = torch.compile(reference, mode=mode)
+        timings["compile"] = median_time(compiled, inputs)
+        progress(f"{name}: torch.compile timed")
+    timings["fused"] = median_time(fused, inputs)
+    progress(f"{name}: fused timed")
+    return dict(model=name, error=error, max_error=max_error, tolerance=tolerance(dtype),
+                passed=error <= tolerance(dtype),
+                img_per_s={k: args.batch / t for k, t in timings.items()},
+                latency_ms={k: t * 1e3 for k, t in timings.items()})
+
+
+def _table(rows, args):
+    cols = [k for k in ("eager", "compile", "fused") if k in rows[0]["img_per_s"]]
+    head = ["model"] + [f"{c} img/s" for c in cols] + [f"{c} ms" for c in cols] + \
+        [f"fused/{c}" for c in cols if c != "fused"] + ["rel. error", "check"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ips, lat = r["img_per_s"], r["latency_ms"]
+        cells = [r["model"].upper()] + [f"{ips[c]:.1f}" for c in cols] + [f"{lat[c]:.2f}" for c in cols]
+        cells += [f"{ips['fused'] / ips[c]:.2f}x" for c in cols if c != "fused"]
+        cells += [f"{r['error']:.1e}", "pass" if r["passed"] else f"FAIL (> {r['tolerance']:.0e})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    names = list(python_ref.MODEL_CONFIGS) if args.model == "all" else [args.model]
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(names) * (3 if args.no_compile else 4), file=sys.stderr, leave=False)
+    except ImportError:
+        bar = None
+
+    def progress(step):
+        if bar is not None:
+            bar.set_description(step)
+            bar.update()
+
+    rows = [_run_model(n, args, progress) for n in names]
+    if bar is not None:
+        bar.close()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"EfficientViT, {args.resolution}x{args.resolution}, batch {args.batch}, {str(args.dtype)[6:]}, "
+          f"{args.device} ({device}), backend {args.backend}, torch {torch.__version__}"
+          + (f", {args.threads} thread(s)" if args.device == "cpu" else ""))
+    print(_table(rows, args))
+    if args.json:
+        meta = dict(device=device, torch=torch.__version__, date=datetime.date.today().isoformat(),
+                    **{k: str(v) for k, v in vars(args).items() if k != "json"})
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=2)
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

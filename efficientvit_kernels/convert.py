@@ -1,0 +1,107 @@
+"""``convert(model)``: an inference copy of an EfficientViT whose forward calls the fused ops.
+
+Modules are recognised by structure, not by class, so the reference (``python_ref``), the
+official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention``,
+``Residual``, ``FFN``) and timm's port (``ConvNorm``, ``ResidualDrop``, ``ConvMlp``,
+``NormLinear``) convert alike:
+- a residual around window attention, a depthwise Conv-BN or an FFN -> one fused op with
+  the residual folded in; the same without the residual -> the op without it;
+- every other Conv-BN / BN-Linear -> one folded Conv2d / Linear;
+- everything else is copied, its children converted.
+The input model is not modified: nothing is deep-copied through it (timm caches attention
+biases as non-leaf tensors, which ``copy.deepcopy`` rejects); every tensor is new.
+"""
+import copy
+
+import torch
+from torch import nn
+
+import python_ref
+from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
+
+from .modules import FusedCGA, FusedDWConv, FusedFFN, ResidualAdd, backend_ops
+
+__all__ = ["convert"]
+
+
+def _is_cga(m):
+    return all(hasattr(m, a) for a in ("qkvs", "dws", "proj", "attention_biases", "attention_bias_idxs"))
+
+
+def _is_window_attention(m):
+    return hasattr(m, "attn") and _is_cga(m.attn) and hasattr(m, "window_resolution")
+
+
+def _is_ffn(m):
+    return (hasattr(m, "pw1") and hasattr(m, "pw2") and isinstance(getattr(m, "act", None), nn.ReLU)
+            and conv_bn_parts(m.pw1) is not None and conv_bn_parts(m.pw2) is not None)
+
+
+def _is_dwconv(m):
+    parts = conv_bn_parts(m)
+    if parts is None:
+        return False
+    conv = parts[0]
+    k = conv.kernel_size[0]
+    return (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k)
+            and k % 2 == 1 and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+
+
+def _is_residual(m):
+    # Residual (official) / ResidualDrop (timm): x + m(x), with drop path only in training
+    return isinstance(getattr(m, "m", None), nn.Module) and isinstance(getattr(m, "drop", None), (int, float))
+
+
+def _fuse(m, residual, backend):
+    """The fused module computing ``[x +] m(x)``, or None when no op covers ``m``."""
+    if _is_window_attention(m) or _is_cga(m):
+        return FusedCGA(**python_ref.cga_params(m.attn if _is_window_attention(m) else m),
+                        residual=residual, backend=backend)
+    if _is_ffn(m):
+        return FusedFFN(*python_ref.ffn_params(m), residual=residual, backend=backend)
+    if residual and _is_dwconv(m):  # a bare depthwise conv stays a (folded) Conv2d
+        return FusedDWConv(*python_ref.dwconv_params(m), relu=False, residual=True, backend=backend)
+    return None
+
+
+def _convert(m, backend):
+    if _is_residual(m):
+        fused = _fuse(m.m, True, backend)
+        return fused if fused is not None else ResidualAdd(_convert(m.m, backend))
+    fused = _fuse(m, False, backend)
+    if fused is not None:
+        return fused
+    parts = conv_bn_parts(m)
+    if parts is not None and parts[1] is not None:
+        return fold_conv_bn(m)
+    parts = bn_linear_parts(m)
+    if parts is not None and parts[0] is not None:
+        return fold_bn_linear(m)
+    if not m._modules:
+        return copy.deepcopy(m)  # a leaf: ReLU, Conv2d, Linear, pooling, ...
+    new = copy.copy(m)  # keeps attributes (config, forward) but gets its own children and tensors
+    new._modules = {name: None if child is None else _convert(child, backend)
+                    for name, child in m._modules.items()}
+    new._parameters = {k: None if p is None else nn.Parameter(p.detach().clone(), p.requires_grad)
+                       for k, p in m._parameters.items()}
+    new._buffers = {k: None if b is None else b.detach().clone() for k, b in m._buffers.items()}
+    return new
+
+
+@torch.no_grad()
+def convert(model, backend="auto"):
+    """Returns an inference copy of ``model`` (eval mode, batch norm folded) using the fused ops.
+
+    ``model``: a whole EfficientViT (``python_ref``, official or timm) or any submodule of one
+    (a ``LocalWindowAttention``, a ``Residual`` around it, an ``FFN``, a block, a stage).
+    ``backend``: "auto" (the compiled kernels for the tensors' device, Triton on CUDA where
+    the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
+    plain-PyTorch decomposition of each op). The input model is left as it was.
+    """
+    backend_ops(backend)  # fail early on an unknown or unavailable backend
+    out = _convert(model, backend)
+    out.eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out

@@ -1,0 +1,111 @@
+"""convert(): fused models and submodules against the reference, for python_ref and timm models."""
+import pytest
+import torch
+
+import efficientvit_kernels as K
+import python_ref as R
+from cases import relative_error
+from timm_stub import import_timm
+
+MODELS = ["m0", "m1", "m2", "m3", "m4", "m5"]
+BACKENDS = ["cpu", "reference"]
+# fp32 fused model against the fp64 reference model: DESIGN.md's fp32 tolerance
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {n: R.randomize_(R.build(n), seed=i) for i, n in enumerate(MODELS)}
+
+
+def _check_model(fused, reference, sizes, batch=2):
+    ref64 = R.fold_batchnorm(reference).double()
+    for size in sizes:
+        x = torch.randn(batch, 3, *size)
+        with torch.no_grad():
+            out, ref = fused(x), ref64(x.double())
+        assert out.shape == ref.shape
+        assert relative_error(out, ref) < TOL, size
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_convert_reference_models(name, backend, models):
+    fused = K.convert(models[name], backend=backend)
+    assert not any(isinstance(m, (R.LocalWindowAttention, torch.nn.BatchNorm2d)) for m in fused.modules())
+    _check_model(fused, models[name], [(224, 224), (160, 192)])
+
+
+def test_convert_channels_last_and_batch_one(models):
+    fused = K.convert(models["m4"])
+    ref = R.fold_batchnorm(models["m4"]).double()
+    for x in (torch.randn(1, 3, 224, 224), torch.randn(3, 3, 200, 216).to(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert relative_error(fused(x), ref(x.double())) < TOL
+
+
+def test_input_model_is_not_modified(models):
+    model = models["m0"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    fused = K.convert(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in model.modules()] == types
+    shared = {p.data_ptr() for p in model.parameters()} & {t.data_ptr() for t in fused.state_dict().values()}
+    assert not shared
+
+
+def test_convert_submodules(models):
+    block = models["m4"].blocks2[3]
+    residual = block.mixer
+    layer = residual.m
+    x = torch.randn(2, layer.dim, 10, 13)
+    with torch.no_grad():
+        fused_layer = K.convert(layer)
+        assert isinstance(fused_layer, K.FusedCGA) and not fused_layer.residual
+        assert relative_error(fused_layer(x), layer(x)) < TOL
+        fused_residual = K.convert(residual)
+        assert isinstance(fused_residual, K.FusedCGA) and fused_residual.residual
+        assert relative_error(fused_residual(x), residual(x)) < TOL
+        assert relative_error(K.convert(block)(x), block(x)) < TOL
+        ffn = block.ffn0.m
+        assert isinstance(K.convert(ffn), K.FusedFFN)
+        assert relative_error(K.convert(ffn)(x), ffn(x)) < TOL
+
+
+def test_backend_errors(models):
+    with pytest.raises(ValueError, match="unknown backend"):
+        K.convert(models["m0"], backend="tpu")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", "CUDA"):
+        with pytest.raises(RuntimeError, match="CUDA kernels were not built"):
+            K.convert(models["m0"], backend="cuda")
+
+
+def test_torch_compile_fullgraph(models):
+    fused = K.convert(models["m0"])
+    compiled = torch.compile(fused, fullgraph=True, dynamic=False)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert relative_error(compiled(x), fused(x)) < TOL
+
+
+@pytest.fixture(scope="module")
+def timm():
+    timm = import_timm()
+    if timm is None:
+        pytest.skip("timm is not installed (.ci/run installs it)")
+    return timm
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_convert_timm_models(name, timm):
+    model = R.randomize_(timm.create_model(f"efficientvit_{name}"), seed=7)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        model(x)  # fills timm's attention-bias cache with non-leaf tensors
+    fused = K.convert(model)
+    ours = R.load_checkpoint(R.build(name), model.state_dict())
+    _check_model(fused, ours, [(224, 224), (256, 192)])
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) < TOL
