@@ -5,6 +5,20 @@ forward calls the fused ops.
 """
 from . import ops
 from .convert import convert
+from .graphs import cuda_graph
 from .modules import BACKENDS, FusedCGA, FusedDWConv, FusedFFN
 
-__all__ = ["ops", "convert", "BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN"]
+__all__ = ["ops", "convert", "cuda_graph", "BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN"]
+
+
+def _triton_serves_cuda():
+    """Where the CUDA kernels were not built, the Triton kernels implement the ops on CUDA."""
+    import torch
+    from . import triton as triton_kernels
+    if (torch.cuda.is_available() and triton_kernels.available()
+            and not torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", "CUDA")):
+        for name in ("cga", "dwconv", "ffn"):
+            torch.library.register_kernel(f"efficientvit::{name}", "cuda", getattr(triton_kernels, name))
+
+
+_triton_serves_cuda()

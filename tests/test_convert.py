@@ -90,6 +90,26 @@ def test_torch_compile_fullgraph(models):
         assert relative_error(compiled(x), fused(x)) < TOL
 
 
+def test_torch_export(models):
+    fused = K.convert(models["m0"])
+    x = torch.randn(2, 3, 160, 160)
+    exported = torch.export.export(fused, (x,))
+    assert any("efficientvit.cga" in str(n.target) for n in exported.graph.nodes)
+    with torch.no_grad():
+        assert relative_error(exported.module()(x), fused(x)) < TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay(models):
+    fused = K.convert(models["m4"]).cuda().half()
+    x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.half)
+    run = K.cuda_graph(fused, x)
+    with torch.no_grad():
+        assert torch.equal(run(x), fused(x))
+    with pytest.raises(ValueError, match="captured for"):
+        run(x.float())
+
+
 @pytest.fixture(scope="module")
 def timm():
     timm = import_timm()

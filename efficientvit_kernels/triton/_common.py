@@ -1,0 +1,96 @@
+"""Helpers shared by the Triton launchers and kernels."""
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_device_dtype(x, kernel):
+    """Rejects what the kernels cannot run on, with a message instead of a Triton error."""
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"efficientvit: the Triton kernels take float32, float16 or bfloat16, "
+                         f"got {x.dtype}")
+    if x.device.type != "cuda" and not interpreted(kernel):
+        raise ValueError(f"efficientvit: the Triton kernels need a CUDA tensor (or "
+                         f"TRITON_INTERPRET=1 set before triton is imported), got {x.device}")
+
+
+def interpreted(kernel):
+    """True when triton.jit built ``kernel`` for the interpreter (TRITON_INTERPRET=1 at import)."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def empty_like_layout(x):
+    """An output shaped like ``x``: channels-last if ``x`` is (and is not also plain
+    contiguous), else contiguous."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def flat_pixels(t):
+    """True when pixel (y, x) of ``t`` (B, C, H, W) sits at (y*W + x) * stride_w, as in
+    contiguous and channels-last tensors: see :func:`pixel_offsets`."""
+    return t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def padded(n):
+    """A block extent for ``n``: a power of two, at least 16 (tl.dot's smallest tile on GPUs)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def mm(a, b, DT: tl.constexpr):
+    """a @ b accumulated in fp32. fp16/bf16 operands are rounded to the input dtype (tensor
+    cores); fp32 stays IEEE (no tf32) so fp32 results meet the 1e-5 tolerance."""
+    if DT == tl.float32:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a.to(DT), b.to(DT))
+    return c
+
+
+@triton.jit
+def pixel_offsets(p, W, sh, sw, FLAT: tl.constexpr):
+    """Offsets of pixels p = y*W + x within an image. FLAT (see flat_pixels) gives p*sw,
+    which shows the compiler that consecutive pixels are sw apart: with sw == 1 (NCHW),
+    loads along the pixel axis coalesce and vectorize."""
+    if FLAT:
+        off = p * sw
+    else:
+        off = (p // W) * sh + (p % W) * sw
+    return off
+
+
+@triton.jit
+def relu(a):
+    # Not tl.maximum: on GPUs it drops NaN (max(NaN, 0) = 0); the reference propagates it.
+    return tl.where(a < 0, 0.0, a)
+
+
+_RESIDENT = {}
+
+
+def persistent_grid(kernel, n_items, args, **kwargs):
+    """Programs for a persistent launch of ``kernel[grid](*args, **kwargs)``: as many as the
+    GPU holds at once (limited by the compiled kernel's registers, shared memory and
+    threads, as in Triton's fused-softmax tutorial), at most ``n_items``. Each program loops
+    over items, so per-program scratch stays small and hot in cache. The interpreter runs
+    programs one by one: one item each."""
+    if interpreted(kernel):
+        return n_items
+    device = args[0].device
+    key = (device.index, args[0].dtype, tuple(sorted(kwargs.items())))
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the binary, which sets n_regs
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+        threads = kwargs["num_warps"] * props["warpSize"]
+        max_threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+        per_sm = min(props["max_num_regs"] // max(compiled.n_regs * threads, 1),
+                     props["max_shared_mem"] // max(compiled.metadata.shared, 1),
+                     max_threads // threads)
+        _RESIDENT[key] = max(per_sm, 1) * props["multiprocessor_count"]
+    return min(n_items, _RESIDENT[key])

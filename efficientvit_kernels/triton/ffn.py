@@ -1,0 +1,76 @@
+"""Pointwise MLP, ``[x +] w2 relu(w1 x + b1) + b2``, as one Triton kernel.
+
+Each program takes a tile of tokens (pixels of one image, either layout through strides)
+with all C channels, and walks the hidden width in chunks: the hidden activation never
+leaves the chip.
+"""
+import triton
+import triton.language as tl
+
+from .. import ops
+from ._common import (check_device_dtype, empty_like_layout, flat_pixels, interpreted, mm, padded,
+                      pixel_offsets, relu)
+
+
+@triton.jit
+def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, HW, W,
+                sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                C: tl.constexpr, M: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
+                BM: tl.constexpr, FLAT: tl.constexpr, RESIDUAL: tl.constexpr):
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BT + tl.arange(0, BT)  # tokens: pixels of one image
+    c = tl.arange(0, CP)
+    cmask = c < C
+    io_mask = (p < HW)[:, None] & cmask[None, :]
+    x_tok = x_ptr + b * sxb + pixel_offsets(p, W, sxh, sxw, FLAT)
+    xt = tl.load(x_tok[:, None] + c[None, :] * sxc, mask=io_mask, other=0.0)
+
+    acc = tl.zeros([BT, CP], dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        m = m0 + tl.arange(0, BM)
+        mmask = m < M
+        # w1 chunk as (C, BM) and w2 chunk as (BM, C); masked rows/columns load zeros.
+        w1 = tl.load(w1_ptr + m[None, :] * C + c[:, None], mask=cmask[:, None] & mmask[None, :],
+                     other=0.0)
+        h = mm(xt, w1, DT) + tl.load(b1_ptr + m, mask=mmask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w2_ptr + c[None, :] * M + m[:, None], mask=mmask[:, None] & cmask[None, :],
+                     other=0.0)
+        acc += mm(relu(h), w2, DT)
+    acc += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if RESIDUAL:
+        acc += xt.to(tl.float32)
+    o = out_ptr + b * sob + pixel_offsets(p, W, soh, sow, True)[:, None] + c[None, :] * soc
+    tl.store(o, acc.to(DT), mask=io_mask)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drops token tiles whose (tokens, C) input and fp32 accumulator spill registers badly
+    (sm_90 builds: beyond 16K elements); the smallest tiles always stay."""
+    kept = [c for c in configs if c.kwargs["BT"] * kwargs["CP"] <= 16384]
+    return kept or [c for c in configs if c.kwargs["BT"] == 16]
+
+
+# Larger token tiles re-read the weights less, smaller ones spill less: measured per shape
+# and layout (sxc is 1 in channels-last).
+# One config in the interpreter (no benchmarking): few, large programs, as it pays per op.
+_ffn = triton.autotune(
+    configs=[triton.Config({"BT": 128, "BM": 128}, num_warps=1)] if interpreted(_ffn_kernel) else
+    [triton.Config({"BT": bt, "BM": bm}, num_warps=8)
+     for bt, bm in ((16, 16), (16, 32), (32, 32), (64, 32), (128, 32))],
+    key=["C", "M", "sxc"], prune_configs_by={"early_config_prune": _prune})(_ffn_kernel)
+
+
+def ffn(x, w1, b1, w2, b2, residual=True):
+    """Triton implementation of :func:`efficientvit_kernels.ops.ffn` (same arguments)."""
+    M = ops.check_ffn(x, w1, b1, w2, b2)
+    check_device_dtype(x, _ffn_kernel)
+    B, C, H, W = x.shape
+    out = empty_like_layout(x)  # first, so a just-freed block (a test's poison) goes to the output
+    if out.numel() == 0:
+        return out
+    _ffn[lambda meta: (B, triton.cdiv(H * W, meta["BT"]))](
+        x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out, H * W, W,
+        *x.stride(), *out.stride(), C=C, M=M, CP=padded(C), FLAT=flat_pixels(x),
+        RESIDUAL=bool(residual))
+    return out
