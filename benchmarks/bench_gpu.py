@@ -1,0 +1,322 @@
+"""GPU benchmark of the fused cascaded-group-attention layer (DESIGN.md, "Speed").
+
+For the attention layers of M4, M0 and M5 (the residual included) at batch 1, 64, 256 and
+2048, fp16 and bf16, times in one process: the CUDA op, the Triton op (if importable), the
+reference module in eager mode and torch.compile(mode="max-autotune") of it. Next to them the
+floor: max(bytes that must move / measured copy bandwidth, FLOPs / measured matrix rate),
+bytes = x read once + y written once + weights once.
+
+Times are medians of triton.testing.do_bench (CUDA events; it also clears L2 before each
+call), cycling through several input buffers. Batch 1 is latency: its calls are replayed from
+a CUDA graph (torch.compile's max-autotune mode graphs its own calls). max-autotune compiles
+are slow, so they run within --compile-budget seconds, fp16 first, and not above
+--compile-max-batch; what is skipped is listed.
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/bench_gpu.json
+    python benchmarks/bench_gpu.py --smoke      # each op once, small (for compute-sanitizer)
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import efficientvit_kernels  # noqa: E402,F401  (registers the ops)
+import python_ref  # noqa: E402
+from python_ref.model import LocalWindowAttention, Residual  # noqa: E402
+
+KEY_DIM = 16
+# (model, stage, channels, resolution, heads, kernels); windows are min(7, resolution)
+SHAPES = [
+    ("m4", 1, 128, 14, 4, (7, 5, 3, 3)),
+    ("m4", 2, 256, 7, 4, (7, 5, 3, 3)),
+    ("m4", 3, 384, 4, 4, (7, 5, 3, 3)),
+    ("m0", 1, 64, 14, 4, (5, 5, 5, 5)),
+    ("m0", 2, 128, 7, 4, (5, 5, 5, 5)),
+    ("m0", 3, 192, 4, 4, (5, 5, 5, 5)),
+    ("m5", 1, 192, 14, 3, (7, 5, 3)),
+    ("m5", 2, 288, 7, 3, (7, 5, 3)),
+    ("m5", 3, 384, 4, 4, (7, 5, 3, 3)),
+]
+BATCHES = (256, 64, 1, 2048)  # measured in this order: the compile budget goes to 256 first
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+CGA_ARGS = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias", "proj_weight",
+            "proj_bias", "window_size", "scale")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def do_bench(fn):
+    """Median milliseconds of fn(), at least ~10 samples however slow fn is."""
+    from triton.testing import do_bench as triton_bench
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    estimate = start.elapsed_time(end)
+    return triton_bench(fn, warmup=max(5, 2 * estimate), rep=max(25, 10 * estimate),
+                        return_mode="median")
+
+
+def measure_ceilings(device):
+    """Copy bandwidth (bytes read + written per second) and matrix rates (FLOP/s) of this GPU."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    bandwidth = 2 * n / (do_bench(lambda: b.copy_(a)) / 1e3)
+    del a, b
+    rates = {}
+    for name, dtype in DTYPES.items():
+        m = torch.randn(8192, 8192, device=device).to(dtype)
+        k = torch.randn(8192, 8192, device=device).to(dtype)
+        rates[name] = 2 * 8192 ** 3 / (do_bench(lambda: m @ k) / 1e3)
+    return bandwidth, rates
+
+
+def build_layer(C, resolution, heads, kernels, seed):
+    """The reference layer (LocalWindowAttention in a Residual) with random weights and batch
+    norm statistics, and the op arguments of its folded form (float32, CPU)."""
+    attn = LocalWindowAttention(C, KEY_DIM, heads, attn_ratio=C / (KEY_DIM * heads),
+                                resolution=resolution, window_resolution=7, kernels=kernels)
+    layer = python_ref.randomize_(Residual(attn), seed=seed)
+    return layer, python_ref.cga_params(attn.attn)
+
+
+def count_work(C, resolution, heads, kernels, batch, elem):
+    """(bytes, flops) of one layer call: x once, y once, weights once; the FLOPs of the padded
+    windows the layer computes."""
+    ws = min(7, resolution)
+    N, d, kd = ws * ws, C // heads, KEY_DIM
+    windows = batch * math.ceil(resolution / ws) ** 2
+    weights = heads * ((2 * kd + d) * (d + 1) + kd * (max(kernels) ** 2 + 1) + ws * ws) + C * (C + 1)
+    bytes_ = (2 * batch * C * resolution ** 2 + weights) * elem
+    per_window = 2 * N * C * C  # output projection
+    for k in kernels[:heads]:
+        per_window += 2 * N * d * (2 * kd + d) + 2 * N * kd * k * k + 2 * N * N * (kd + d)
+    return bytes_, windows * per_window
+
+
+def time_backend(fn, xs, graph):
+    """Median microseconds per call of fn over the buffers xs (replayed from one CUDA graph
+    of a call per buffer when graph is set)."""
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for x in xs[:2]:
+                fn(x)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for x in xs:
+                fn(x)
+        return do_bench(g.replay) * 1e3 / len(xs)
+    state = {"i": 0}
+
+    def step():
+        fn(xs[state["i"] % len(xs)])
+        state["i"] += 1
+    return do_bench(step) * 1e3
+
+
+def relative_error(out, ref):
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def backends(layer, params, compile_ok):
+    """name -> callable(x) for every backend that can run here."""
+    ops = torch.ops.efficientvit
+    args = [params[k] for k in CGA_ARGS]
+    out = {}
+    if torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", "CUDA"):
+        out["cuda"] = lambda x: ops.cga(x, *args, True)
+    try:
+        import efficientvit_kernels.triton as tk
+        if getattr(tk, "available", lambda: True)():
+            out["triton"] = lambda x: tk.cga(x, *args, True)
+    except ImportError:
+        pass
+    out["eager"] = layer
+    if compile_ok:
+        out["compile"] = torch.compile(layer, mode="max-autotune", dynamic=False)
+    return out
+
+
+@torch.inference_mode()
+def run(args):
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    bandwidth, rates = measure_ceilings(device)
+    print(f"{props.name}: copy {bandwidth / 1e12:.2f} TB/s, "
+          + ", ".join(f"{k} matmul {v / 1e12:.0f} TFLOP/s" for k, v in rates.items()), flush=True)
+    notes = []
+    if args.compile_max_batch < max(args.batches):
+        notes.append(f"torch.compile max-autotune skipped above batch {args.compile_max_batch} "
+                     "(its autotuning takes minutes there; --compile-max-batch)")
+    rows, compile_spent, checked = [], 0.0, set()
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for batch in args.batches:
+            for model, stage, C, res, heads, kernels in SHAPES:
+                layer, params = build_layer(C, res, heads, kernels, seed=stage)
+                layer = layer.to(device=device, dtype=dtype)
+                params = {k: v.to(device=device, dtype=dtype) if torch.is_tensor(v) else v
+                          for k, v in params.items()}
+                want_compile = (dtype_name in args.compile_dtypes and batch <= args.compile_max_batch
+                                and args.compile_budget > 0)
+                over_budget = compile_spent >= args.compile_budget
+                fns = backends(layer, params, want_compile and not over_budget)
+                if want_compile and over_budget:
+                    notes.append(f"compile skipped (budget spent): {model}.stage{stage} {dtype_name} batch {batch}")
+                elem = torch.tensor([], dtype=dtype).element_size()
+                n_buf = 32 if batch == 1 else 3
+                xs = [torch.randn(batch, C, res, res, device=device).to(dtype) for _ in range(n_buf)]
+                if (model, stage, dtype_name) not in checked and "cuda" in fns:
+                    checked.add((model, stage, dtype_name))
+                    err = relative_error(fns["cuda"](xs[0]), layer.float()(xs[0].float()))
+                    layer.to(dtype)
+                    if not err < 5 * TOL[dtype]:
+                        notes.append(f"MISMATCH {model}.stage{stage} {dtype_name}: cuda vs reference "
+                                     f"relative error {err:.2e}")
+                bytes_, flops = count_work(C, res, heads, kernels, batch, elem)
+                floor_us = max(bytes_ / bandwidth, flops / rates[dtype_name]) * 1e6
+                for name, fn in fns.items():
+                    if name == "compile":
+                        start = time.perf_counter()
+                        fn(xs[0])  # compiles and autotunes
+                        torch.cuda.synchronize()
+                        compile_spent += time.perf_counter() - start
+                    graph = batch == 1 and name != "compile"
+                    try:
+                        us = time_backend(fn, xs, graph)
+                    except Exception as e:  # a backend failing one shape must not stop the run
+                        notes.append(f"{name} failed at {model}.stage{stage} {dtype_name} batch {batch}: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                        continue
+                    rows.append(dict(model=model, stage=stage, channels=C, resolution=res, heads=heads,
+                                     kernels=list(kernels), dtype=dtype_name, batch=batch, backend=name,
+                                     time_us=us, cuda_graph=graph or name == "compile",
+                                     bytes=bytes_, flops=flops, bytes_floor_us=bytes_ / bandwidth * 1e6,
+                                     flop_floor_us=flops / rates[dtype_name] * 1e6, floor_us=floor_us,
+                                     time_over_floor=us / floor_us))
+                    print(f"{model}.stage{stage} {dtype_name} b{batch} {name}: {us:.1f} us "
+                          f"(floor {floor_us:.1f})", flush=True)
+                del layer, xs, fns
+                torch.cuda.empty_cache()
+    result = dict(device=props.name, sm_count=props.multi_processor_count,
+                  torch=torch.__version__, cuda=torch.version.cuda,
+                  triton=_version("triton"), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  copy_bandwidth_bytes_per_s=bandwidth, matmul_flops_per_s=rates,
+                  compile_seconds=compile_spent, notes=notes, rows=rows)
+    table = markdown(rows)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(f"{props.name}, torch {torch.__version__}, {result['date']}\n\n{table}\n")
+    for note in notes:
+        print("note:", note)
+    print(table)
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def markdown(rows):
+    """One line per (layer, batch, dtype): each backend's time, the floor, and the ratios."""
+    names = ["cuda", "triton", "eager", "compile"]
+    keyed = {}
+    for r in rows:
+        key = (r["dtype"], r["model"], r["stage"], r["batch"])
+        keyed.setdefault(key, {"floor": r["floor_us"], "r": r})[r["backend"]] = r["time_us"]
+    lines = ["| layer | C | res | dtype | batch | " + " | ".join(f"{n} us" for n in names)
+             + " | floor us | cuda/floor | eager/cuda | compile/cuda |",
+             "|---" * (5 + len(names) + 4) + "|"]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}"
+    for (dtype, model, stage, batch), v in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                  kv[0][2], kv[0][3])):
+        r = v["r"]
+        lines.append(f"| {model}.stage{stage} | {r['channels']} | {r['resolution']} | {dtype} | {batch} | "
+                     + " | ".join(fmt(v.get(n)) for n in names)
+                     + f" | {v['floor']:.1f} | {ratio(v.get('cuda'), v['floor'])} | "
+                     f"{ratio(v.get('eager'), v.get('cuda'))} | {ratio(v.get('compile'), v.get('cuda'))} |")
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def smoke():
+    """Each CUDA op once on small inputs, every dtype path and both layouts (a short run for
+    compute-sanitizer); fails on a launch error or a wrong result."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from cases import cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input
+    from python_ref import functional
+    ops = torch.ops.efficientvit
+    cases = [(torch.float16, 64, 4, (7, 5, 3, 3), 7, (2, 14, 14), False),
+             (torch.float32, 64, 4, (7, 5, 3, 3), 4, (1, 3, 5), True),  # several windows per block
+             (torch.bfloat16, 384, 4, (7, 5, 3, 3), 8, (1, 8, 8), True)]  # the largest plan
+    worst = 0.0
+    for dtype, C, heads, kernels, ws, (B, H, W), cl in cases:
+        p = cast(random_cga_params(C, heads, kernels, ws), dtype, "cuda")
+        x = random_input(B, C, H, W, channels_last=cl).to(device="cuda", dtype=dtype)
+        out = ops.cga(x, *[p[k] for k in CGA_ARGS], True)
+        ref = functional.cga(x.double(), **cast(p, torch.float64, "cuda"), residual=True)
+        worst = max(worst, relative_error(out, ref) / {torch.float32: 1e-5, **TOL}[dtype])
+    for dtype, cl in ((torch.float16, True), (torch.float32, False)):
+        x = random_input(2, 20, 5, 6, channels_last=cl).to(device="cuda", dtype=dtype)
+        w, b = (t.to(device="cuda", dtype=dtype) for t in random_dwconv_params(20, 3))
+        out = ops.dwconv(x, w, b, True, True)
+        ref = functional.dwconv(x.double(), w.double(), b.double(), True, True)
+        worst = max(worst, relative_error(out, ref) / {torch.float32: 1e-5, **TOL}[dtype])
+        f = [t.to(device="cuda", dtype=dtype) for t in random_ffn_params(20, 7)]
+        out = ops.ffn(x, *f, True)
+        ref = functional.ffn(x.double(), *[t.double() for t in f], True)
+        worst = max(worst, relative_error(out, ref) / {torch.float32: 1e-5, **TOL}[dtype])
+    torch.cuda.synchronize()
+    print(f"smoke: every op ran; worst error {worst:.2f} x tolerance")
+    if not worst < 1:
+        sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_gpu.json"),
+                        help="results JSON (a Markdown table is written beside it)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--compile-dtypes", nargs="*", default=["float16"], choices=list(DTYPES))
+    parser.add_argument("--compile-budget", type=float, default=90.0,
+                        help="seconds of torch.compile autotuning, after which compile is skipped")
+    parser.add_argument("--compile-max-batch", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true", help="run each op once and exit")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA GPU")
+    if args.smoke:
+        smoke()
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+// Pieces shared by the CUDA kernels: dtype dispatch, memory formats, shared-memory limits,
+// and the block-wide matrix product every fused kernel is built from.
+//
+// Only c10/ATen core headers are included (not ATen/cuda/CUDAContext.h, which pulls in
+// cuBLAS and cuSPARSE headers): that keeps compile times down and lets the sources compile
+// with a bare CUDA toolkit (tests/test_cuda_compile.py).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace efficientvit {
+namespace gpu {
+
+// Threads per block of the tiled kernels: 8 warps share each block-wide matrix product.
+constexpr int kThreads = 256;
+// Shared memory a block may use before the planners trade tile size for occupancy: two
+// blocks of this size fit one H100/A100 multiprocessor (228 / 164 KB).
+constexpr int64_t kSmemTarget = 80 * 1024;
+
+// fp32, fp16 and bf16; the kernels accumulate in fp32, which would be too coarse for fp64.
+#define EFFICIENTVIT_DISPATCH(TYPE, NAME, ...)                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                    \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)      \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)       \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+inline void check_cuda_dtype(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
+              "efficientvit: the CUDA kernels take float32, float16 or bfloat16 tensors, got ", t);
+}
+
+// The layout the kernels read and write: channels-last when x is (and is not also plain
+// contiguous), else contiguous. The output takes the same format.
+inline at::MemoryFormat memory_format_of(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// Element strides of a (B, C, H, W) tensor in `format`, dense.
+struct Strides {
+  int64_t b, c, h, w;
+};
+
+inline Strides strides_of(const at::Tensor& x, at::MemoryFormat format) {
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  if (format == at::MemoryFormat::ChannelsLast) return {H * W * C, 1, W * C, C};
+  return {C * H * W, H * W, W, 1};
+}
+
+// Largest dynamic shared memory one block of the current device may use.
+inline int64_t smem_limit() {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return limit;
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory: beyond the default 48 KB the attribute
+// must be raised. It is no stream operation, so doing it per launch is cheap and leaves CUDA
+// graph capture alone (torch's flash-attention launches do the same).
+template <class Kernel>
+void allow_smem(Kernel* kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row length, in elements, of a matrix in shared memory: padded to 4 mod 32, so that
+// successive rows start on different banks.
+__host__ __device__ inline int64_t padded(int64_t n) { return n + (36 - n % 32) % 32; }
+
+__host__ __device__ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+}
+
+template <class T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// ReLU that keeps NaN (fmaxf(NaN, 0) would return 0).
+__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Tensor-core operations for 16-bit inputs: mma.sync m16n8k16, fp32 accumulators (sm_80+).
+template <class T>
+struct Mma;
+
+template <>
+struct Mma<c10::Half> {
+  // Two values rounded to fp16 in one register, the first in the low half.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct Mma<c10::BFloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// fp32 inputs: each thread owns a 4x4 tile of outputs and runs FMAs in fp32, which keeps
+// fp32 results at fp32 accuracy (tensor cores would round operands to tf32).
+template <class A, class B, class E>
+__device__ __forceinline__ void gemm_fma(int batch, int M, int N, int K, A a, B b, E epi) {
+  constexpr int TM = 4, TN = 4;
+  const int tiles_m = (M + TM - 1) / TM, tiles_n = (N + TN - 1) / TN;
+  const int items = batch * tiles_m * tiles_n;
+  for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    // neighbouring threads take neighbouring rows: their weight reads coincide
+    const int tm = item % tiles_m, rest = item / tiles_m;
+    const int m0 = tm * TM, n0 = rest % tiles_n * TN, bi = rest / tiles_n;
+    float acc[TM][TN] = {};
+    for (int k = 0; k < K; ++k) {
+      float av[TM], bv[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) av[i] = m0 + i < M ? a(bi, m0 + i, k) : 0.f;
+#pragma unroll
+      for (int j = 0; j < TN; ++j) bv[j] = n0 + j < N ? b(bi, n0 + j, k) : 0.f;
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j)
+        if (m0 + i < M && n0 + j < N) epi(bi, m0 + i, n0 + j, acc[i][j]);
+  }
+}
+
+// fp16/bf16 inputs: each warp computes 16x32 tiles with mma.sync, operands rounded to T
+// (as a 16-bit matrix product would), products accumulated in fp32. Fragments are built
+// straight from the accessors (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane l holds
+// rows l/4 and l/4+8, columns 2(l%4)+{0,1} and +8 of A; B likewise with n = l/4.
+template <class T, class A, class B, class E>
+__device__ __forceinline__ void gemm_mma(int batch, int M, int N, int K, A a, B b, E epi) {
+  constexpr int NT = 4;  // n8 tiles per warp tile: one A fragment feeds four MMAs
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int tiles_m = (M + 15) / 16, tiles_n = (N + 8 * NT - 1) / (8 * NT);
+  const int items = batch * tiles_m * tiles_n;
+  for (int item = threadIdx.x / 32; item < items; item += blockDim.x / 32) {
+    const int tm = item % tiles_m, rest = item / tiles_m;
+    const int m0 = tm * 16 + g, n0 = rest % tiles_n * 8 * NT, bi = rest / tiles_n;
+    const auto ga = [&](int m, int k) { return m < M && k < K ? a(bi, m, k) : 0.f; };
+    const auto gb = [&](int n, int k) { return n < N && k < K ? b(bi, n, k) : 0.f; };
+    float acc[NT][4] = {};
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      const int k = k0 + 2 * t;
+      const uint32_t af[4] = {Mma<T>::pack(ga(m0, k), ga(m0, k + 1)),
+                              Mma<T>::pack(ga(m0 + 8, k), ga(m0 + 8, k + 1)),
+                              Mma<T>::pack(ga(m0, k + 8), ga(m0, k + 9)),
+                              Mma<T>::pack(ga(m0 + 8, k + 8), ga(m0 + 8, k + 9))};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int n = n0 + 8 * j + g;
+        const uint32_t bf[2] = {Mma<T>::pack(gb(n, k), gb(n, k + 1)),
+                                Mma<T>::pack(gb(n, k + 8), gb(n, k + 9))};
+        Mma<T>::run(acc[j], af, bf);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int n = n0 + 8 * j + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // rows m0 and m0 + 8
+        const int m = m0 + 8 * h;
+        if (m < M && n < N) epi(bi, m, n, acc[j][2 * h]);
+        if (m < M && n + 1 < N) epi(bi, m, n + 1, acc[j][2 * h + 1]);
+      }
+    }
+  }
+}
+
+// Block-wide matrix product: for each batch entry bi < batch,
+//   epi(bi, m, n, sum_k a(bi, m, k) * b(bi, n, k))   for m < M, n < N,
+// with b indexed like a weight matrix (output, input). Operands come through accessors
+// returning float, called only in bounds, so one routine serves activations in shared memory
+// and weights in global memory. Every thread of the block must call it; it has no barrier:
+// the caller syncs before (operands written) and after (results written).
+template <class T, class A, class B, class E>
+__device__ __forceinline__ void block_gemm(int batch, int M, int N, int K, A a, B b, E epi) {
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_fma(batch, M, N, K, a, b, epi);
+  } else {
+    gemm_mma<T>(batch, M, N, K, a, b, epi);
+  }
+}
+
+// Calls f(r, c) for every (token row, channel) of a rows x cols tile, spread over the block
+// in memory order (channels fastest where they are contiguous, cstride == 1, else tokens),
+// so neighbouring threads touch neighbouring addresses of a global tensor.
+template <class F>
+__device__ __forceinline__ void for_tile(int rows, int cols, int64_t cstride, F f) {
+  const bool channels_fastest = cstride == 1;
+  for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
+    if (channels_fastest) {
+      f(e / cols, e % cols);
+    } else {
+      f(e % rows, e / rows);
+    }
+  }
+}
+
+}  // namespace gpu
+}  // namespace efficientvit

@@ -1,0 +1,244 @@
+"""The GPU backends against python_ref.functional (the spec) in float64, on a CUDA device.
+
+Backends: "cuda" (torch.ops.efficientvit.* with the kernels of csrc/cuda) and "triton"
+(efficientvit_kernels.triton), each in fp32, fp16 and bf16 over the cases of test_ops.py.
+The reference runs on the inputs already rounded to the dtype, so the error measured is the
+kernel's alone. Every output is poisoned with NaN first, so an element a kernel skips fails.
+"""
+import contextlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
+
+import efficientvit_kernels  # noqa: E402,F401  (registers the ops)
+from cases import (cast, random_cga_params, random_dwconv_params, random_ffn_params,  # noqa: E402
+                   random_input, reference_cga, relative_error, stage_shapes)
+from python_ref import functional  # noqa: E402
+
+DEVICE = "cuda"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+CGA_ARGS = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias", "proj_weight",
+            "proj_bias", "window_size", "scale")
+
+
+def _cuda_ops():
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", "CUDA"):
+        pytest.skip("efficientvit_kernels was built without its CUDA kernels (nvcc missing at build?)")
+    return torch.ops.efficientvit
+
+
+def _triton_ops():
+    try:
+        import efficientvit_kernels.triton as kernels
+    except ImportError as e:
+        pytest.skip(f"efficientvit_kernels.triton is not importable: {e}")
+    if not getattr(kernels, "available", lambda: True)():
+        pytest.skip("triton is not installed")
+    return kernels
+
+
+@pytest.fixture(params=["cuda", "triton"])
+def backend(request):
+    ops = _cuda_ops() if request.param == "cuda" else _triton_ops()
+    return request.param, ops
+
+
+dtypes = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                                 ids=lambda t: str(t).split(".")[-1])
+layouts = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+
+
+def call(backend, op, x, *args):
+    """op(x, *args) with its output poisoned: a NaN-filled block of the output's size is freed
+    right before the call, in a fresh memory pool (where one exists) so that the caching
+    allocator can only hand that block to the output; the CUDA ops allocate their output first,
+    so for them the test also checks that it landed there."""
+    name, ops = backend
+    fresh_pool = hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
+    pool = torch.cuda.MemPool() if fresh_pool else None
+    with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
+        poison = torch.full((x.numel(),), float("nan"), dtype=x.dtype, device=x.device)
+        address = poison.data_ptr()
+        del poison
+        out = getattr(ops, op)(x, *args)
+    if pool is not None and name == "cuda" and out.numel() > 0:
+        assert out.data_ptr() == address, "the poisoned block did not become the output"
+    return out
+
+
+def expected_format(x):
+    return (torch.channels_last if not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+
+def check_cga(backend, x, params, dtype, residual=True):
+    p = cast(params, dtype, DEVICE)
+    xd = x.to(device=DEVICE, dtype=dtype)  # a no-op for a tensor already there: keeps its strides
+    out = call(backend, "cga", xd, *[p[k] for k in CGA_ARGS], residual)
+    assert out.shape == x.shape and out.dtype == dtype and out.device == xd.device
+    assert out.is_contiguous(memory_format=expected_format(xd))
+    ref = reference_cga(xd.cpu(), cast(p, torch.float64, "cpu"), residual)
+    err = relative_error(out.cpu(), ref)
+    assert err < TOL[dtype], err
+
+
+@dtypes
+@pytest.mark.parametrize("name,C,heads,kernels,window", stage_shapes(), ids=lambda v: str(v))
+def test_cga_every_model_stage(backend, dtype, name, C, heads, kernels, window):
+    size = {7: (14, 14), 4: (4, 4)}[window]
+    check_cga(backend, random_input(2, C, *size), random_cga_params(C, heads, kernels, window), dtype)
+
+
+@dtypes
+@layouts
+@pytest.mark.parametrize("window,H,W", [(7, 10, 13), (7, 17, 9), (7, 7, 7), (7, 1, 1), (7, 8, 15),
+                                        (4, 3, 5), (4, 4, 4), (4, 5, 3), (4, 9, 2)])
+def test_cga_padded_windows(backend, dtype, window, H, W, channels_last):
+    params = random_cga_params(64, 4, (7, 5, 3, 3), window, seed=H * 31 + W)
+    check_cga(backend, random_input(3, 64, H, W, channels_last=channels_last), params, dtype)
+
+
+@dtypes
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("residual", [True, False])
+def test_cga_batch_residual(backend, dtype, batch, residual):
+    params = random_cga_params(48, 3, (7, 5, 3), 7, seed=batch)
+    check_cga(backend, random_input(batch, 48, 9, 11), params, dtype, residual)
+
+
+@dtypes
+@pytest.mark.parametrize("heads,kernels,key_dim", [(1, (1,), 16), (2, (3, 1), 8), (8, (7,) * 8, 16),
+                                                   (5, (5, 3, 3, 1, 1), 4)])
+def test_cga_heads_kernels_key_dims(backend, dtype, heads, kernels, key_dim):
+    C = heads * 12
+    check_cga(backend, random_input(2, C, 7, 9), random_cga_params(C, heads, kernels, 7, key_dim=key_dim),
+              dtype)
+
+
+@dtypes
+def test_cuda_cga_largest_window(dtype):
+    # 8x8 windows of 384 channels: 64 tokens, the most the CUDA kernel's plan is sized for
+    params = random_cga_params(384, 4, (7, 5, 3, 3), 8, seed=3)
+    check_cga(("cuda", _cuda_ops()), random_input(2, 384, 12, 16), params, dtype)
+
+
+@dtypes
+def test_cga_non_contiguous_input(backend, dtype):
+    x = random_input(2, 32, 16, 12).to(device=DEVICE, dtype=dtype)[:, :, 1:, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    check_cga(backend, x, random_cga_params(32, 2, (5, 5), 7), dtype)
+
+
+@dtypes
+def test_cga_nan_propagates(backend, dtype):
+    p = cast(random_cga_params(32, 2, (5, 5), 7), dtype, DEVICE)
+    x = random_input(1, 32, 7, 7).to(device=DEVICE, dtype=dtype)
+    x[0, 3, 2, 2] = float("nan")
+    assert torch.isnan(call(backend, "cga", x, *[p[k] for k in CGA_ARGS], True)).any()
+
+
+def test_cga_batch_zero(backend):
+    p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float32, DEVICE)
+    out = getattr(backend[1], "cga")(torch.empty(0, 32, 9, 9, device=DEVICE),
+                                     *[p[k] for k in CGA_ARGS], True)
+    assert out.shape == (0, 32, 9, 9)
+
+
+def test_cuda_cga_rejects_what_it_cannot_hold():
+    ops = _cuda_ops()
+    p = cast(random_cga_params(384, 4, (7, 5, 3, 3), 16), torch.float32, DEVICE)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        ops.cga(random_input(1, 384, 16, 16).float().to(DEVICE), *[p[k] for k in CGA_ARGS], True)
+    p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float64, DEVICE)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.cga(random_input(1, 32, 7, 7).to(DEVICE), *[p[k] for k in CGA_ARGS], True)
+
+
+@dtypes
+@layouts
+@pytest.mark.parametrize("C,K", [(64, 3), (144, 3), (240, 5), (17, 1)])
+@pytest.mark.parametrize("H,W", [(14, 14), (7, 5), (1, 1), (4, 9)])
+def test_dwconv(backend, dtype, C, K, H, W, channels_last):
+    weight, bias = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(C, K, seed=C + K))
+    x = random_input(2, C, H, W, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
+    for relu in (False, True):
+        for residual in (False, True):
+            out = call(backend, "dwconv", x, weight, bias, relu, residual)
+            assert out.is_contiguous(memory_format=expected_format(x))
+            ref = functional.dwconv(x.cpu().double(), weight.cpu().double(), bias.cpu().double(),
+                                    relu, residual)
+            assert relative_error(out.cpu(), ref) < TOL[dtype], (relu, residual)
+
+
+@dtypes
+@layouts
+@pytest.mark.parametrize("C,M", [(64, 128), (144, 288), (384, 768), (20, 7)])
+@pytest.mark.parametrize("B,H,W", [(2, 14, 14), (1, 5, 3), (16, 4, 4)])
+def test_ffn(backend, dtype, C, M, B, H, W, channels_last):
+    w1, b1, w2, b2 = (t.to(device=DEVICE, dtype=dtype) for t in random_ffn_params(C, M, seed=C))
+    x = random_input(B, C, H, W, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
+    for residual in (False, True):
+        out = call(backend, "ffn", x, w1, b1, w2, b2, residual)
+        assert out.is_contiguous(memory_format=expected_format(x))
+        ref = functional.ffn(x.cpu().double(), *[t.cpu().double() for t in (w1, b1, w2, b2)], residual)
+        assert relative_error(out.cpu(), ref) < TOL[dtype], residual
+
+
+@dtypes
+def test_dwconv_ffn_nan_and_empty(backend, dtype):
+    weight, bias = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(8))
+    ffn = [t.to(device=DEVICE, dtype=dtype) for t in random_ffn_params(8, 16)]
+    x = random_input(1, 8, 5, 5).to(device=DEVICE, dtype=dtype)
+    x[0, 1, 2, 2] = float("nan")
+    assert torch.isnan(call(backend, "dwconv", x, weight, bias, True, False)).any()
+    assert torch.isnan(call(backend, "ffn", x, *ffn, False)).any()
+    empty = torch.empty(0, 8, 5, 6, device=DEVICE, dtype=dtype)
+    assert getattr(backend[1], "dwconv")(empty, weight, bias, False, True).shape == empty.shape
+    assert getattr(backend[1], "ffn")(empty, *ffn, True).shape == empty.shape
+
+
+def _graph_case(op, dtype):
+    """(args after x, input shape, reference function of x) for one call of op."""
+    if op == "cga":
+        p = random_cga_params(64, 4, (7, 5, 3, 3), 7, seed=5)
+        pd = cast(p, dtype, DEVICE)
+        return ([pd[k] for k in CGA_ARGS] + [True], (4, 64, 14, 14),
+                lambda x: reference_cga(x.cpu(), cast(pd, torch.float64, "cpu")))
+    if op == "dwconv":
+        w, b = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(64, 3, seed=5))
+        return ([w, b, True, True], (4, 64, 14, 14),
+                lambda x: functional.dwconv(x.cpu().double(), w.cpu().double(), b.cpu().double(),
+                                            True, True))
+    ws = [t.to(device=DEVICE, dtype=dtype) for t in random_ffn_params(64, 128, seed=5)]
+    return (ws + [True], (4, 64, 14, 14),
+            lambda x: functional.ffn(x.cpu().double(), *[t.cpu().double() for t in ws], True))
+
+
+@pytest.mark.parametrize("op", ["cga", "dwconv", "ffn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_cuda_graph_capture(backend, op, dtype):
+    """The op records into a CUDA graph (no host sync, no allocation outside torch's allocator)
+    and the replay computes on whatever the captured input buffer holds then."""
+    fn = getattr(backend[1], op)
+    args, shape, reference = _graph_case(op, dtype)
+    static_x = random_input(*shape, seed=11).to(device=DEVICE, dtype=dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (autotuning, allocator caching)
+        for _ in range(2):
+            fn(static_x, *args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static_x, *args)
+    fresh = random_input(*shape, seed=12).to(device=DEVICE, dtype=dtype)
+    static_x.copy_(fresh)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(out.cpu(), reference(fresh)) < TOL[dtype]
+    if backend[0] == "cuda":  # deterministic kernels: the replay matches an eager call bit for bit
+        assert torch.equal(out, fn(fresh, *args))
