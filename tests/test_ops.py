@@ -9,6 +9,7 @@ from python_ref import functional
 
 ops = torch.ops.efficientvit
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+LAYOUT = {False: torch.contiguous_format, True: torch.channels_last}  # output keeps x's layout
 
 
 def run_cga(x, params, residual=True):
@@ -34,7 +35,7 @@ def test_cga_padded_windows(window, H, W, channels_last):
     x = random_input(3, 64, H, W, channels_last=channels_last)
     out = run_cga(x.float(), cast(params, torch.float32))
     assert out.shape == x.shape
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert out.is_contiguous(memory_format=LAYOUT[channels_last])
     assert relative_error(out, reference_cga(x, params)) < TOL[torch.float32]
 
 
@@ -59,6 +60,27 @@ def test_cga_heads_kernels_key_dims(heads, kernels, key_dim):
     assert relative_error(out, reference_cga(x, params)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("heads,kernels,key_dim", [(1, (1,), 16), (2, (3, 1), 8), (5, (5, 3, 3, 1, 1), 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cga_channels_last_odd_widths(heads, kernels, key_dim, dtype):
+    """Channels-last input whose widths (C, d = 12, kd) are not whole SIMD vectors, padded windows."""
+    C = heads * 12
+    params = random_cga_params(C, heads, kernels, 7, key_dim=key_dim, seed=heads)
+    x = random_input(2, C, 9, 8, channels_last=True)
+    out = run_cga(x.to(dtype), cast(params, dtype))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, reference_cga(x, params)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 14])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_cga_other_window_sizes(window, channels_last):
+    params = random_cga_params(32, 2, (3, 3), window, seed=window)
+    x = random_input(2, 32, 15, 13, channels_last=channels_last)
+    out = run_cga(x.float(), cast(params, torch.float32))
+    assert relative_error(out, reference_cga(x, params)) < TOL[torch.float32]
+
+
 def test_cga_non_contiguous_input():
     params = random_cga_params(32, 2, (5, 5), 7)
     x = random_input(2, 32, 16, 12)[:, :, 1:, ::2]  # neither contiguous nor channels-last
@@ -71,6 +93,25 @@ def test_cga_nan_propagates():
     x = random_input(1, 32, 7, 7).float()
     x[0, 3, 2, 2] = float("nan")
     assert torch.isnan(run_cga(x, params)).any()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_cga_nan_where_the_reference_has_nan(channels_last):
+    """A NaN in x (full or padded window) or in one attention bias reaches exactly the outputs it
+    reaches in the reference: no softmax trick may drop it."""
+    params = cast(random_cga_params(32, 2, (5, 3), 7), torch.float32)
+    for pos in [(0, 3, 0, 0), (0, 20, 8, 8), (0, 31, 4, 8), None]:
+        x = random_input(1, 32, 9, 9, channels_last=channels_last).float()
+        p = dict(params)
+        if pos is None:
+            p["attention_bias"] = p["attention_bias"].clone()
+            p["attention_bias"][1, 6, 6] = float("nan")
+        else:
+            x[pos] = float("nan")
+        out = run_cga(x, p)
+        ref = functional.cga(x, **p, residual=True)
+        assert torch.isnan(out).any()
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), pos
 
 
 def test_cga_batch_zero():
@@ -89,7 +130,7 @@ def test_dwconv(C, K, H, W, channels_last):
         for residual in (False, True):
             ref = functional.dwconv(x, weight, bias, relu, residual)
             out = ops.dwconv(x.float(), weight.float(), bias.float(), relu, residual)
-            assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+            assert out.is_contiguous(memory_format=LAYOUT[channels_last])
             assert relative_error(out, ref) < TOL[torch.float32], (relu, residual)
 
 
@@ -102,7 +143,7 @@ def test_ffn(C, M, B, H, W, channels_last):
     for residual in (False, True):
         ref = functional.ffn(x, w1, b1, w2, b2, residual)
         out = ops.ffn(x.float(), w1.float(), b1.float(), w2.float(), b2.float(), residual)
-        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert out.is_contiguous(memory_format=LAYOUT[channels_last])
         assert relative_error(out, ref) < TOL[torch.float32], residual
 
 
@@ -119,6 +160,19 @@ def test_dwconv_ffn_dtypes_and_empty(dtype):
     empty = torch.empty(0, 8, 5, 6, dtype=dtype)
     assert ops.dwconv(empty, weight.to(dtype), bias.to(dtype), False, True).shape == empty.shape
     assert ops.ffn(empty, *args, True).shape == empty.shape
+
+
+def test_dwconv_ffn_channels_last_float64():
+    weight, bias = random_dwconv_params(20, 5)
+    w1, b1, w2, b2 = random_ffn_params(20, 36)
+    x = random_input(3, 20, 6, 7, channels_last=True)
+    for relu in (False, True):
+        out = ops.dwconv(x, weight, bias, relu, True)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert relative_error(out, functional.dwconv(x, weight, bias, relu, True)) < TOL[torch.float64]
+    out = ops.ffn(x, w1, b1, w2, b2, True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, functional.ffn(x, w1, b1, w2, b2, True)) < TOL[torch.float64]
 
 
 def test_dwconv_ffn_nan_propagates():

@@ -1,0 +1,357 @@
+// Cascaded group attention on CPU (DESIGN.md), one window at a time: the window's tokens and
+// every per-head tensor (q, k, v, scores, head outputs) live in a per-thread scratch of a few
+// tens of KiB, so nothing but x, the weights and the output touch memory.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_utils.h"
+
+namespace efficientvit::cpu {
+namespace {
+
+// Starts loading the cache lines of a rows x cols tile (unit row or column stride) into the
+// caches, for reading or, with kWrite, for writing: the gathers and scatters of a window touch
+// short runs spread over many lines, which the hardware prefetchers do not anticipate.
+template <bool kWrite, typename T>
+void prefetch_tile(int64_t rows, int64_t cols, Tile<T> t) {
+  if (t.col_stride != 1) return prefetch_tile<kWrite>(cols, rows, t.transposed());
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = t.data + i * t.row_stride;
+    for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(row + j, kWrite, 3);
+    __builtin_prefetch(row + cols - 1, kWrite, 3);  // the last line, when the run is unaligned
+  }
+}
+
+// Strides of a 4-D (B, C, H, W) tensor, in elements.
+struct Strides4 {
+  int64_t b = 0, c = 0, h = 0, w = 0;
+  Strides4() = default;
+  explicit Strides4(const at::Tensor& t)
+      : b(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+};
+
+// e^x for x <= 0 (scores minus their maximum) or NaN, which it keeps. The float version is a
+// branch-free Cephes-style polynomial, vectorized, within 1.5 ulp; below -87.34 (e^x < 2^-126,
+// nothing next to the maximum's e^0 = 1) it gives 0. Double uses std::exp.
+template <typename T>
+inline typename Simd<T>::Vec exp_nonpositive(typename Simd<T>::Vec x) {
+  using Vec = typename Simd<T>::Vec;
+  if constexpr (std::is_same_v<T, float>) {
+    typedef int32_t Int __attribute__((vector_size(kVecBytes)));
+    const Vec lowest = Simd<T>::splat(-87.33654f);  // ln 2^-126: 2^-126 is the smallest normal
+    const Vec clamped = x < lowest ? lowest : x;     // comparisons with NaN are false: NaN stays
+    // n = round(x / ln 2): adding 1.5 * 2^23 leaves n in the low mantissa bits.
+    const Vec magic = Simd<T>::splat(12582912.0f);
+    const Vec shifted = clamped * 1.44269504088896341f + magic;
+    const Vec n = shifted - magic;
+    const Vec r = clamped - n * 0.693359375f - n * -2.12194440e-4f;  // ln 2 in two parts
+    Vec p = Simd<T>::splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const Int exponent = ((Int)shifted - (Int)magic + 127) << 23;  // 2^n
+    const Vec result = p * (Vec)exponent;
+    return x < lowest ? Vec{} : result;
+  } else {
+    for (int64_t l = 0; l < Simd<T>::kLanes; ++l) x[l] = std::exp(x[l]);
+    return x;
+  }
+}
+
+// Softmax over the rows of s (keys x queries, row stride ld, ld a multiple of the vector
+// width): each column is one query's distribution, so the loops run across queries, in whole
+// vectors. A NaN score may be skipped by the maximum but not by exp, so it reaches the sum
+// and every probability of its query.
+template <typename T>
+void softmax_columns(T* s, int64_t keys, int64_t ld) {
+  using S = Simd<T>;
+  for (int64_t j = 0; j < ld; j += S::kLanes) {
+    T* col = s + j;
+    auto max = S::load(col);
+    for (int64_t m = 1; m < keys; ++m) {
+      const auto v = S::load(col + m * ld);
+      max = v > max ? v : max;
+    }
+    auto sum = S::splat(0);
+    for (int64_t m = 0; m < keys; ++m) {
+      const auto e = exp_nonpositive<T>(S::load(col + m * ld) - max);
+      S::store(col + m * ld, e);
+      sum += e;
+    }
+    const auto inv = S::splat(1) / sum;
+    for (int64_t m = 0; m < keys; ++m) S::store(col + m * ld, S::load(col + m * ld) * inv);
+  }
+}
+
+// One cga call: sizes, padded widths, layouts and the parameters repacked for the window loop.
+template <typename T>
+struct Cga {
+  int64_t C, H, W, heads, kd, d, K, ws;
+  int64_t N;  // tokens per window, ws * ws
+  int64_t n_windows_y, n_windows_x;
+  int64_t NP;           // N padded to whole vectors: row stride of q^T and of the scores
+  int64_t ldq;          // row stride of a token's q | k | v (v padded to dP, whole vectors)
+  int64_t kdP, dP, CP;  // kd, d and C padded to whole vectors
+  int64_t pad_w;        // tokens per row of the query conv's padded q: ws + 2R, + kGroup - 1
+  int64_t cat_ld;       // heads * dP: the concatenated head outputs, head i at channel i * dP
+  bool residual;
+  // The window's activations (x, the cascade's input, the head outputs, the projection) are
+  // token-major for channels-last x and channel-major otherwise, so that gathering the window
+  // and scattering the result copy runs that are contiguous on both sides, and no step
+  // transposes. Strides of a token and of a channel in each:
+  bool token_major;
+  int64_t xw_tok, xw_ch, feat_tok, feat_ch, cat_tok, cat_ch, y_tok, y_ch;
+  std::vector<int64_t> radius;  // per head: the query kernel without its all-zero border rings
+  // Packed parameters (see run_cga).
+  const T *qkv_w, *qkv_b, *q_w, *q_b, *attn_bias, *proj_w, *proj_b;
+  const T* x;
+  T* out;
+  Strides4 xs, os;
+
+  // Per-thread scratch, in elements: the window of x (N x C), the cascade's input of a head
+  // (N x d), q | k | v of each token (N x ldq), q padded for its conv (ws x pad_w x kdP), q
+  // transposed (kd x NP), the scores (keys x queries, N x NP), the head outputs (N x cat_ld or
+  // cat_ld x NP) and the projection (N x CP or C x NP). Each starts on a 64-byte boundary.
+  static constexpr int kBuffers = 8;
+  std::array<int64_t, kBuffers> scratch_sizes() const {
+    return {N * C,        N * d,   N * ldq,     ws * pad_w * kdP,
+            kd * NP,      N * NP,  cat_ld * NP, std::max(N * CP, C * NP)};
+  }
+  int64_t scratch_size() const {
+    int64_t total = 0;
+    for (const int64_t size : scratch_sizes()) total += padded<T>(size);
+    return total;
+  }
+  std::array<T*, kBuffers> carve(T* scratch) const {
+    std::array<T*, kBuffers> buffers;
+    const auto sizes = scratch_sizes();
+    for (int i = 0; i < kBuffers; ++i) buffers[i] = scratch, scratch += padded<T>(sizes[i]);
+    return buffers;
+  }
+  // Window coordinates: batch, first row and column, and the rows and columns inside x.
+  struct Place {
+    int64_t b, y0, x0, rows, cols;
+  };
+  Place place(int64_t window) const {
+    const int64_t y0 = (window / n_windows_x) % n_windows_y * ws, x0 = window % n_windows_x * ws;
+    return {window / (n_windows_y * n_windows_x), y0, x0, std::min(ws, H - y0),
+            std::min(ws, W - x0)};
+  }
+  // Window rows copied as one run: all of them where x and the output hold them back to back
+  // (a window as wide as the map), else one.
+  int64_t run_rows(const Place& p) const {
+    return p.cols == ws && xs.h == ws * xs.w && os.h == ws * os.w ? p.rows : 1;
+  }
+  void run_window(int64_t window, int64_t next_window, T* scratch) const;
+  void query_conv(int64_t head, const T* qkv, T* q_pad, T* q_t) const;
+  static constexpr int kGroup = 4;  // tokens whose query conv sums are computed together
+};
+
+// q of one head: scale * (dwconv(q) + bias) on the ws x ws token grid with zero padding at the
+// window edge (the scale is folded into q_w and q_b), written transposed (kd x NP) as the B
+// operand of the scores. q is first copied into rows with R = K / 2 zero tokens on the left and
+// at least that many on the right (q_pad, ws x pad_w tokens of kdP), so that the horizontal taps
+// need no bounds checks; then kGroup neighbouring tokens of a row accumulate their taps at once,
+// in registers, in vectors over channels (independent sums hide the FMA latency). Lanes past
+// kd (k times zero weights) and tokens past the row end are computed and not stored.
+template <typename T>
+void Cga<T>::query_conv(int64_t head, const T* qkv, T* q_pad, T* q_t) const {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  const int64_t r = radius[head], R = K / 2;
+  const T* w = q_w + head * K * K * kdP;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < kdP; c += S::kLanes)
+      S::store(q_pad + ((n / ws) * pad_w + n % ws + R) * kdP + c, S::load(qkv + n * ldq + c));
+  for (int64_t ty = 0; ty < ws; ++ty) {
+    const int64_t dy0 = std::max(-r, -ty), dy1 = std::min(r, ws - 1 - ty);
+    for (int64_t tx = 0; tx < ws; tx += kGroup) {
+      for (int64_t c = 0; c < kd; c += S::kLanes) {
+        Vec acc[kGroup];
+        for (int g = 0; g < kGroup; ++g) acc[g] = S::load(q_b + head * kdP + c);
+        for (int64_t dy = dy0; dy <= dy1; ++dy) {
+          const T* q = q_pad + ((ty + dy) * pad_w + tx + R) * kdP + c;
+          const T* tap = w + (dy + R) * K * kdP + c;
+          for (int64_t dx = -r; dx <= r; ++dx) {
+            const Vec wv = S::load(tap + (dx + R) * kdP);
+            for (int g = 0; g < kGroup; ++g) acc[g] += wv * S::load(q + (dx + g) * kdP);
+          }
+        }
+        T sums[kGroup][S::kLanes];  // transposed through memory: cheaper than lane extracts
+        for (int g = 0; g < kGroup; ++g) S::store(sums[g], acc[g]);
+        for (int64_t l = 0; l < std::min(S::kLanes, kd - c); ++l)
+          for (int g = 0; g < kGroup && tx + g < ws; ++g)
+            q_t[(c + l) * NP + ty * ws + tx + g] = sums[g][l];
+      }
+    }
+  }
+}
+
+template <typename T>
+void Cga<T>::run_window(int64_t window, int64_t next_window, T* scratch) const {
+  const Place here = place(window);
+  const auto [b, y0, x0, rows, cols] = here;
+  const int64_t run = run_rows(here);
+  const auto [xw, feat, qkv, q_pad, q_t, scores, cat, y] = carve(scratch);
+
+  if (rows < ws || cols < ws) std::fill(xw, xw + N * C, T(0));
+  const T* xb = x + b * xs.b + y0 * xs.h + x0 * xs.w;
+  for (int64_t ty = 0; ty < rows; ty += run)
+    copy_tile<T>(run * cols, C, {xb + ty * xs.h, xs.w, xs.c}, {},
+                 {xw + ty * ws * xw_tok, xw_tok, xw_ch});
+  // While this window computes, bring in the next window's x and this window's output.
+  T* ob = out + b * os.b + y0 * os.h + x0 * os.w;
+  for (int64_t ty = 0; ty < rows; ty += run)
+    prefetch_tile<true>(run * cols, C, Tile<T>{ob + ty * os.h, os.w, os.c});
+  if (next_window >= 0) {
+    const Place next = place(next_window);
+    const int64_t next_run = run_rows(next);
+    const T* nb = x + next.b * xs.b + next.y0 * xs.h + next.x0 * xs.w;
+    for (int64_t ty = 0; ty < next.rows; ty += next_run)
+      prefetch_tile<false>(next_run * next.cols, C, Tile<const T>{nb + ty * xs.h, xs.w, xs.c});
+  }
+
+  for (int64_t i = 0; i < heads; ++i) {
+    MatA<T> in{xw, xw_tok, xw_ch};  // head 0 reads its channels of x in place
+    if (i > 0) {  // the cascade: the previous head's output plus this head's channels
+      copy_tile<T>(N, d, {cat + (i - 1) * dP * cat_ch, cat_tok, cat_ch},
+                   {xw + i * d * xw_ch, xw_tok, xw_ch}, {feat, feat_tok, feat_ch});
+      in = {feat, feat_tok, feat_ch};
+    }
+    gemm<T>(N, ldq, d, in, qkv_w + i * d * ldq, ldq, {qkv_b + i * ldq, 0, 1}, qkv, ldq);
+    query_conv(i, qkv, q_pad, q_t);
+    // Scores transposed (keys x queries) = k q^T + bias: the softmax runs across queries in
+    // whole vectors, and the probabilities are the B operand of a channel-major head output.
+    gemm<T>(N, NP, kd, {qkv + kd, ldq, 1}, q_t, NP, {attn_bias + i * N * NP, NP, 1}, scores, NP);
+    softmax_columns(scores, N, NP);
+    const T* v = qkv + 2 * kd;
+    if (token_major)  // out (N x dP) = probabilities (A, read transposed) v
+      gemm<T>(N, dP, N, {scores, 1, NP}, v, ldq, {}, cat + i * dP, cat_ld);
+    else              // out^T (dP x NP) = v^T (A, read transposed) probabilities^T
+      gemm<T>(dP, NP, N, {v, 1, ldq}, scores, NP, {}, cat + i * dP * NP, NP);
+  }
+
+  for (int64_t j = 0; j < cat_ld * NP; ++j) cat[j] = relu(cat[j]);
+  if (token_major)  // y (N x CP) = relu(cat) proj_w^T + proj_b
+    gemm<T>(N, CP, cat_ld, {cat, cat_ld, 1}, proj_w, CP, {proj_b, 0, 1}, y, CP);
+  else              // y^T (C x NP) = proj_w relu(cat)^T + proj_b
+    gemm<T>(C, NP, cat_ld, {proj_w, cat_ld, 1}, cat, NP, {proj_b, 1, 0}, y, NP);
+
+  // Valid tokens only, plus the residual.
+  for (int64_t ty = 0; ty < rows; ty += run)
+    copy_tile<T>(run * cols, C, {y + ty * ws * y_tok, y_tok, y_ch},
+                 {residual ? xw + ty * ws * xw_tok : nullptr, xw_tok, xw_ch},
+                 {ob + ty * os.h, os.w, os.c});
+}
+
+// Largest ring (Chebyshev distance from the centre) of each head's query kernel that holds a
+// nonzero (or NaN) weight: a head with a smaller kernel is stored zero-padded to K x K, and
+// its zero taps are skipped.
+std::vector<int64_t> kernel_radii(const at::Tensor& dw_weight) {
+  const at::Tensor nonzero = dw_weight.ne(0).any(1).cpu();  // (heads, K, K)
+  const auto nz = nonzero.accessor<bool, 3>();
+  const int64_t R = dw_weight.size(3) / 2;
+  std::vector<int64_t> radius(dw_weight.size(0), 0);
+  for (int64_t i = 0; i < nonzero.size(0); ++i)
+    for (int64_t ky = 0; ky < nonzero.size(1); ++ky)
+      for (int64_t kx = 0; kx < nonzero.size(2); ++kx)
+        if (nz[i][ky][kx]) radius[i] = std::max({radius[i], std::abs(ky - R), std::abs(kx - R)});
+  return radius;
+}
+
+template <typename T>
+void run_cga(const CgaDims& dims, const DenseIO& io, const at::Tensor& qkv_weight,
+             const at::Tensor& qkv_bias, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+             const at::Tensor& attention_bias, const at::Tensor& proj_weight,
+             const at::Tensor& proj_bias, double scale, bool residual) {
+  const int64_t h = dims.heads, kd = dims.key_dim, d = dims.value_dim, C = dims.channels;
+  const int64_t ws = dims.window, N = ws * ws, nq = 2 * kd + d;
+  Cga<T> k{};
+  k.C = C, k.H = dims.height, k.W = dims.width, k.heads = h, k.kd = kd, k.d = d;
+  k.K = dims.kernel, k.ws = ws, k.N = N;
+  k.n_windows_y = (k.H + ws - 1) / ws, k.n_windows_x = (k.W + ws - 1) / ws;
+  k.NP = padded<T>(N), k.kdP = padded<T>(kd), k.dP = padded<T>(d), k.CP = padded<T>(C);
+  k.ldq = padded<T>(2 * kd + k.dP), k.cat_ld = h * k.dP;
+  k.pad_w = ws + 2 * (k.K / 2) + Cga<T>::kGroup - 1;
+  k.residual = residual;
+  k.radius = kernel_radii(dw_weight);
+
+  k.x = io.input.data_ptr<T>(), k.out = io.output.data_ptr<T>();
+  k.xs = Strides4(io.input), k.os = Strides4(io.output);
+  k.token_major = io.channels_last;
+  if (k.token_major) {
+    k.xw_tok = C, k.xw_ch = 1, k.feat_tok = d, k.feat_ch = 1;
+    k.cat_tok = k.cat_ld, k.cat_ch = 1, k.y_tok = k.CP, k.y_ch = 1;
+  } else {
+    k.xw_tok = 1, k.xw_ch = N, k.feat_tok = 1, k.feat_ch = N;
+    k.cat_tok = 1, k.cat_ch = k.NP, k.y_tok = 1, k.y_ch = k.NP;
+  }
+
+  // Every B operand row-major with whole vectors per row; the padding is zero.
+  const at::Tensor qkv_w =  // (h, d, ldq)
+      at::constant_pad_nd(qkv_weight.transpose(1, 2), {0, k.ldq - nq}).contiguous();
+  const at::Tensor qkv_b = at::constant_pad_nd(qkv_bias, {0, k.ldq - nq}).contiguous();  // (h, ldq)
+  const at::Tensor q_w = at::constant_pad_nd((dw_weight * scale).permute({0, 2, 3, 1}),
+                                             {0, k.kdP - kd}).contiguous();  // (h, K, K, kdP)
+  const at::Tensor q_b =  // (h, kdP)
+      at::constant_pad_nd(dw_bias * scale, {0, k.kdP - kd}).contiguous();
+  // Bias of every (key, query) pair: attention_bias[i, |dy|, |dx|] (symmetric), (h, N, NP).
+  const at::Tensor t = at::arange(ws, io.input.options().dtype(at::kLong));
+  const at::Tensor ty = t.repeat_interleave(ws), tx = t.repeat({ws});
+  const at::Tensor index = (ty.unsqueeze(1) - ty.unsqueeze(0)).abs() * ws +
+                           (tx.unsqueeze(1) - tx.unsqueeze(0)).abs();
+  const at::Tensor attn_bias = at::constant_pad_nd(
+      attention_bias.reshape({h, N}).index_select(1, index.flatten()).view({h, N, N}),
+      {0, k.NP - N}).contiguous();
+  // proj_weight (C, h*d) with each head's d input channels padded to dP: as the B operand
+  // (cat_ld, CP) for a token-major window, as the A operand (C, cat_ld) for a channel-major one.
+  const at::Tensor proj_heads = at::constant_pad_nd(proj_weight.reshape({C, h, d}), {0, k.dP - d});
+  const at::Tensor proj_w =
+      k.token_major ? at::constant_pad_nd(proj_heads.permute({1, 2, 0}), {0, k.CP - C})
+                          .reshape({k.cat_ld, k.CP}).contiguous()
+                    : proj_heads.reshape({C, k.cat_ld}).contiguous();
+  const at::Tensor proj_b = at::constant_pad_nd(proj_bias, {0, k.CP - C}).contiguous();
+  k.qkv_w = qkv_w.data_ptr<T>(), k.qkv_b = qkv_b.data_ptr<T>();
+  k.q_w = q_w.data_ptr<T>(), k.q_b = q_b.data_ptr<T>(), k.attn_bias = attn_bias.data_ptr<T>();
+  k.proj_w = proj_w.data_ptr<T>(), k.proj_b = proj_b.data_ptr<T>();
+
+  const int64_t windows = dims.batch * k.n_windows_y * k.n_windows_x;
+  at::parallel_for(0, windows, 1, [&](int64_t begin, int64_t end) {
+    // 64-byte aligned; zeroed: the padding of q and of q^T stays zero.
+    const at::Tensor scratch = at::zeros({k.scratch_size()}, io.input.options());
+    for (int64_t w = begin; w < end; ++w)
+      k.run_window(w, w + 1 < end ? w + 1 : -1, scratch.data_ptr<T>());
+  });
+}
+
+at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                   const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+                   const at::Tensor& attention_bias, const at::Tensor& proj_weight,
+                   const at::Tensor& proj_bias, int64_t window_size, double scale, bool residual) {
+  const CgaDims dims = check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
+                                 proj_weight, proj_bias, window_size);
+  const DenseIO io = dense_input_and_output(x);
+  if (io.output.numel() == 0) return io.output;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::cga", [&] {
+    run_cga<scalar_t>(dims, io, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
+                      proj_weight, proj_bias, scale, residual);
+  });
+  return io.output;
+}
+
+}  // namespace
+}  // namespace efficientvit::cpu
+
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("cga", &efficientvit::cpu::cga_cpu); }

@@ -1,0 +1,227 @@
+// Building blocks shared by the CPU kernels: SIMD vectors, a small register-blocked GEMM,
+// strided tile copies and the input/output layout handling.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+namespace efficientvit::cpu {
+
+// One SIMD register of T, as a GCC/Clang vector type, so the same code compiles to AVX-512,
+// AVX2, SSE or NEON depending on -march.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T Vec __attribute__((vector_size(kVecBytes)));
+  // The same, at T's alignment, for unaligned loads and stores. (A vector type may alias its
+  // element type and nothing else; a memcpy would also alias the caller's integers and force
+  // them to be reloaded after every store.)
+  typedef T UnalignedVec __attribute__((vector_size(kVecBytes), aligned(alignof(T))));
+  static constexpr int64_t kLanes = kVecBytes / sizeof(T);
+
+  static inline Vec load(const T* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
+  static inline void store(T* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
+  static inline Vec splat(T s) { return s - Vec{}; }  // one broadcast (s - 0 folds to s)
+};
+
+inline int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+// Padded widths: every matrix a GEMM writes, or reads as its B operand, has whole vectors per row.
+template <typename T>
+inline int64_t padded(int64_t n) {
+  return round_up(n, Simd<T>::kLanes);
+}
+
+// ReLU of a value or a vector that keeps NaN (std::max(0, NaN) would return 0).
+template <typename V>
+inline V relu(V v) {
+  return v < 0 ? V{} : v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: C (m x n) = [relu](A (m x k) * B (k x n) + init). A is read one element at a time
+// (broadcast), so it may have any strides (a transposed or channel-strided tile needs no copy);
+// B and C are row-major with unit column stride and n a multiple of the vector width (callers
+// pad). init has a column stride of 1 (a matrix; init = C accumulates) or 0 (each row one value,
+// broadcast: a bias per row), and a row stride of 0 for a bias per column; init.data null: zero.
+// The tiles here are small (tens to hundreds), where BLAS call overhead dominates, and libtorch
+// does not export the cpublas::gemm overloads for float and double.
+
+// A matrix (or tile) with element (i, j) at data[i * row_stride + j * col_stride].
+template <typename T>
+struct Tile {
+  T* data;
+  int64_t row_stride, col_stride;
+  Tile<T> transposed() const { return {data, col_stride, row_stride}; }
+};
+template <typename T>
+using MatA = Tile<const T>;
+
+namespace detail {
+
+// Accumulators: 6 rows x 4 vectors take 24 of the 32 AVX-512 registers, 6 x 2 12 of the 16
+// AVX2 or SSE ones.
+constexpr int kRowBlock = 6;
+constexpr int kVecBlock = kVecBytes == 64 ? 4 : 2;
+
+// `blocks` blocks of MR rows x NV vectors, one below the other: one call covers a whole column
+// panel, so the per-call cost (arguments, spills) is paid per panel rather than per block.
+template <typename T, int MR, int NV>
+void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init, T* c,
+                 int64_t ldc, bool apply_relu) {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  for (int64_t block = 0; block < blocks; ++block) {
+    Vec acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = !init.data        ? Vec{}
+                    : init.col_stride ? S::load(init.data + r * init.row_stride + v * S::kLanes)
+                                      : S::splat(init.data[r * init.row_stride]);
+    for (int64_t p = 0; p < k; ++p) {
+      Vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = S::load(b + p * ldb + v * S::kLanes);
+      const T* ap = a.data + p * a.col_stride;
+      for (int r = 0; r < MR; ++r) {
+        const Vec av = S::splat(ap[r * a.row_stride]);
+        for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v)
+        S::store(c + r * ldc + v * S::kLanes, apply_relu ? relu(acc[r][v]) : acc[r][v]);
+    a.data += MR * a.row_stride, c += MR * ldc;
+    if (init.data) init.data += MR * init.row_stride;
+  }
+}
+
+template <typename T>
+using GemmBlocksFn = void (*)(int64_t, int64_t, MatA<T>, const T*, int64_t, MatA<T>, T*, int64_t,
+                              bool);
+
+// table[(mr - 1) * kVecBlock + nv - 1] = gemm_blocks<T, mr, nv>, for the edges of any m and n.
+template <typename T, size_t... I>
+constexpr std::array<GemmBlocksFn<T>, sizeof...(I)> gemm_blocks_table(std::index_sequence<I...>) {
+  return {&gemm_blocks<T, int(I / kVecBlock) + 1, int(I % kVecBlock) + 1>...};
+}
+
+}  // namespace detail
+
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init, T* c,
+          int64_t ldc, bool apply_relu = false) {
+  using namespace detail;
+  static constexpr auto table =
+      gemm_blocks_table<T>(std::make_index_sequence<kRowBlock * kVecBlock>{});
+  constexpr int64_t L = Simd<T>::kLanes;
+  const int64_t full = m / kRowBlock, rest = m % kRowBlock;
+  for (int64_t j = 0; j < n; j += kVecBlock * L) {
+    const int64_t nv = std::min<int64_t>(kVecBlock, (n - j) / L);
+    const MatA<T> init_j{init.data ? init.data + j * init.col_stride : nullptr, init.row_stride,
+                         init.col_stride};
+    if (full > 0)
+      table[(kRowBlock - 1) * kVecBlock + nv - 1](full, k, a, b + j, ldb, init_j, c + j, ldc,
+                                                  apply_relu);
+    if (rest > 0) {
+      const int64_t i = full * kRowBlock;
+      table[(rest - 1) * kVecBlock + nv - 1](
+          1, k, {a.data + i * a.row_stride, a.row_stride, a.col_stride}, b + j, ldb,
+          {init_j.data ? init_j.data + i * init.row_stride : nullptr, init.row_stride,
+           init.col_stride},
+          c + i * ldc + j, ldc, apply_relu);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles and layouts.
+
+namespace detail {
+
+// d[0, kLen) = s [+ a], as one vector of kLen elements.
+template <int kLen, typename T>
+inline void copy_chunk(T* __restrict__ d, const T* __restrict__ s, const T* __restrict__ a) {
+  typedef T Chunk __attribute__((vector_size(kLen * sizeof(T))));
+  Chunk v, w;
+  std::memcpy(&v, s, sizeof(Chunk));
+  if (a) {
+    std::memcpy(&w, a, sizeof(Chunk));
+    v += w;
+  }
+  std::memcpy(d, &v, sizeof(Chunk));
+}
+
+// The last n < 2 * kLen elements of a unit-stride run, in chunks of kLen, kLen / 2, ..., 1.
+template <int kLen, typename T>
+inline void copy_tail(int64_t n, T* __restrict__ d, const T* __restrict__ s,
+                      const T* __restrict__ a) {
+  if constexpr (kLen == 1) {
+    if (n & 1) *d = a ? *s + *a : *s;
+  } else {
+    if (n & kLen) {
+      copy_chunk<kLen>(d, s, a);
+      d += kLen, s += kLen, a = a ? a + kLen : nullptr;
+    }
+    copy_tail<kLen / 2>(n, d, s, a);
+  }
+}
+
+// d[j] = s[j * ss] [+ a[j * as]] for j < n. The runs are often short (a window row of 7), so the
+// unit-stride case runs in whole vectors and then a few smaller ones: a plain copy loop would
+// become a memmove call, which costs more than the copy at these lengths.
+template <typename T>
+inline void copy_row(int64_t n, const T* __restrict__ s, int64_t ss, const T* __restrict__ a,
+                     int64_t as, T* __restrict__ d) {
+  using S = Simd<T>;
+  if (ss == 1 && (a == nullptr || as == 1)) {
+    int64_t j = 0;
+    for (; j + S::kLanes <= n; j += S::kLanes)
+      S::store(d + j, a ? S::load(s + j) + S::load(a + j) : S::load(s + j));
+    copy_tail<S::kLanes / 2>(n - j, d + j, s + j, a ? a + j : nullptr);
+  } else {
+    for (int64_t j = 0; j < n; ++j) d[j] = a ? s[j * ss] + a[j * as] : s[j * ss];
+  }
+}
+
+}  // namespace detail
+
+// dst = src [+ add] on a rows x cols tile (add.data may be null); dst has a unit row or column
+// stride. The inner loop runs along it, so the memory side of a gather or scatter is sequential.
+template <typename T>
+void copy_tile(int64_t rows, int64_t cols, Tile<const T> src, Tile<const T> add, Tile<T> dst) {
+  if (dst.col_stride != 1 && dst.row_stride == 1)
+    return copy_tile(cols, rows, src.transposed(), add.transposed(), dst.transposed());
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(dst.col_stride == 1);
+  for (int64_t i = 0; i < rows; ++i)
+    detail::copy_row(cols, src.data + i * src.row_stride, src.col_stride,
+                     add.data ? add.data + i * add.row_stride : nullptr, add.col_stride,
+                     dst.data + i * dst.row_stride);
+}
+
+// x in the dense memory format it suggests (channels-last stays channels-last, anything else
+// becomes contiguous), and an uninitialized output of the same shape and format.
+struct DenseIO {
+  at::Tensor input, output;
+  bool channels_last;
+};
+inline DenseIO dense_input_and_output(const at::Tensor& x) {
+  const auto format = x.suggest_memory_format();
+  return {x.contiguous(format), at::empty(x.sizes(), x.options().memory_format(format)),
+          format == at::MemoryFormat::ChannelsLast};
+}
+
+}  // namespace efficientvit::cpu
