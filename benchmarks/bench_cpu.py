@@ -1,0 +1,203 @@
+"""CPU benchmark by the paper's protocol: one thread, batch 16, fp32, 224^2.
+
+1. CGA layer: the reference layer (Residual(LocalWindowAttention), eager, as trained) and
+   its folded functional form against the fused op, for the attention stages of M0/M4/M5.
+2. Whole model img/s for M0-M5: eager reference, torch.compile of the reference, ONNX
+   Runtime on the exported reference, and the fused model, all measured in this process.
+
+    python benchmarks/bench_cpu.py [--models m0,m4] [--batch 16] [--out benchmarks/results/cpu]
+
+Writes <out>.json (device, versions, date) and <out>.md.
+"""
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import sys
+
+import torch
+
+import efficientvit_kernels as K
+import python_ref as R
+from efficientvit_kernels.timing import median_time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from cases import relative_error  # noqa: E402
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def attention_layers(name):
+    """(label, Residual(LocalWindowAttention), input size) of one layer per stage of a model."""
+    model = R.randomize_(R.build(name))
+    seen, layers = set(), []
+    for module in model.modules():
+        if isinstance(module, R.EfficientViTBlock):
+            attn = module.mixer.m
+            if attn.dim not in seen:
+                seen.add(attn.dim)
+                layers.append((f"{name.upper()} {attn.dim}x{attn.resolution}x{attn.resolution} "
+                               f"h{attn.num_heads}", module.mixer, attn.resolution))
+    return layers
+
+
+def machine_rates():
+    """(bytes/s of a large copy, fp32 multiply-adds/s of a large matmul) on this thread."""
+    src = torch.randn(64 * 2**20 // 4)
+    dst = torch.empty_like(src)
+    copy_s = median_time(lambda t: dst.copy_(t), [src], min_runs=10, budget_s=1.0)
+    a = torch.randn(1024, 1024)
+    mm_s = median_time(lambda t: t @ a, [a], min_runs=10, budget_s=1.0)
+    return 2 * src.numel() * 4 / copy_s, 1024 ** 3 / mm_s
+
+
+def cga_floor(layer, batch, res, rates):
+    """Seconds the layer needs at least: bytes (x read, y written, weights once) over the copy
+    bandwidth, or multiply-adds over the matmul rate, whichever is larger."""
+    attn = layer.m.attn
+    C, heads, kd, d = layer.m.dim, attn.num_heads, attn.key_dim, attn.d
+    ws = attn.resolution
+    n_windows = batch * (-(-res // ws)) ** 2
+    N = ws * ws
+    kernel = max(m.c.kernel_size[0] for m in attn.dws)
+    macs = n_windows * (heads * (N * (2 * kd + d) * d + N * kd * kernel * kernel + N * N * (kd + d)) + N * C * C)
+    weights = sum(b.numel() for b in K.convert(layer, backend="reference").buffers())
+    bytes_ = 4 * (2 * batch * C * res * res + weights)
+    return max(bytes_ / rates[0], macs / rates[1]), macs, bytes_
+
+
+def bench_layers(models, batch):
+    rows = []
+    rates = machine_rates()
+    for name in models:
+        for label, layer, res in attention_layers(name):
+            x = [torch.randn(batch, layer.m.dim, res, res) for _ in range(2)]
+            fused = K.convert(layer)
+            spec = K.convert(layer, backend="reference")
+            with torch.no_grad():
+                err = relative_error(fused(x[0]), layer.double()(x[0].double()))
+                layer.float()
+            t = {"eager": median_time(layer, x), "folded reference": median_time(spec, x),
+                 "fused": median_time(fused, x)}
+            floor, macs, bytes_ = cga_floor(layer, batch, res, rates)
+            rows.append(dict(layer=label, ms={k: v * 1e3 for k, v in t.items()},
+                             speedup=t["eager"] / t["fused"], error=err, floor_ms=floor * 1e3,
+                             macs=macs, bytes=bytes_, floor_fraction=floor / t["fused"]))
+            print(f"  {label}: eager {t['eager'] * 1e3:.2f} ms, fused {t['fused'] * 1e3:.2f} ms "
+                  f"({rows[-1]['speedup']:.1f}x)", file=sys.stderr)
+    return rows
+
+
+def onnx_session(model, x):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False,
+                      opset_version=17)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return lambda t: session.run(None, {"x": t.numpy()})
+
+
+def bench_models(models, batch, resolution, compile_reference):
+    rows = []
+    for name in models:
+        model = R.randomize_(R.build(name))
+        fused = K.convert(model)
+        x = [torch.randn(batch, 3, resolution, resolution) for _ in range(2)]
+        with torch.no_grad():
+            err = relative_error(fused(x[0]), R.fold_batchnorm(model).double()(x[0].double()))
+        runners = {"eager": model}
+        if compile_reference:
+            runners["torch.compile"] = torch.compile(model)
+        ort_run = onnx_session(model, x[0])
+        if ort_run is not None:
+            runners["onnxruntime"] = ort_run
+        runners["fused"] = fused
+        t = {k: median_time(fn, x, budget_s=5.0) for k, fn in runners.items()}
+        rows.append(dict(model=name.upper(), img_per_s={k: batch / v for k, v in t.items()}, error=err))
+        print(f"  {name}: " + ", ".join(f"{k} {batch / v:.1f} img/s" for k, v in t.items()), file=sys.stderr)
+    return rows
+
+
+def markdown(meta, layers, models):
+    out = [f"# CPU benchmark, {meta['date']}", "",
+           f"{meta['device']}; torch {meta['torch']}; {meta['threads']} thread; batch {meta['batch']}; fp32; "
+           f"median of timed runs after warm-up, two inputs alternated.", "",
+           f"Command: `{meta['command']}`", ""]
+    if layers:
+        cols = list(layers[0]["ms"])
+        out += ["## CGA layer (attention + residual)", "",
+                "Floor: max(bytes / copy bandwidth, multiply-adds / large-matmul rate), both measured "
+                "on this thread; 'of floor' is floor / fused time.", "",
+                "| layer | " + " | ".join(f"{c} ms" for c in cols) +
+                " | floor ms | of floor | fused vs eager | rel. error |",
+                "|---|" + "---|" * (len(cols) + 4)]
+        out += [f"| {r['layer']} | " + " | ".join(f"{r['ms'][c]:.2f}" for c in cols) +
+                f" | {r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% | {r['speedup']:.2f}x"
+                f" | {r['error']:.1e} |" for r in layers]
+        out.append("")
+    if models:
+        cols = list(models[0]["img_per_s"])
+        base = [c for c in cols if c != "fused"]
+        out += [f"## Whole model, {meta['resolution']}x{meta['resolution']}", "",
+                "| model | " + " | ".join(f"{c} img/s" for c in cols) + " | " +
+                " | ".join(f"fused / {c}" for c in base) + " | rel. error |",
+                "|---|" + "---|" * (len(cols) + len(base) + 1)]
+        out += [f"| {r['model']} | " + " | ".join(f"{r['img_per_s'][c]:.1f}" for c in cols) + " | " +
+                " | ".join(f"{r['img_per_s']['fused'] / r['img_per_s'][c]:.2f}x" for c in base) +
+                f" | {r['error']:.1e} |" for r in models]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="m0,m1,m2,m3,m4,m5")
+    p.add_argument("--layer-models", default="m0,m4,m5")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/cpu")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    models = [m for m in args.models.split(",") if m]
+    layer_models = [m for m in args.layer_models.split(",") if m]
+    layers = bench_layers(layer_models, args.batch)
+    whole = bench_models(models, args.batch, args.resolution, not args.no_compile)
+    import importlib.metadata as md
+    versions = {}
+    for pkg in ("onnxruntime", "triton"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    meta = dict(device=cpu_name(), torch=torch.__version__, **versions, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                threads=args.threads, batch=args.batch, resolution=args.resolution,
+                command="python " + " ".join(sys.argv))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, layers=layers, models=whole), f, indent=2)
+    text = markdown(meta, layers, whole)
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
