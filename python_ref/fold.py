@@ -17,31 +17,34 @@ def _children(m):
     return [c for c in m.children() if not isinstance(c, (nn.Identity, nn.Dropout))]
 
 
-def conv_bn_parts(m):
-    """(conv, bn) of a Conv-BN Sequential, (conv, None) of a plain Conv2d, else None."""
-    if isinstance(m, nn.Conv2d):
-        return m, None
+def _pair(m, first, second):
+    """The two layers of a Sequential holding a ``first`` then a ``second`` (dropout aside)."""
     if isinstance(m, nn.Sequential):
         parts = _children(m)
-        if len(parts) == 2 and isinstance(parts[0], nn.Conv2d) and isinstance(parts[1], nn.BatchNorm2d):
+        if len(parts) == 2 and isinstance(parts[0], first) and isinstance(parts[1], second):
             return parts[0], parts[1]
     return None
+
+
+def conv_bn_parts(m):
+    """(conv, bn) of a Conv-BN Sequential, (conv, None) of a plain Conv2d, else None."""
+    return (m, None) if isinstance(m, nn.Conv2d) else _pair(m, nn.Conv2d, nn.BatchNorm2d)
 
 
 def bn_linear_parts(m):
     """(bn, linear) of a BN-Linear Sequential, (None, linear) of a plain Linear, else None."""
-    if isinstance(m, nn.Linear):
-        return None, m
-    if isinstance(m, nn.Sequential):
-        parts = _children(m)
-        if len(parts) == 2 and isinstance(parts[0], nn.BatchNorm1d) and isinstance(parts[1], nn.Linear):
-            return parts[0], parts[1]
-    return None
+    return (None, m) if isinstance(m, nn.Linear) else _pair(m, nn.BatchNorm1d, nn.Linear)
 
 
 def _bn_scale_shift(bn):
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return scale, bn.bias - bn.running_mean * scale
+
+
+def _weight_and_bias(layer):
+    w = layer.weight
+    b = layer.bias if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    return w.detach().clone(), b.detach().clone()
 
 
 @torch.no_grad()
@@ -51,12 +54,11 @@ def folded_conv(m):
     if parts is None:
         raise TypeError(f"expected a Conv2d or a Conv2d-BatchNorm2d pair, got {type(m).__name__}")
     conv, bn = parts
-    bias = conv.bias if conv.bias is not None else torch.zeros(
-        conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+    weight, bias = _weight_and_bias(conv)
     if bn is None:
-        return conv.weight.detach().clone(), bias.detach().clone()
-    scale, shift = _bn_scale_shift(bn)
-    return conv.weight * scale[:, None, None, None], bias * scale + shift
+        return weight, bias
+    scale, shift = _bn_scale_shift(bn)  # bn(conv(x)) = scale * conv(x) + shift, per channel
+    return weight * scale[:, None, None, None], bias * scale + shift
 
 
 @torch.no_grad()
@@ -66,12 +68,11 @@ def folded_linear(m):
     if parts is None:
         raise TypeError(f"expected a Linear or a BatchNorm1d-Linear pair, got {type(m).__name__}")
     bn, linear = parts
-    bias = linear.bias if linear.bias is not None else torch.zeros(
-        linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    weight, bias = _weight_and_bias(linear)
     if bn is None:
-        return linear.weight.detach().clone(), bias.detach().clone()
-    scale, shift = _bn_scale_shift(bn)
-    return linear.weight * scale[None, :], linear.weight @ shift + bias
+        return weight, bias
+    scale, shift = _bn_scale_shift(bn)  # linear(scale * x + shift)
+    return weight * scale[None, :], weight @ shift + bias
 
 
 def fold_conv_bn(m):
