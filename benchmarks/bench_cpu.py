@@ -21,21 +21,10 @@ import torch
 
 import efficientvit_kernels as K
 import python_ref as R
-from efficientvit_kernels.timing import median_time
+from efficientvit_kernels.timing import device_name, median_time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from cases import relative_error  # noqa: E402
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def attention_layers(name):
@@ -186,7 +175,7 @@ def main():
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    meta = dict(device=cpu_name(), torch=torch.__version__, **versions, python=platform.python_version(),
+    meta = dict(device=device_name("cpu"), torch=torch.__version__, **versions, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 threads=args.threads, batch=args.batch, resolution=args.resolution,
                 command="python " + " ".join(sys.argv))

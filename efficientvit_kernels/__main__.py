@@ -9,7 +9,6 @@ batch 256. Prints one table (img/s, latency, speedup, error); exits 1 if a check
 import argparse
 import datetime
 import json
-import platform
 import sys
 
 import torch
@@ -17,8 +16,8 @@ import torch
 import python_ref
 
 from . import convert
-from .modules import BACKENDS
-from .timing import median_time, tolerance
+from .modules import BACKENDS, backend_ops
+from .timing import device_name, median_time, tolerance
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,10 +38,15 @@ def _parse(argv):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    args.batch = args.batch or (16 if args.device == "cpu" else 256)
+    if args.batch is None:
+        args.batch = 16 if args.device == "cpu" else 256
     args.dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "fp16")]
     if args.batch <= 0 or args.resolution < 16:
         p.error("--batch must be positive and --resolution at least 16")
+    try:
+        backend_ops(args.backend)
+    except (RuntimeError, ValueError) as e:
+        p.error(str(e))
     return args
 
 
@@ -120,13 +124,13 @@ def main(argv=None):
     rows = [_run_model(n, args, progress) for n in names]
     if bar is not None:
         bar.close()
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    device = device_name(args.device)
     print(f"EfficientViT, {args.resolution}x{args.resolution}, batch {args.batch}, {str(args.dtype)[6:]}, "
           f"{args.device} ({device}), backend {args.backend}, torch {torch.__version__}"
           + (f", {args.threads} thread(s)" if args.device == "cpu" else ""))
     print(_table(rows, args))
     if args.json:
-        meta = dict(device=device, torch=torch.__version__, date=datetime.date.today().isoformat(),
+        meta = dict(device_name=device, torch=torch.__version__, date=datetime.date.today().isoformat(),
                     **{k: str(v) for k, v in vars(args).items() if k != "json"})
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=2)

@@ -1,10 +1,11 @@
 """Timing helpers shared by the main job and benchmarks/ (DESIGN.md: how speed is measured)."""
+import platform
 import statistics
 import time
 
 import torch
 
-__all__ = ["median_time", "tolerance"]
+__all__ = ["device_name", "median_time", "tolerance"]
 
 # DESIGN.md: relative error of a fused result against the fp64 reference
 _TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -39,3 +40,17 @@ def median_time(fn, inputs, warmup=3, min_runs=5, max_runs=100, budget_s=3.0):
             fn(x)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
