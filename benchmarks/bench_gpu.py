@@ -26,10 +26,12 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import efficientvit_kernels  # noqa: E402,F401  (registers the ops)
 import python_ref  # noqa: E402
+from cases import cga_args, relative_error  # noqa: E402
+from efficientvit_kernels.ops import has_compiled_kernels  # noqa: E402
 from python_ref.model import LocalWindowAttention, Residual  # noqa: E402
 
 KEY_DIM = 16
@@ -47,8 +49,6 @@ SHAPES = [
 ]
 BATCHES = (256, 64, 1, 2048)  # measured in this order: the compile budget goes to 256 first
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-CGA_ARGS = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias", "proj_weight",
-            "proj_bias", "window_size", "scale")
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -127,19 +127,12 @@ def time_backend(fn, xs, graph):
     return do_bench(step) * 1e3
 
 
-def relative_error(out, ref):
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def backends(layer, params, compile_ok):
     """name -> callable(x) for every backend that can run here."""
     ops = torch.ops.efficientvit
-    args = [params[k] for k in CGA_ARGS]
+    args = cga_args(params)
     out = {}
-    if torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", "CUDA"):
+    if has_compiled_kernels("cuda"):
         out["cuda"] = lambda x: ops.cga(x, *args, True)
     try:
         import efficientvit_kernels.triton as tk
@@ -268,7 +261,6 @@ def markdown(rows):
 def smoke():
     """Each CUDA op once on small inputs, every dtype path and both layouts (a short run for
     compute-sanitizer); fails on a launch error or a wrong result."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from cases import cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input
     from python_ref import functional
     ops = torch.ops.efficientvit
@@ -279,7 +271,7 @@ def smoke():
     for dtype, C, heads, kernels, ws, (B, H, W), cl in cases:
         p = cast(random_cga_params(C, heads, kernels, ws), dtype, "cuda")
         x = random_input(B, C, H, W, channels_last=cl).to(device="cuda", dtype=dtype)
-        out = ops.cga(x, *[p[k] for k in CGA_ARGS], True)
+        out = ops.cga(x, *cga_args(p), True)
         ref = functional.cga(x.double(), **cast(p, torch.float64, "cuda"), residual=True)
         worst = max(worst, relative_error(out, ref) / {torch.float32: 1e-5, **TOL}[dtype])
     for dtype, cl in ((torch.float16, True), (torch.float32, False)):

@@ -15,7 +15,7 @@ import efficientvit_kernels  # noqa: F401
 from python_ref import functional
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from cases import cast, random_cga_params, random_dwconv_params, random_ffn_params  # noqa: E402
+from cases import cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params  # noqa: E402
 
 BATCH = 16
 # (label, C, heads, kernels, window, map size): the attention stages of M4 and M0 at 224^2
@@ -40,10 +40,8 @@ def test_cga(benchmark, shape, impl):
     _, C, heads, kernels, window, size = shape
     p = cast(random_cga_params(C, heads, kernels, window), torch.float32)
     x = torch.randn(BATCH, C, size, size)
-    args = [p[k] for k in ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias",
-                           "proj_weight", "proj_bias")]
     with torch.no_grad():
-        benchmark(IMPLS[impl].cga, x, *args, window, p["scale"], True)
+        benchmark(IMPLS[impl].cga, x, *cga_args(p), True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

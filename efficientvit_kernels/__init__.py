@@ -16,7 +16,7 @@ def _triton_serves_cuda():
     import torch
     from . import triton as triton_kernels
     if (torch.cuda.is_available() and triton_kernels.available()
-            and not torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", "CUDA")):
+            and not ops.has_compiled_kernels("cuda")):
         for name in ("cga", "dwconv", "ffn"):
             torch.library.register_kernel(f"efficientvit::{name}", "cuda", getattr(triton_kernels, name))
 

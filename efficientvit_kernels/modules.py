@@ -11,11 +11,6 @@ __all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "ResidualAdd", "ba
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 
-def _has_compiled_kernel(op, device_type):
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"efficientvit::{op}", key)
-
-
 def backend_ops(backend):
     """The namespace whose ``cga``, ``dwconv`` and ``ffn`` implement ``backend``.
 
@@ -32,7 +27,7 @@ def backend_ops(backend):
         if not triton_backend.available():
             raise RuntimeError("backend='triton' needs the triton package, which is not importable")
         return triton_backend
-    if backend == "cuda" and not _has_compiled_kernel("cga", "cuda"):
+    if backend == "cuda" and not ops.has_compiled_kernels("cuda"):
         raise RuntimeError("backend='cuda': the CUDA kernels were not built (the build adds them "
                            "where torch has CUDA and nvcc is found); use backend='triton' or rebuild")
     return ops

@@ -11,7 +11,13 @@ import torch
 
 from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
 
-__all__ = ["cga", "dwconv", "ffn", "check_cga", "check_dwconv", "check_ffn"]
+__all__ = ["cga", "dwconv", "ffn", "check_cga", "check_dwconv", "check_ffn", "has_compiled_kernels"]
+
+
+def has_compiled_kernels(device_type):
+    """True when the compiled library has kernels for ``device_type`` ("cpu" or "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", key)
 
 
 def _fail(message):

@@ -71,6 +71,15 @@ def random_input(B, C, H, W, seed=1, dtype=torch.float64, channels_last=False):
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
+CGA_ARGS = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias", "proj_weight",
+            "proj_bias", "window_size", "scale")
+
+
+def cga_args(params):
+    """cga's arguments after x and before residual, in the op's order, from random_cga_params."""
+    return [params[k] for k in CGA_ARGS]
+
+
 def cast(params, dtype, device="cpu"):
     return {k: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v
             for k, v in params.items()}

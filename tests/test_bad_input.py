@@ -3,32 +3,31 @@ import pytest
 import torch
 
 import efficientvit_kernels  # noqa: F401
-from cases import cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input
+from cases import cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params, random_input
 
 ops = torch.ops.efficientvit
-NAMES = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias", "proj_weight", "proj_bias")
 
 
-def cga_args(**changes):
+def args_with(**changes):
     p = cast(random_cga_params(32, 2, (5, 3), 7), torch.float32)
     p["x"] = random_input(1, 32, 9, 9).float()
     p.update(changes)
-    return (p["x"], *[p[k] for k in NAMES], p["window_size"], p["scale"], True)
+    return (p["x"], *cga_args(p), True)
 
 
 def _bad_cga_cases():
     p = cast(random_cga_params(32, 2, (5, 3), 7), torch.float32)
     return {
-        "channels": (cga_args(x=torch.randn(1, 30, 9, 9)), "heads do not divide|qkv_weight"),
-        "rank": (cga_args(x=torch.randn(32, 9, 9)), "4-D"),
-        "integer dtype": (cga_args(x=torch.ones(1, 32, 9, 9, dtype=torch.int32)), "floating"),
-        "dtype mismatch": (cga_args(proj_bias=p["proj_bias"].double()), "proj_bias has dtype"),
-        "even kernel": (cga_args(dw_weight=torch.zeros(2, 16, 4, 4)), "odd"),
-        "bias table": (cga_args(attention_bias=torch.zeros(2, 5, 5)), "attention_bias"),
-        "window": (cga_args(window_size=0), "window_size"),
-        "heads": (cga_args(qkv_weight=torch.zeros(3, 2 * 16 + 10, 10)), "heads do not divide"),
-        "qkv shape": (cga_args(qkv_weight=torch.zeros(2, 40, 16)), "qkv_weight"),
-        "proj shape": (cga_args(proj_weight=torch.zeros(32, 16)), "proj_weight"),
+        "channels": (args_with(x=torch.randn(1, 30, 9, 9)), "heads do not divide|qkv_weight"),
+        "rank": (args_with(x=torch.randn(32, 9, 9)), "4-D"),
+        "integer dtype": (args_with(x=torch.ones(1, 32, 9, 9, dtype=torch.int32)), "floating"),
+        "dtype mismatch": (args_with(proj_bias=p["proj_bias"].double()), "proj_bias has dtype"),
+        "even kernel": (args_with(dw_weight=torch.zeros(2, 16, 4, 4)), "odd"),
+        "bias table": (args_with(attention_bias=torch.zeros(2, 5, 5)), "attention_bias"),
+        "window": (args_with(window_size=0), "window_size"),
+        "heads": (args_with(qkv_weight=torch.zeros(3, 2 * 16 + 10, 10)), "heads do not divide"),
+        "qkv shape": (args_with(qkv_weight=torch.zeros(2, 40, 16)), "qkv_weight"),
+        "proj shape": (args_with(proj_weight=torch.zeros(32, 16)), "proj_weight"),
     }
 
 
@@ -48,7 +47,7 @@ def test_cga_bad_input(case, mode):
 
 
 def test_cga_device_mismatch():
-    args = list(cga_args())
+    args = list(args_with())
     args[1] = args[1].to("meta")
     with pytest.raises((RuntimeError, ValueError), match="device|meta"):
         ops.cga(*args)

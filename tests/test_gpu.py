@@ -14,18 +14,16 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
 
 import efficientvit_kernels  # noqa: E402,F401  (registers the ops)
-from cases import (cast, random_cga_params, random_dwconv_params, random_ffn_params,  # noqa: E402
+from cases import (cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params,  # noqa: E402
                    random_input, reference_cga, relative_error, stage_shapes)
 from python_ref import functional  # noqa: E402
 
 DEVICE = "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-CGA_ARGS = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias", "proj_weight",
-            "proj_bias", "window_size", "scale")
 
 
 def _cuda_ops():
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("efficientvit::cga", "CUDA"):
+    if not efficientvit_kernels.ops.has_compiled_kernels("cuda"):
         pytest.skip("efficientvit_kernels was built without its CUDA kernels (nvcc missing at build?)")
     return torch.ops.efficientvit
 
@@ -77,7 +75,7 @@ def expected_format(x):
 def check_cga(backend, x, params, dtype, residual=True):
     p = cast(params, dtype, DEVICE)
     xd = x.to(device=DEVICE, dtype=dtype)  # a no-op for a tensor already there: keeps its strides
-    out = call(backend, "cga", xd, *[p[k] for k in CGA_ARGS], residual)
+    out = call(backend, "cga", xd, *cga_args(p), residual)
     assert out.shape == x.shape and out.dtype == dtype and out.device == xd.device
     assert out.is_contiguous(memory_format=expected_format(xd))
     ref = reference_cga(xd.cpu(), cast(p, torch.float64, "cpu"), residual)
@@ -137,13 +135,13 @@ def test_cga_nan_propagates(backend, dtype):
     p = cast(random_cga_params(32, 2, (5, 5), 7), dtype, DEVICE)
     x = random_input(1, 32, 7, 7).to(device=DEVICE, dtype=dtype)
     x[0, 3, 2, 2] = float("nan")
-    assert torch.isnan(call(backend, "cga", x, *[p[k] for k in CGA_ARGS], True)).any()
+    assert torch.isnan(call(backend, "cga", x, *cga_args(p), True)).any()
 
 
 def test_cga_batch_zero(backend):
     p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float32, DEVICE)
     out = getattr(backend[1], "cga")(torch.empty(0, 32, 9, 9, device=DEVICE),
-                                     *[p[k] for k in CGA_ARGS], True)
+                                     *cga_args(p), True)
     assert out.shape == (0, 32, 9, 9)
 
 
@@ -151,10 +149,10 @@ def test_cuda_cga_rejects_what_it_cannot_hold():
     ops = _cuda_ops()
     p = cast(random_cga_params(384, 4, (7, 5, 3, 3), 16), torch.float32, DEVICE)
     with pytest.raises(RuntimeError, match="shared memory"):
-        ops.cga(random_input(1, 384, 16, 16).float().to(DEVICE), *[p[k] for k in CGA_ARGS], True)
+        ops.cga(random_input(1, 384, 16, 16).float().to(DEVICE), *cga_args(p), True)
     p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float64, DEVICE)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        ops.cga(random_input(1, 32, 7, 7).to(DEVICE), *[p[k] for k in CGA_ARGS], True)
+        ops.cga(random_input(1, 32, 7, 7).to(DEVICE), *cga_args(p), True)
 
 
 @dtypes
@@ -205,7 +203,7 @@ def _graph_case(op, dtype):
     if op == "cga":
         p = random_cga_params(64, 4, (7, 5, 3, 3), 7, seed=5)
         pd = cast(p, dtype, DEVICE)
-        return ([pd[k] for k in CGA_ARGS] + [True], (4, 64, 14, 14),
+        return (cga_args(pd) + [True], (4, 64, 14, 14),
                 lambda x: reference_cga(x.cpu(), cast(pd, torch.float64, "cpu")))
     if op == "dwconv":
         w, b = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(64, 3, seed=5))

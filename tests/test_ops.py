@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import efficientvit_kernels  # noqa: F401  (registers the ops)
-from cases import (cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input,
+from cases import (cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params, random_input,
                    reference_cga, relative_error, stage_shapes)
 from python_ref import functional
 
@@ -13,9 +13,7 @@ LAYOUT = {False: torch.contiguous_format, True: torch.channels_last}  # output k
 
 
 def run_cga(x, params, residual=True):
-    return ops.cga(x, *[params[k] for k in ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias",
-                                            "attention_bias", "proj_weight", "proj_bias")],
-                   params["window_size"], params["scale"], residual)
+    return ops.cga(x, *cga_args(params), residual)
 
 
 @pytest.mark.parametrize("name,C,heads,kernels,window", stage_shapes(), ids=lambda v: str(v))
@@ -187,11 +185,10 @@ def test_dwconv_ffn_nan_propagates():
 def _opcheck_cases():
     p = cast(random_cga_params(32, 2, (5, 3), 7), torch.float32)
     x = random_input(2, 32, 9, 8).float()
-    cga_args = (x, *[p[k] for k in ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias",
-                                    "proj_weight", "proj_bias")], 7, p["scale"], True)
+
     w, b = random_dwconv_params(32)
     ffn = random_ffn_params(32, 64)
-    return [(ops.cga.default, cga_args),
+    return [(ops.cga.default, (x, *cga_args(p), True)),
             (ops.dwconv.default, (x, w.float(), b.float(), True, True)),
             (ops.ffn.default, (x, *[t.float() for t in ffn], True)),
             (ops.ffn.default, (x.to(memory_format=torch.channels_last), *[t.float() for t in ffn], False))]

@@ -14,7 +14,7 @@ pytest.importorskip("triton")  # conftest.py sets TRITON_INTERPRET=1 where there
 
 import efficientvit_kernels  # noqa: E402
 import efficientvit_kernels.triton as kernels  # noqa: E402
-from cases import (cast, random_cga_params, random_dwconv_params, random_ffn_params,  # noqa: E402
+from cases import (cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params,  # noqa: E402
                    random_input, reference_cga, relative_error, stage_shapes)
 from python_ref import functional  # noqa: E402
 
@@ -26,8 +26,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16] if GPU else [torch.float
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 layouts = pytest.mark.parametrize("channels_last", [False, True],
                                   ids=["contiguous", "channels_last"])
-CGA_ARGS = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias", "proj_weight",
-            "proj_bias", "window_size", "scale")
 
 
 def call(op, x, *args):
@@ -47,7 +45,7 @@ def to_device(t, dtype):
 def check_cga(x, params, dtype, residual=True):
     p = cast(params, dtype, DEVICE)
     xd = to_device(x, dtype)
-    out = call(kernels.cga, xd, *[p[k] for k in CGA_ARGS], residual)
+    out = call(kernels.cga, xd, *cga_args(p), residual)
     assert out.shape == x.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last) == (
         not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
@@ -152,7 +150,7 @@ def test_nan_propagates():
     x = to_device(random_input(1, 32, 7, 7), torch.float32)
     x[0, 3, 2, 2] = float("nan")
     p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float32, DEVICE)
-    assert torch.isnan(kernels.cga(x, *[p[k] for k in CGA_ARGS], False)).any()
+    assert torch.isnan(kernels.cga(x, *cga_args(p), False)).any()
     w, b = (to_device(t, torch.float32) for t in random_dwconv_params(32))
     assert torch.isnan(kernels.dwconv(x, w, b, True, False)).any()
     ffn = [to_device(t, torch.float32) for t in random_ffn_params(32, 64)]
@@ -162,7 +160,7 @@ def test_nan_propagates():
 def test_empty_batch():
     x = torch.empty(0, 32, 9, 9, device=DEVICE)
     p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float32, DEVICE)
-    assert kernels.cga(x, *[p[k] for k in CGA_ARGS], True).shape == x.shape
+    assert kernels.cga(x, *cga_args(p), True).shape == x.shape
     w, b = (to_device(t, torch.float32) for t in random_dwconv_params(32))
     assert kernels.dwconv(x, w, b, False, True).shape == x.shape
     ffn = [to_device(t, torch.float32) for t in random_ffn_params(32, 64)]
@@ -181,7 +179,7 @@ def test_bad_input():
         kernels.ffn(x, ffn[0].half(), *ffn[1:], True)
     p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float32, DEVICE)
     with pytest.raises(ValueError, match="attention_bias must have shape"):
-        kernels.cga(x, *[p[k] for k in CGA_ARGS[:7]], 4, p["scale"], True)
+        kernels.cga(x, *cga_args(p)[:7], 4, p["scale"], True)
 
 
 def test_import_without_triton(monkeypatch):
