@@ -7,11 +7,18 @@
 
 namespace efficientvit {
 
-inline void check_same(const at::Tensor& x, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "efficientvit: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "efficientvit: ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type());
+// The tensor the parameters must match in device and dtype: x for an op, the first weight when
+// the CPU kernels pack the weights ahead of the calls.
+struct Like {
+  const at::Tensor& tensor;
+  const char* name;
+};
+
+inline void check_same(Like like, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == like.tensor.device(), "efficientvit: ", name, " is on ", t.device(),
+              " but ", like.name, " is on ", like.tensor.device());
+  TORCH_CHECK(t.scalar_type() == like.tensor.scalar_type(), "efficientvit: ", name, " has dtype ",
+              t.scalar_type(), " but ", like.name, " has dtype ", like.tensor.scalar_type());
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
@@ -31,21 +38,21 @@ struct CgaDims {
   int64_t heads, key_dim, value_dim, kernel, window;
 };
 
-inline CgaDims check_cga(const at::Tensor& x, const at::Tensor& qkv_weight,
-                         const at::Tensor& qkv_bias, const at::Tensor& dw_weight,
-                         const at::Tensor& dw_bias, const at::Tensor& attention_bias,
-                         const at::Tensor& proj_weight, const at::Tensor& proj_bias,
-                         int64_t window_size) {
-  check_input(x);
+// The parameters of cga for `channels` channels; returns the sizes but those of x.
+inline CgaDims check_cga_params(int64_t channels, Like like, const at::Tensor& qkv_weight,
+                                const at::Tensor& qkv_bias, const at::Tensor& dw_weight,
+                                const at::Tensor& dw_bias, const at::Tensor& attention_bias,
+                                const at::Tensor& proj_weight, const at::Tensor& proj_bias,
+                                int64_t window_size) {
   CgaDims d{};
-  d.batch = x.size(0), d.channels = x.size(1), d.height = x.size(2), d.width = x.size(3);
+  d.channels = channels;
   TORCH_CHECK(qkv_weight.dim() == 3, "efficientvit: qkv_weight must be 3-D (heads, 2*kd+d, d), got ",
               qkv_weight.sizes());
   TORCH_CHECK(dw_weight.dim() == 4, "efficientvit: dw_weight must be 4-D (heads, kd, K, K), got ",
               dw_weight.sizes());
   d.heads = qkv_weight.size(0);
   TORCH_CHECK(d.heads > 0 && d.channels % d.heads == 0, "efficientvit: ", d.heads,
-              " heads do not divide the ", d.channels, " channels of x");
+              " heads do not divide the ", d.channels, " channels of ", like.name);
   d.value_dim = d.channels / d.heads;
   d.key_dim = dw_weight.size(1);
   d.kernel = dw_weight.size(3);
@@ -65,7 +72,19 @@ inline CgaDims check_cga(const at::Tensor& x, const at::Tensor& qkv_weight,
                                 &attention_bias, &proj_weight, &proj_bias};
   const char* names[] = {"qkv_weight", "qkv_bias", "dw_weight", "dw_bias",
                          "attention_bias", "proj_weight", "proj_bias"};
-  for (int i = 0; i < 7; ++i) check_same(x, *params[i], names[i]);
+  for (int i = 0; i < 7; ++i) check_same(like, *params[i], names[i]);
+  return d;
+}
+
+inline CgaDims check_cga(const at::Tensor& x, const at::Tensor& qkv_weight,
+                         const at::Tensor& qkv_bias, const at::Tensor& dw_weight,
+                         const at::Tensor& dw_bias, const at::Tensor& attention_bias,
+                         const at::Tensor& proj_weight, const at::Tensor& proj_bias,
+                         int64_t window_size) {
+  check_input(x);
+  CgaDims d = check_cga_params(x.size(1), {x, "x"}, qkv_weight, qkv_bias, dw_weight, dw_bias,
+                               attention_bias, proj_weight, proj_bias, window_size);
+  d.batch = x.size(0), d.height = x.size(2), d.width = x.size(3);
   return d;
 }
 
@@ -77,23 +96,29 @@ inline void check_dwconv(const at::Tensor& x, const at::Tensor& weight, const at
   TORCH_CHECK(K % 2 == 1, "efficientvit: the dwconv kernel size must be odd, got ", K);
   check_shape(weight, {x.size(1), K, K}, "weight");
   check_shape(bias, {x.size(1)}, "bias");
-  check_same(x, weight, "weight");
-  check_same(x, bias, "bias");
+  check_same({x, "x"}, weight, "weight");
+  check_same({x, "x"}, bias, "bias");
+}
+
+// The parameters of ffn for `channels` channels.
+inline void check_ffn_params(int64_t channels, Like like, const at::Tensor& w1,
+                             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK(w1.dim() == 2, "efficientvit: w1 must be 2-D (hidden, C), got ", w1.sizes());
+  const int64_t M = w1.size(0);
+  check_shape(w1, {M, channels}, "w1");
+  check_shape(b1, {M}, "b1");
+  check_shape(w2, {channels, M}, "w2");
+  check_shape(b2, {channels}, "b2");
+  check_same(like, w1, "w1");
+  check_same(like, b1, "b1");
+  check_same(like, w2, "w2");
+  check_same(like, b2, "b2");
 }
 
 inline void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                       const at::Tensor& w2, const at::Tensor& b2) {
   check_input(x);
-  TORCH_CHECK(w1.dim() == 2, "efficientvit: w1 must be 2-D (hidden, C), got ", w1.sizes());
-  const int64_t C = x.size(1), M = w1.size(0);
-  check_shape(w1, {M, C}, "w1");
-  check_shape(b1, {M}, "b1");
-  check_shape(w2, {C, M}, "w2");
-  check_shape(b2, {C}, "b2");
-  check_same(x, w1, "w1");
-  check_same(x, b1, "b1");
-  check_same(x, w2, "w2");
-  check_same(x, b2, "b2");
+  check_ffn_params(x.size(1), {x, "x"}, w1, b1, w2, b2);
 }
 
 }  // namespace efficientvit

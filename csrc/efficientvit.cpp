@@ -18,6 +18,20 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def("dwconv(Tensor x, Tensor weight, Tensor bias, bool relu, bool residual) -> Tensor");
   // Pointwise MLP: [x +] w2 relu(w1 x + b1) + b2; w1 (M, C), b1 (M), w2 (C, M), b2 (C).
   m.def("ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual) -> Tensor");
+
+  // CPU only: the weights packed once, ahead of the calls. X_pack takes X's parameters and
+  // returns them in the layout the CPU kernel of X reads (transposed, padded to the vector
+  // width of the build, ...); X_packed(x, packed, ...) computes X from them. The layout is
+  // private to the build: pack where the kernel runs.
+  m.def(
+      "cga_pack(Tensor qkv_weight, Tensor qkv_bias, Tensor dw_weight, Tensor dw_bias, "
+      "Tensor attention_bias, Tensor proj_weight, Tensor proj_bias, int window_size, "
+      "float scale) -> Tensor[]");
+  m.def(
+      "cga_packed(Tensor x, Tensor[] packed, int key_dim, int window_size, bool residual) "
+      "-> Tensor");
+  m.def("ffn_pack(Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor[]");
+  m.def("ffn_packed(Tensor x, Tensor[] packed, bool residual) -> Tensor");
 }
 
 #ifdef EFFICIENTVIT_PYTHON_MODULE

@@ -34,12 +34,62 @@ def backend_ops(backend):
 
 
 class _Fused(nn.Module):
-    """Shared plumbing: the backend, and a device check for the compiled backends."""
+    """Shared plumbing: the backend, a device check for the compiled backends, and the weights
+    packed for the CPU kernel where the module has a pack op.
+
+    Packing happens at construction (in ``convert``) for weights on CPU, and again before a
+    CPU call whenever a weight buffer was replaced (``.to()``, assignment) or changed in
+    place since (its version counter moved, as ``load_state_dict`` and in-place ops do). A
+    write through ``.data`` moves no version counter: call ``repack()`` after one. Under
+    ``torch.compile``/``torch.export`` the module calls the op on the unpacked weights, so
+    a traced graph never holds a stale packing.
+    """
+
+    _weight_names = ()  # the buffers the op reads, in its argument order
+    _pack_op = None     # ops.X_pack, for a module whose CPU kernel reads packed weights
 
     def __init__(self, backend):
         super().__init__()
         self.backend = backend
         self._ops = backend_ops(backend)
+        self._packed = None
+
+    def _set_weights(self, **weights):
+        for name, t in weights.items():
+            self.register_buffer(name, t.detach().clone().contiguous())
+        if self._packs() and all(t.device.type == "cpu" for t in self._weights()):
+            self.repack()
+
+    def _weights(self):
+        return tuple(getattr(self, name) for name in self._weight_names)
+
+    def _packs(self):
+        return self._pack_op is not None and self.backend in ("auto", "cpu")
+
+    def _pack_args(self):
+        """The pack op's arguments after the weights."""
+        return ()
+
+    def repack(self):
+        """Packs the weights for the CPU kernel now (see the class docstring for when)."""
+        weights = self._weights()
+        self._packed = (self._pack_op(*weights, *self._pack_args()), weights,
+                        tuple(t._version for t in weights))
+
+    def _cpu_packed(self, x):
+        """The packed weights when the CPU kernel on packed weights serves x, else None."""
+        if (not self._packs() or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or any(t.device.type != "cpu" or t.dtype != x.dtype for t in self._weights())):
+            return None
+        weights = self._weights()
+        if (self._packed is None or any(a is not b for a, b in zip(weights, self._packed[1]))
+                or tuple(t._version for t in weights) != self._packed[2]):
+            self.repack()
+        return self._packed[0]
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # the buffers are replaced; repacked at the next CPU call
+        return super()._apply(fn, recurse)
 
     def _check_device(self, x):
         if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
@@ -53,22 +103,30 @@ class _Fused(nn.Module):
 class FusedCGA(_Fused):
     """Local-window cascaded group attention, optionally with its residual, in one op."""
 
+    _weight_names = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias",
+                     "proj_weight", "proj_bias")
+    _pack_op = staticmethod(ops.cga_pack)
+
     def __init__(self, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
                  proj_bias, window_size, scale, residual, backend="auto"):
         super().__init__(backend)
-        for name, t in dict(qkv_weight=qkv_weight, qkv_bias=qkv_bias, dw_weight=dw_weight,
-                            dw_bias=dw_bias, attention_bias=attention_bias,
-                            proj_weight=proj_weight, proj_bias=proj_bias).items():
-            self.register_buffer(name, t.detach().clone().contiguous())
         self.window_size = int(window_size)
         self.scale = float(scale)
         self.residual = bool(residual)
+        self._set_weights(qkv_weight=qkv_weight, qkv_bias=qkv_bias, dw_weight=dw_weight,
+                          dw_bias=dw_bias, attention_bias=attention_bias, proj_weight=proj_weight,
+                          proj_bias=proj_bias)
+
+    def _pack_args(self):
+        return self.window_size, self.scale
 
     def forward(self, x):
         self._check_device(x)
-        return self._ops.cga(x, self.qkv_weight, self.qkv_bias, self.dw_weight, self.dw_bias,
-                             self.attention_bias, self.proj_weight, self.proj_bias,
-                             self.window_size, self.scale, self.residual)
+        packed = self._cpu_packed(x)
+        if packed is not None:
+            return ops.cga_packed(x, packed, self.dw_weight.shape[1], self.window_size,
+                                  self.residual)
+        return self._ops.cga(x, *self._weights(), self.window_size, self.scale, self.residual)
 
     def extra_repr(self):
         heads, kd, K = self.dw_weight.shape[:3]
@@ -79,12 +137,13 @@ class FusedCGA(_Fused):
 class FusedDWConv(_Fused):
     """``[x +] [relu](dwconv_KxK(x) + bias)`` in one op."""
 
+    _weight_names = ("weight", "bias")
+
     def __init__(self, weight, bias, relu, residual, backend="auto"):
         super().__init__(backend)
-        self.register_buffer("weight", weight.detach().clone().contiguous())
-        self.register_buffer("bias", bias.detach().clone().contiguous())
         self.relu = bool(relu)
         self.residual = bool(residual)
+        self._set_weights(weight=weight, bias=bias)
 
     def forward(self, x):
         self._check_device(x)
@@ -98,15 +157,20 @@ class FusedDWConv(_Fused):
 class FusedFFN(_Fused):
     """``[x +] w2 relu(w1 x + b1) + b2`` in one op; the hidden activation stays on chip."""
 
+    _weight_names = ("w1", "b1", "w2", "b2")
+    _pack_op = staticmethod(ops.ffn_pack)
+
     def __init__(self, w1, b1, w2, b2, residual, backend="auto"):
         super().__init__(backend)
-        for name, t in dict(w1=w1, b1=b1, w2=w2, b2=b2).items():
-            self.register_buffer(name, t.detach().clone().contiguous())
         self.residual = bool(residual)
+        self._set_weights(w1=w1, b1=b1, w2=w2, b2=b2)
 
     def forward(self, x):
         self._check_device(x)
-        return self._ops.ffn(x, self.w1, self.b1, self.w2, self.b2, self.residual)
+        packed = self._cpu_packed(x)
+        if packed is not None:
+            return ops.ffn_packed(x, packed, self.residual)
+        return self._ops.ffn(x, *self._weights(), self.residual)
 
     def extra_repr(self):
         return (f"channels={self.w1.shape[1]}, hidden={self.w1.shape[0]}, residual={self.residual}, "

@@ -6,12 +6,18 @@ way the C++ side does (for the fake implementation, so ``torch.compile`` and
 ``torch.export`` reject bad input at trace time, and for the Triton and reference
 backends), and registers the fake implementations. The ops are inference-only: they
 have no autograd formula.
+
+On CPU, ``cga`` and ``ffn`` also come in two halves, so that the weights are packed once
+rather than on every call: ``cga_pack``/``ffn_pack`` return the parameters in the layout the
+CPU kernel reads, ``cga_packed``/``ffn_packed`` compute the op from them. ``FusedCGA`` and
+``FusedFFN`` use them.
 """
 import torch
 
 from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
 
-__all__ = ["cga", "dwconv", "ffn", "check_cga", "check_dwconv", "check_ffn", "has_compiled_kernels"]
+__all__ = ["cga", "dwconv", "ffn", "cga_pack", "cga_packed", "ffn_pack", "ffn_packed", "check_cga",
+           "check_dwconv", "check_ffn", "has_compiled_kernels"]
 
 
 def has_compiled_kernels(device_type):
@@ -148,6 +154,38 @@ def ffn(x, w1, b1, w2, b2, residual=True):
     return torch.ops.efficientvit.ffn(x, w1, b1, w2, b2, residual)
 
 
+def cga_pack(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
+             window_size, scale):
+    """CPU: ``cga``'s parameters (as documented there) packed for its CPU kernel.
+
+    Returns a list of tensors in a layout private to the build (transposed, padded to the
+    vector width, the scale folded into the query conv, the bias table expanded to every
+    key-query pair): pass it to ``cga_packed`` on the same machine, for inputs of the
+    weights' dtype. Weights changed afterwards must be packed again.
+    """
+    return torch.ops.efficientvit.cga_pack(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
+                                           proj_weight, proj_bias, window_size, scale)
+
+
+def cga_packed(x, packed, key_dim, window_size, residual=True):
+    """CPU: ``cga`` on weights packed by ``cga_pack``; the same result for the same x.
+
+    ``key_dim`` is kd (dw_weight.shape[1]). The packed tensors are checked against x
+    (count, shapes, dtype, device) before use.
+    """
+    return torch.ops.efficientvit.cga_packed(x, packed, key_dim, window_size, residual)
+
+
+def ffn_pack(w1, b1, w2, b2):
+    """CPU: ``ffn``'s parameters packed for its CPU kernel (see ``cga_pack``)."""
+    return torch.ops.efficientvit.ffn_pack(w1, b1, w2, b2)
+
+
+def ffn_packed(x, packed, residual=True):
+    """CPU: ``ffn`` on weights packed by ``ffn_pack``; the same result for the same x."""
+    return torch.ops.efficientvit.ffn_packed(x, packed, residual)
+
+
 @torch.library.register_fake("efficientvit::cga")
 def _cga_fake(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
               proj_bias, window_size, scale, residual):
@@ -165,4 +203,19 @@ def _dwconv_fake(x, weight, bias, relu, residual):
 @torch.library.register_fake("efficientvit::ffn")
 def _ffn_fake(x, w1, b1, w2, b2, residual):
     check_ffn(x, w1, b1, w2, b2)
+    return torch.empty_like(x)
+
+
+# The packed variants: the output is shaped like x; the packed tensors are checked by the kernel.
+# (The pack ops have no fake: their shapes depend on the build's vector width, and they run once,
+# eagerly, at conversion.)
+@torch.library.register_fake("efficientvit::cga_packed")
+def _cga_packed_fake(x, packed, key_dim, window_size, residual):
+    _check_input(x)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("efficientvit::ffn_packed")
+def _ffn_packed_fake(x, packed, residual):
+    _check_input(x)
     return torch.empty_like(x)

@@ -95,17 +95,58 @@ void softmax_columns(T* s, int64_t keys, int64_t ld) {
   }
 }
 
-// One cga call: sizes, padded widths, layouts and the parameters repacked for the window loop.
+// Widths of a cga call padded to whole vectors of its dtype: the packed weights' shapes and the
+// window loop's strides.
+struct CgaLayout {
+  int64_t N;    // tokens per window, ws * ws
+  int64_t NP;   // N padded to whole vectors: row stride of q^T and of the scores
+  int64_t kdP, dP, CP;  // kd, d and C padded to whole vectors
+  int64_t ldq;      // row stride of a token's q | k | v (v padded to dP, whole vectors)
+  int64_t cat_ld;   // heads * dP: the concatenated head outputs, head i at channel i * dP
+  CgaLayout(const CgaDims& dims, at::ScalarType dtype)
+      : N(dims.window * dims.window),
+        NP(padded(N, dtype)),
+        kdP(padded(dims.key_dim, dtype)),
+        dP(padded(dims.value_dim, dtype)),
+        CP(padded(dims.channels, dtype)),
+        ldq(padded(2 * dims.key_dim + dP, dtype)),
+        cat_ld(dims.heads * dP) {}
+};
+
+// The packed parameters (cga_pack), in this order. Every B operand is row-major with whole
+// vectors per row; the padding is zero.
+enum CgaPacked {
+  kQkvW,       // (h, d, ldq): each head's qkv 1x1 conv, transposed
+  kQkvB,       // (h, ldq)
+  kQueryW,     // (h, K, K, kdP): the query conv, channels innermost, times scale
+  kQueryB,     // (h, kdP), times scale
+  kAttnBias,   // (h, N, NP): the bias of every (key, query) pair
+  kProjW,      // (cat_ld, CP): the output 1x1 conv, transposed, each head's d inputs padded to dP
+  kProjB,      // (CP)
+  kRadius,     // (h) int64: each head's query kernel without its all-zero border rings
+  kCgaPacked,  // count
+};
+
+std::vector<PackedTensor> cga_packed_shapes(const CgaDims& dims, const CgaLayout& L,
+                                            at::ScalarType dtype) {
+  const int64_t h = dims.heads, K = dims.kernel;
+  return {{"qkv_weight", {h, dims.value_dim, L.ldq}, dtype},
+          {"qkv_bias", {h, L.ldq}, dtype},
+          {"dw_weight", {h, K, K, L.kdP}, dtype},
+          {"dw_bias", {h, L.kdP}, dtype},
+          {"attention_bias", {h, L.N, L.NP}, dtype},
+          {"proj_weight", {L.cat_ld, L.CP}, dtype},
+          {"proj_bias", {L.CP}, dtype},
+          {"radius", {h}, at::kLong}};
+}
+
+// One cga call: sizes, layouts and the packed parameters, for the window loop.
 template <typename T>
 struct Cga {
   int64_t C, H, W, heads, kd, d, K, ws;
-  int64_t N;  // tokens per window, ws * ws
+  int64_t N, NP, ldq, kdP, dP, CP, cat_ld;  // see CgaLayout
   int64_t n_windows_y, n_windows_x;
-  int64_t NP;           // N padded to whole vectors: row stride of q^T and of the scores
-  int64_t ldq;          // row stride of a token's q | k | v (v padded to dP, whole vectors)
-  int64_t kdP, dP, CP;  // kd, d and C padded to whole vectors
-  int64_t pad_w;        // tokens per row of the query conv's padded q: ws + 2R, + kGroup - 1
-  int64_t cat_ld;       // heads * dP: the concatenated head outputs, head i at channel i * dP
+  int64_t pad_w;  // tokens per row of the query conv's padded q: ws + 2R, + kGroup - 1
   bool residual;
   // The window's activations (x, the cascade's input, the head outputs, the projection) are
   // token-major for channels-last x and channel-major otherwise, so that gathering the window
@@ -113,8 +154,7 @@ struct Cga {
   // transposes. Strides of a token and of a channel in each:
   bool token_major;
   int64_t xw_tok, xw_ch, feat_tok, feat_ch, cat_tok, cat_ch, y_tok, y_ch;
-  std::vector<int64_t> radius;  // per head: the query kernel without its all-zero border rings
-  // Packed parameters (see run_cga).
+  const int64_t* radius;
   const T *qkv_w, *qkv_b, *q_w, *q_b, *attn_bias, *proj_w, *proj_b;
   const T* x;
   T* out;
@@ -246,8 +286,8 @@ void Cga<T>::run_window(int64_t window, int64_t next_window, T* scratch) const {
   for (int64_t j = 0; j < cat_ld * NP; ++j) cat[j] = relu(cat[j]);
   if (token_major)  // y (N x CP) = relu(cat) proj_w^T + proj_b
     gemm<T>(N, CP, cat_ld, {cat, cat_ld, 1}, proj_w, CP, {proj_b, 0, 1}, y, CP);
-  else              // y^T (C x NP) = proj_w relu(cat)^T + proj_b
-    gemm<T>(C, NP, cat_ld, {proj_w, cat_ld, 1}, cat, NP, {proj_b, 1, 0}, y, NP);
+  else              // y^T (C x NP) = proj_w (A, read transposed) relu(cat)^T + proj_b
+    gemm<T>(C, NP, cat_ld, {proj_w, 1, CP}, cat, NP, {proj_b, 1, 0}, y, NP);
 
   // Valid tokens only, plus the residual.
   for (int64_t ty = 0; ty < rows; ty += run)
@@ -259,38 +299,66 @@ void Cga<T>::run_window(int64_t window, int64_t next_window, T* scratch) const {
 // Largest ring (Chebyshev distance from the centre) of each head's query kernel that holds a
 // nonzero (or NaN) weight: a head with a smaller kernel is stored zero-padded to K x K, and
 // its zero taps are skipped.
-std::vector<int64_t> kernel_radii(const at::Tensor& dw_weight) {
+at::Tensor kernel_radii(const at::Tensor& dw_weight) {
   const at::Tensor nonzero = dw_weight.ne(0).any(1).cpu();  // (heads, K, K)
   const auto nz = nonzero.accessor<bool, 3>();
   const int64_t R = dw_weight.size(3) / 2;
-  std::vector<int64_t> radius(dw_weight.size(0), 0);
+  at::Tensor radius = at::zeros({dw_weight.size(0)}, at::kLong);
+  auto r = radius.accessor<int64_t, 1>();
   for (int64_t i = 0; i < nonzero.size(0); ++i)
     for (int64_t ky = 0; ky < nonzero.size(1); ++ky)
       for (int64_t kx = 0; kx < nonzero.size(2); ++kx)
-        if (nz[i][ky][kx]) radius[i] = std::max({radius[i], std::abs(ky - R), std::abs(kx - R)});
+        if (nz[i][ky][kx]) r[i] = std::max({r[i], std::abs(ky - R), std::abs(kx - R)});
   return radius;
 }
 
-template <typename T>
-void run_cga(const CgaDims& dims, const DenseIO& io, const at::Tensor& qkv_weight,
-             const at::Tensor& qkv_bias, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-             const at::Tensor& attention_bias, const at::Tensor& proj_weight,
-             const at::Tensor& proj_bias, double scale, bool residual) {
+std::vector<at::Tensor> pack_cga(const CgaDims& dims, const at::Tensor& qkv_weight,
+                                 const at::Tensor& qkv_bias, const at::Tensor& dw_weight,
+                                 const at::Tensor& dw_bias, const at::Tensor& attention_bias,
+                                 const at::Tensor& proj_weight, const at::Tensor& proj_bias,
+                                 double scale) {
+  const CgaLayout L(dims, qkv_weight.scalar_type());
   const int64_t h = dims.heads, kd = dims.key_dim, d = dims.value_dim, C = dims.channels;
-  const int64_t ws = dims.window, N = ws * ws, nq = 2 * kd + d;
+  const int64_t ws = dims.window, nq = 2 * kd + d;
+  std::vector<at::Tensor> packed(kCgaPacked);
+  packed[kQkvW] = at::constant_pad_nd(qkv_weight.transpose(1, 2), {0, L.ldq - nq}).contiguous();
+  packed[kQkvB] = at::constant_pad_nd(qkv_bias, {0, L.ldq - nq}).contiguous();
+  packed[kQueryW] =
+      at::constant_pad_nd((dw_weight * scale).permute({0, 2, 3, 1}), {0, L.kdP - kd}).contiguous();
+  packed[kQueryB] = at::constant_pad_nd(dw_bias * scale, {0, L.kdP - kd}).contiguous();
+  // attention_bias[i, |dy|, |dx|] of every (key, query) pair.
+  const at::Tensor t = at::arange(ws, qkv_weight.options().dtype(at::kLong));
+  const at::Tensor ty = t.repeat_interleave(ws), tx = t.repeat({ws});
+  const at::Tensor index = (ty.unsqueeze(1) - ty.unsqueeze(0)).abs() * ws +
+                           (tx.unsqueeze(1) - tx.unsqueeze(0)).abs();
+  packed[kAttnBias] = at::constant_pad_nd(
+      attention_bias.reshape({h, L.N}).index_select(1, index.flatten()).view({h, L.N, L.N}),
+      {0, L.NP - L.N}).contiguous();
+  // proj_weight (C, h*d) -> (h, d, C) -> padded (h, dP, CP) -> (cat_ld, CP).
+  const at::Tensor proj_heads = proj_weight.reshape({C, h, d}).permute({1, 2, 0});
+  packed[kProjW] = at::constant_pad_nd(proj_heads, {0, L.CP - C, 0, L.dP - d})
+                       .reshape({L.cat_ld, L.CP}).contiguous();
+  packed[kProjB] = at::constant_pad_nd(proj_bias, {0, L.CP - C}).contiguous();
+  packed[kRadius] = kernel_radii(dw_weight);
+  return packed;
+}
+
+template <typename T>
+void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool residual) {
+  const CgaLayout L(dims, io.input.scalar_type());
   Cga<T> k{};
-  k.C = C, k.H = dims.height, k.W = dims.width, k.heads = h, k.kd = kd, k.d = d;
-  k.K = dims.kernel, k.ws = ws, k.N = N;
-  k.n_windows_y = (k.H + ws - 1) / ws, k.n_windows_x = (k.W + ws - 1) / ws;
-  k.NP = padded<T>(N), k.kdP = padded<T>(kd), k.dP = padded<T>(d), k.CP = padded<T>(C);
-  k.ldq = padded<T>(2 * kd + k.dP), k.cat_ld = h * k.dP;
-  k.pad_w = ws + 2 * (k.K / 2) + Cga<T>::kGroup - 1;
+  k.C = dims.channels, k.H = dims.height, k.W = dims.width, k.heads = dims.heads;
+  k.kd = dims.key_dim, k.d = dims.value_dim, k.K = dims.kernel, k.ws = dims.window;
+  k.N = L.N, k.NP = L.NP, k.ldq = L.ldq, k.kdP = L.kdP, k.dP = L.dP, k.CP = L.CP;
+  k.cat_ld = L.cat_ld;
+  k.n_windows_y = (k.H + k.ws - 1) / k.ws, k.n_windows_x = (k.W + k.ws - 1) / k.ws;
+  k.pad_w = k.ws + 2 * (k.K / 2) + Cga<T>::kGroup - 1;
   k.residual = residual;
-  k.radius = kernel_radii(dw_weight);
 
   k.x = io.input.data_ptr<T>(), k.out = io.output.data_ptr<T>();
   k.xs = Strides4(io.input), k.os = Strides4(io.output);
   k.token_major = io.channels_last;
+  const int64_t C = k.C, d = k.d, N = k.N;
   if (k.token_major) {
     k.xw_tok = C, k.xw_ch = 1, k.feat_tok = d, k.feat_ch = 1;
     k.cat_tok = k.cat_ld, k.cat_ch = 1, k.y_tok = k.CP, k.y_ch = 1;
@@ -298,34 +366,11 @@ void run_cga(const CgaDims& dims, const DenseIO& io, const at::Tensor& qkv_weigh
     k.xw_tok = 1, k.xw_ch = N, k.feat_tok = 1, k.feat_ch = N;
     k.cat_tok = 1, k.cat_ch = k.NP, k.y_tok = 1, k.y_ch = k.NP;
   }
-
-  // Every B operand row-major with whole vectors per row; the padding is zero.
-  const at::Tensor qkv_w =  // (h, d, ldq)
-      at::constant_pad_nd(qkv_weight.transpose(1, 2), {0, k.ldq - nq}).contiguous();
-  const at::Tensor qkv_b = at::constant_pad_nd(qkv_bias, {0, k.ldq - nq}).contiguous();  // (h, ldq)
-  const at::Tensor q_w = at::constant_pad_nd((dw_weight * scale).permute({0, 2, 3, 1}),
-                                             {0, k.kdP - kd}).contiguous();  // (h, K, K, kdP)
-  const at::Tensor q_b =  // (h, kdP)
-      at::constant_pad_nd(dw_bias * scale, {0, k.kdP - kd}).contiguous();
-  // Bias of every (key, query) pair: attention_bias[i, |dy|, |dx|] (symmetric), (h, N, NP).
-  const at::Tensor t = at::arange(ws, io.input.options().dtype(at::kLong));
-  const at::Tensor ty = t.repeat_interleave(ws), tx = t.repeat({ws});
-  const at::Tensor index = (ty.unsqueeze(1) - ty.unsqueeze(0)).abs() * ws +
-                           (tx.unsqueeze(1) - tx.unsqueeze(0)).abs();
-  const at::Tensor attn_bias = at::constant_pad_nd(
-      attention_bias.reshape({h, N}).index_select(1, index.flatten()).view({h, N, N}),
-      {0, k.NP - N}).contiguous();
-  // proj_weight (C, h*d) with each head's d input channels padded to dP: as the B operand
-  // (cat_ld, CP) for a token-major window, as the A operand (C, cat_ld) for a channel-major one.
-  const at::Tensor proj_heads = at::constant_pad_nd(proj_weight.reshape({C, h, d}), {0, k.dP - d});
-  const at::Tensor proj_w =
-      k.token_major ? at::constant_pad_nd(proj_heads.permute({1, 2, 0}), {0, k.CP - C})
-                          .reshape({k.cat_ld, k.CP}).contiguous()
-                    : proj_heads.reshape({C, k.cat_ld}).contiguous();
-  const at::Tensor proj_b = at::constant_pad_nd(proj_bias, {0, k.CP - C}).contiguous();
-  k.qkv_w = qkv_w.data_ptr<T>(), k.qkv_b = qkv_b.data_ptr<T>();
-  k.q_w = q_w.data_ptr<T>(), k.q_b = q_b.data_ptr<T>(), k.attn_bias = attn_bias.data_ptr<T>();
-  k.proj_w = proj_w.data_ptr<T>(), k.proj_b = proj_b.data_ptr<T>();
+  k.qkv_w = packed[kQkvW].data_ptr<T>(), k.qkv_b = packed[kQkvB].data_ptr<T>();
+  k.q_w = packed[kQueryW].data_ptr<T>(), k.q_b = packed[kQueryB].data_ptr<T>();
+  k.attn_bias = packed[kAttnBias].data_ptr<T>();
+  k.proj_w = packed[kProjW].data_ptr<T>(), k.proj_b = packed[kProjB].data_ptr<T>();
+  k.radius = packed[kRadius].data_ptr<int64_t>();
 
   const int64_t windows = dims.batch * k.n_windows_y * k.n_windows_x;
   at::parallel_for(0, windows, 1, [&](int64_t begin, int64_t end) {
@@ -336,22 +381,79 @@ void run_cga(const CgaDims& dims, const DenseIO& io, const at::Tensor& qkv_weigh
   });
 }
 
+at::Tensor run_cga(const CgaDims& dims, const at::Tensor& x, at::TensorList packed,
+                   bool residual) {
+  const DenseIO io = dense_input_and_output(x);
+  if (io.output.numel() == 0) return io.output;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::cga", [&] {
+    run_cga<scalar_t>(dims, io, packed, residual);
+  });
+  return io.output;
+}
+
+// The three entry points: the op (packs, then runs), the packing alone, and the op on packed
+// weights.
+
 at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
                    const at::Tensor& dw_weight, const at::Tensor& dw_bias,
                    const at::Tensor& attention_bias, const at::Tensor& proj_weight,
                    const at::Tensor& proj_bias, int64_t window_size, double scale, bool residual) {
   const CgaDims dims = check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
                                  proj_weight, proj_bias, window_size);
-  const DenseIO io = dense_input_and_output(x);
-  if (io.output.numel() == 0) return io.output;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::cga", [&] {
-    run_cga<scalar_t>(dims, io, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
-                      proj_weight, proj_bias, scale, residual);
-  });
-  return io.output;
+  return run_cga(dims, x,
+                 pack_cga(dims, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
+                          proj_weight, proj_bias, scale),
+                 residual);
+}
+
+std::vector<at::Tensor> cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                                     const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+                                     const at::Tensor& attention_bias,
+                                     const at::Tensor& proj_weight, const at::Tensor& proj_bias,
+                                     int64_t window_size, double scale) {
+  TORCH_CHECK(at::isFloatingType(qkv_weight.scalar_type()),
+              "efficientvit: qkv_weight must be a floating-point tensor, got ",
+              qkv_weight.scalar_type());
+  // C = heads * d, from qkv_weight (h, 2kd+d, d); its rank is checked with the rest.
+  const int64_t channels = qkv_weight.dim() == 3 ? qkv_weight.size(0) * qkv_weight.size(2) : 0;
+  const CgaDims dims =
+      check_cga_params(channels, {qkv_weight, "qkv_weight"}, qkv_weight, qkv_bias, dw_weight,
+                       dw_bias, attention_bias, proj_weight, proj_bias, window_size);
+  return pack_cga(dims, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
+                  proj_bias, scale);
+}
+
+at::Tensor cga_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
+                          int64_t window_size, bool residual) {
+  check_input(x);
+  TORCH_CHECK(packed.size() == kCgaPacked && packed[kQkvW].dim() == 3 &&
+                  packed[kQueryW].dim() == 4,
+              "efficientvit: cga_packed takes the ", int(kCgaPacked), " tensors of cga_pack");
+  CgaDims dims{};
+  dims.batch = x.size(0), dims.channels = x.size(1), dims.height = x.size(2);
+  dims.width = x.size(3), dims.heads = packed[kQkvW].size(0), dims.key_dim = key_dim;
+  dims.kernel = packed[kQueryW].size(1), dims.window = window_size;
+  TORCH_CHECK(dims.heads > 0 && dims.channels % dims.heads == 0, "efficientvit: ", dims.heads,
+              " heads do not divide the ", dims.channels, " channels of x");
+  TORCH_CHECK(dims.kernel % 2 == 1, "efficientvit: the query kernel size must be odd, got ",
+              dims.kernel);
+  TORCH_CHECK(key_dim > 0 && window_size > 0,
+              "efficientvit: key_dim and window_size must be positive, got ", key_dim, " and ",
+              window_size);
+  dims.value_dim = dims.channels / dims.heads;
+  check_packed("cga_packed", packed,
+               cga_packed_shapes(dims, CgaLayout(dims, x.scalar_type()), x.scalar_type()));
+  const at::Tensor& radius = packed[kRadius];
+  TORCH_CHECK(radius.ge(0).logical_and(radius.le(dims.kernel / 2)).all().item<bool>(),
+              "efficientvit: cga_packed: packed radius out of range [0, ", dims.kernel / 2, "]");
+  return run_cga(dims, x, packed, residual);
 }
 
 }  // namespace
 }  // namespace efficientvit::cpu
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("cga", &efficientvit::cpu::cga_cpu); }
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
+  m.impl("cga", &efficientvit::cpu::cga_cpu);
+  m.impl("cga_pack", &efficientvit::cpu::cga_pack_cpu);
+  m.impl("cga_packed", &efficientvit::cpu::cga_packed_cpu);
+}

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 namespace efficientvit::cpu {
 
@@ -44,6 +45,11 @@ inline int64_t round_up(int64_t n, int64_t multiple) {
 template <typename T>
 inline int64_t padded(int64_t n) {
   return round_up(n, Simd<T>::kLanes);
+}
+
+// padded<T> for a dtype known at run time.
+inline int64_t padded(int64_t n, at::ScalarType dtype) {
+  return round_up(n, kVecBytes / static_cast<int64_t>(c10::elementSize(dtype)));
 }
 
 // ReLU of a value or a vector that keeps NaN (std::max(0, NaN) would return 0).
@@ -210,6 +216,36 @@ void copy_tile(int64_t rows, int64_t cols, Tile<const T> src, Tile<const T> add,
     detail::copy_row(cols, src.data + i * src.row_stride, src.col_stride,
                      add.data ? add.data + i * add.row_stride : nullptr, add.col_stride,
                      dst.data + i * dst.row_stride);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights packed ahead of the calls: an op's *_pack returns its parameters in the layout its CPU
+// kernel reads (transposed, padded to whole vectors, ...); the op's *_packed variant takes that
+// list instead of the parameters, and checks it against what a call with x needs.
+
+struct PackedTensor {
+  const char* name;
+  std::vector<int64_t> shape;
+  at::ScalarType dtype;
+};
+
+inline void check_packed(const char* op, at::TensorList packed,
+                         const std::vector<PackedTensor>& expected) {
+  TORCH_CHECK(packed.size() == expected.size(), "efficientvit: ", op, " takes the ",
+              expected.size(), " tensors its pack op returns, got ", packed.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const at::Tensor& t = packed[i];
+    const PackedTensor& e = expected[i];
+    TORCH_CHECK(t.device().is_cpu(), "efficientvit: ", op, ": packed ", e.name, " is on ",
+                t.device(), "; packed weights are for the CPU kernels");
+    TORCH_CHECK(t.scalar_type() == e.dtype, "efficientvit: ", op, ": packed ", e.name,
+                " has dtype ", t.scalar_type(), ", expected ", e.dtype,
+                " (weights are packed for one dtype)");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(e.shape), "efficientvit: ", op, ": packed ", e.name,
+                " must have shape ", at::IntArrayRef(e.shape), " for this x, got ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), "efficientvit: ", op, ": packed ", e.name,
+                " must be contiguous");
+  }
 }
 
 // x in the dense memory format it suggests (channels-last stays channels-last, anything else

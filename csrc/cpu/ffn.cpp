@@ -13,28 +13,36 @@ namespace {
 
 constexpr int64_t kTileTokens = 64;  // hidden tile of 64 x M: 192 KiB at M = 768, fp32
 
+// The packed parameters (ffn_pack): the weights transposed, padded to whole vectors (zeros).
+// They are the B operands of a token-major tile; a channel-major tile reads them transposed as
+// its A operands.
+enum FfnPacked {
+  kW1,         // (C, MP)
+  kB1,         // (MP)
+  kW2,         // (M, CP)
+  kB2,         // (CP)
+  kFfnPacked,  // count
+};
+
+std::vector<at::Tensor> pack_ffn(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                 const at::Tensor& b2) {
+  const int64_t M = w1.size(0), C = w1.size(1);
+  const int64_t MP = padded(M, w1.scalar_type()), CP = padded(C, w1.scalar_type());
+  return {at::constant_pad_nd(w1.t(), {0, MP - M}).contiguous(),
+          at::constant_pad_nd(b1, {0, MP - M}).contiguous(),
+          at::constant_pad_nd(w2.t(), {0, CP - C}).contiguous(),
+          at::constant_pad_nd(b2, {0, CP - C}).contiguous()};
+}
+
 template <typename T>
-void run_ffn(const DenseIO& io, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-             const at::Tensor& b2, bool residual) {
+void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
   const at::Tensor& input = io.input;
   const int64_t B = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
-  const int64_t M = w1.size(0), MP = padded<T>(M), CP = padded<T>(C);
+  const int64_t M = packed[kW2].size(0), MP = padded<T>(M), CP = padded<T>(C);
   const int64_t tokens = B * HW, tile = padded<T>(kTileTokens);
   const bool token_major = io.channels_last;
-  // Token-major (channels-last x): the tile of x is the A operand in place, the weights are the
-  // B operands, transposed and padded to whole vectors. Channel-major (contiguous x): the
-  // weights are the A operands as they are, and the tile of x, copied channel-major, is the B.
-  at::Tensor p1, q1, p2, q2;  // packed w1, b1, w2, b2
-  if (token_major) {
-    p1 = at::constant_pad_nd(w1.t(), {0, MP - M}).contiguous();  // (C, MP)
-    q1 = at::constant_pad_nd(b1, {0, MP - M}).contiguous();
-    p2 = at::constant_pad_nd(w2.t(), {0, CP - C}).contiguous();  // (M, CP)
-    q2 = at::constant_pad_nd(b2, {0, CP - C}).contiguous();
-  } else {
-    p1 = w1.contiguous(), q1 = b1.contiguous(), p2 = w2.contiguous(), q2 = b2.contiguous();
-  }
-  const T *w1_ = p1.data_ptr<T>(), *b1_ = q1.data_ptr<T>();
-  const T *w2_ = p2.data_ptr<T>(), *b2_ = q2.data_ptr<T>();
+  const T *w1 = packed[kW1].data_ptr<T>(), *b1 = packed[kB1].data_ptr<T>();
+  const T *w2 = packed[kW2].data_ptr<T>(), *b2 = packed[kB2].data_ptr<T>();
   const T* x = input.data_ptr<T>();
   T* out = io.output.data_ptr<T>();
 
@@ -49,8 +57,8 @@ void run_ffn(const DenseIO& io, const at::Tensor& w1, const at::Tensor& b1, cons
         T* hidden = scratch;        // n x MP
         T* y = hidden + tile * MP;  // n x CP
         const T* xt = x + t0 * C;
-        gemm<T>(n, MP, C, {xt, C, 1}, w1_, MP, {b1_, 0, 1}, hidden, MP, /*apply_relu=*/true);
-        gemm<T>(n, CP, M, {hidden, MP, 1}, w2_, CP, {b2_, 0, 1}, y, CP);
+        gemm<T>(n, MP, C, {xt, C, 1}, w1, MP, {b1, 0, 1}, hidden, MP, /*apply_relu=*/true);
+        gemm<T>(n, CP, M, {hidden, MP, 1}, w2, CP, {b2, 0, 1}, y, CP);
         copy_tile<T>(n, C, {y, CP, 1}, {residual ? xt : nullptr, C, 1}, {out + t0 * C, C, 1});
       } else {  // a tile may span images; its part in each is C rows (stride HW) of tokens
         const int64_t nP = padded<T>(n);
@@ -67,8 +75,8 @@ void run_ffn(const DenseIO& io, const at::Tensor& w1, const at::Tensor& b1, cons
         for_each_image_part([&](int64_t offset, int64_t col, int64_t len) {
           copy_tile<T>(C, len, {x + offset, HW, 1}, {}, {x_t + col, nP, 1});
         });
-        gemm<T>(M, nP, C, {w1_, C, 1}, x_t, nP, {b1_, 1, 0}, hidden, nP, /*apply_relu=*/true);
-        gemm<T>(C, nP, M, {w2_, M, 1}, hidden, nP, {b2_, 1, 0}, y, nP);
+        gemm<T>(M, nP, C, {w1, 1, MP}, x_t, nP, {b1, 1, 0}, hidden, nP, /*apply_relu=*/true);
+        gemm<T>(C, nP, M, {w2, 1, CP}, hidden, nP, {b2, 1, 0}, y, nP);
         for_each_image_part([&](int64_t offset, int64_t col, int64_t len) {
           copy_tile<T>(C, len, {y + col, nP, 1}, {residual ? x + offset : nullptr, HW, 1},
                        {out + offset, HW, 1});
@@ -78,18 +86,50 @@ void run_ffn(const DenseIO& io, const at::Tensor& w1, const at::Tensor& b1, cons
   });
 }
 
-at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                   const at::Tensor& w2, const at::Tensor& b2, bool residual) {
-  check_ffn(x, w1, b1, w2, b2);
+at::Tensor run_ffn(const at::Tensor& x, at::TensorList packed, bool residual) {
   const DenseIO io = dense_input_and_output(x);
   if (io.output.numel() == 0) return io.output;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::ffn", [&] {
-    run_ffn<scalar_t>(io, w1, b1, w2, b2, residual);
+    run_ffn<scalar_t>(io, packed, residual);
   });
   return io.output;
+}
+
+// The three entry points: the op (packs, then runs), the packing alone, and the op on packed
+// weights.
+
+at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                   const at::Tensor& w2, const at::Tensor& b2, bool residual) {
+  check_ffn(x, w1, b1, w2, b2);
+  return run_ffn(x, pack_ffn(w1, b1, w2, b2), residual);
+}
+
+std::vector<at::Tensor> ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1,
+                                     const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK(at::isFloatingType(w1.scalar_type()),
+              "efficientvit: w1 must be a floating-point tensor, got ", w1.scalar_type());
+  check_ffn_params(w1.dim() == 2 ? w1.size(1) : 0, {w1, "w1"}, w1, b1, w2, b2);
+  return pack_ffn(w1, b1, w2, b2);
+}
+
+at::Tensor ffn_packed_cpu(const at::Tensor& x, at::TensorList packed, bool residual) {
+  check_input(x);
+  TORCH_CHECK(packed.size() == kFfnPacked && packed[kW2].dim() == 2,
+              "efficientvit: ffn_packed takes the ", int(kFfnPacked), " tensors of ffn_pack");
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t C = x.size(1), M = packed[kW2].size(0);
+  const int64_t MP = padded(M, dtype), CP = padded(C, dtype);
+  check_packed("ffn_packed", packed,
+               {{"w1", {C, MP}, dtype}, {"b1", {MP}, dtype}, {"w2", {M, CP}, dtype},
+                {"b2", {CP}, dtype}});
+  return run_ffn(x, packed, residual);
 }
 
 }  // namespace
 }  // namespace efficientvit::cpu
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("ffn", &efficientvit::cpu::ffn_cpu); }
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
+  m.impl("ffn", &efficientvit::cpu::ffn_cpu);
+  m.impl("ffn_pack", &efficientvit::cpu::ffn_pack_cpu);
+  m.impl("ffn_packed", &efficientvit::cpu::ffn_packed_cpu);
+}
