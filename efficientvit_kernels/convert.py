@@ -6,8 +6,13 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
 ``NormLinear``) convert alike:
 - a residual around window attention, a depthwise Conv-BN or an FFN -> one fused op with
   the residual folded in; the same without the residual -> the op without it;
-- every other Conv-BN / BN-Linear -> one folded Conv2d / Linear;
+- a PatchMerging (conv1, ReLU act, conv2, se, conv3) -> the same with its ReLUs in place;
+- every other Conv-BN / BN-Linear -> one folded Conv2d / Linear; in a Sequential, a ReLU
+  right after a convolution works in place (it owns the conv's fresh output);
 - everything else is copied, its children converted.
+On CPU the converted model's convolution weights are channels-last, so oneDNN runs the
+convolutions channels-last (the stem's 3-channel convolution is several times faster so)
+and the activations stay channels-last through the fused ops, which take either layout.
 The input model is not modified: nothing is deep-copied through it (timm caches attention
 biases as non-leaf tensors, which ``copy.deepcopy`` rejects); every tensor is new.
 """
@@ -19,7 +24,7 @@ from torch import nn
 import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
-from .modules import FusedCGA, FusedDWConv, FusedFFN, ResidualAdd, backend_ops
+from .modules import FusedCGA, FusedDWConv, FusedFFN, InPlacePatchMerging, ResidualAdd, backend_ops
 
 __all__ = ["convert"]
 
@@ -48,6 +53,11 @@ def _is_dwconv(m):
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
+def _is_patch_merging(m):
+    return (set(m._modules) == {"conv1", "act", "conv2", "se", "conv3"}
+            and type(m.act) is nn.ReLU)
+
+
 def _is_residual(m):
     # Residual (official) / ResidualDrop (timm): x + m(x), with drop path only in training
     return isinstance(getattr(m, "m", None), nn.Module) and isinstance(getattr(m, "drop", None), (int, float))
@@ -65,6 +75,15 @@ def _fuse(m, residual, backend):
     return None
 
 
+def _relus_in_place(sequential):
+    """In a Sequential, a ReLU whose input is a convolution's output (a new tensor that nothing
+    else reads) may overwrite it."""
+    children = list(sequential._modules.items())
+    for (_, before), (name, m) in zip(children, children[1:]):
+        if type(m) is nn.ReLU and isinstance(before, nn.Conv2d):
+            sequential._modules[name] = nn.ReLU(inplace=True)
+
+
 def _convert(m, backend):
     if _is_residual(m):
         fused = _fuse(m.m, True, backend)
@@ -72,6 +91,9 @@ def _convert(m, backend):
     fused = _fuse(m, False, backend)
     if fused is not None:
         return fused
+    if _is_patch_merging(m):
+        return InPlacePatchMerging(*(_convert(getattr(m, n), backend)
+                                     for n in ("conv1", "conv2", "se", "conv3")))
     parts = conv_bn_parts(m)
     if parts is not None and parts[1] is not None:
         return fold_conv_bn(m)
@@ -86,7 +108,16 @@ def _convert(m, backend):
     new._parameters = {k: None if p is None else nn.Parameter(p.detach().clone(), p.requires_grad)
                        for k, p in m._parameters.items()}
     new._buffers = {k: None if b is None else b.detach().clone() for k, b in m._buffers.items()}
+    if isinstance(new, nn.Sequential):
+        _relus_in_place(new)
     return new
+
+
+def _channels_last_convolutions(model):
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight = nn.Parameter(m.weight.detach().to(memory_format=torch.channels_last),
+                                    requires_grad=False)
 
 
 @torch.no_grad()
@@ -97,10 +128,14 @@ def convert(model, backend="auto"):
     (a ``LocalWindowAttention``, a ``Residual`` around it, an ``FFN``, a block, a stage).
     ``backend``: "auto" (the compiled kernels for the tensors' device, Triton on CUDA where
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
-    plain-PyTorch decomposition of each op). The input model is left as it was.
+    plain-PyTorch decomposition of each op). The input model is left as it was. For the CPU
+    kernels ("auto" or "cpu" on a CPU model), convolution weights are made channels-last: a
+    4-D output of the model may then be channels-last; its values are the same.
     """
     backend_ops(backend)  # fail early on an unknown or unavailable backend
     out = _convert(model, backend)
+    if backend in ("auto", "cpu") and all(p.device.type == "cpu" for p in out.parameters()):
+        _channels_last_convolutions(out)
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)

@@ -6,7 +6,8 @@ import python_ref.functional
 
 from . import ops
 
-__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "ResidualAdd", "backend_ops"]
+__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "InPlacePatchMerging", "ResidualAdd",
+           "backend_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -186,3 +187,17 @@ class ResidualAdd(nn.Module):
 
     def forward(self, x):
         return x + self.m(x)
+
+
+class InPlacePatchMerging(nn.Module):
+    """EfficientViT's PatchMerging, ``conv3(se(relu(conv2(relu(conv1(x))))))`` (1x1 conv,
+    depthwise 3x3 stride 2, squeeze-excite, 1x1 conv; batch norm folded), with each ReLU
+    applied in place to its convolution's fresh output: two activation-sized allocations
+    fewer per call, which on CPU are fresh pages (page faults) each time."""
+
+    def __init__(self, conv1, conv2, se, conv3):
+        super().__init__()
+        self.conv1, self.conv2, self.se, self.conv3 = conv1, conv2, se, conv3
+
+    def forward(self, x):
+        return self.conv3(self.se(torch.relu_(self.conv2(torch.relu_(self.conv1(x))))))

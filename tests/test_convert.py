@@ -74,6 +74,34 @@ def test_convert_submodules(models):
         assert relative_error(K.convert(ffn)(x), ffn(x)) < TOL
 
 
+def test_stem_and_patch_merging(models):
+    """PatchMerging becomes InPlacePatchMerging; the stem's ReLUs after convolutions work in place
+    and never on the caller's tensor; on CPU the convolution weights are channels-last."""
+    model = models["m4"]
+    fused = K.convert(model)
+    merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
+    assert len(merging) == 2
+    stem_relus = [m for m in fused.patch_embed if isinstance(m, torch.nn.ReLU)]
+    assert len(stem_relus) == 3 and all(m.inplace for m in stem_relus)
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    x = torch.randn(2, 3, 64, 80)
+    x0 = x.clone()
+    with torch.no_grad():
+        fused(x)
+        assert torch.equal(x, x0)
+        merge = next(m for m in model.modules() if isinstance(m, R.model.PatchMerging))
+        z = torch.randn(2, merge.conv1.c.in_channels, 9, 7)
+        assert relative_error(K.convert(merge)(z), merge(z)) < TOL
+        # a Sequential that starts with a ReLU gets its input from outside: not in place
+        seq = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
+        fused_seq = K.convert(seq)
+        assert not fused_seq[0].inplace and fused_seq[2].inplace
+        y = torch.randn(1, 3, 4, 4)
+        y0 = y.clone()
+        assert relative_error(fused_seq(y), seq(y0)) < TOL and torch.equal(y, y0)
+
+
 def test_backend_errors(models):
     with pytest.raises(ValueError, match="unknown backend"):
         K.convert(models["m0"], backend="tpu")

@@ -443,9 +443,10 @@ at::Tensor cga_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t ke
   dims.value_dim = dims.channels / dims.heads;
   check_packed("cga_packed", packed,
                cga_packed_shapes(dims, CgaLayout(dims, x.scalar_type()), x.scalar_type()));
-  const at::Tensor& radius = packed[kRadius];
-  TORCH_CHECK(radius.ge(0).logical_and(radius.le(dims.kernel / 2)).all().item<bool>(),
-              "efficientvit: cga_packed: packed radius out of range [0, ", dims.kernel / 2, "]");
+  const int64_t* radius = packed[kRadius].data_ptr<int64_t>();
+  for (int64_t i = 0; i < dims.heads; ++i)
+    TORCH_CHECK(radius[i] >= 0 && radius[i] <= dims.kernel / 2, "efficientvit: cga_packed: packed ",
+                "radius ", radius[i], " of head ", i, " is out of range [0, ", dims.kernel / 2, "]");
   return run_cga(dims, x, packed, residual);
 }
 
