@@ -21,7 +21,7 @@ import torch
 
 import efficientvit_kernels as K
 import python_ref as R
-from efficientvit_kernels.timing import device_name, median_time
+from efficientvit_kernels.timing import device_name, median_time, median_times
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from cases import relative_error  # noqa: E402
@@ -77,8 +77,7 @@ def bench_layers(models, batch):
             with torch.no_grad():
                 err = relative_error(fused(x[0]), layer.double()(x[0].double()))
                 layer.float()
-            t = {"eager": median_time(layer, x), "folded reference": median_time(spec, x),
-                 "fused": median_time(fused, x)}
+            t = median_times({"eager": layer, "folded reference": spec, "fused": fused}, x)
             floor, macs, bytes_ = cga_floor(layer, batch, res, rates)
             rows.append(dict(layer=label, ms={k: v * 1e3 for k, v in t.items()},
                              speedup=t["eager"] / t["fused"], error=err, floor_ms=floor * 1e3,
@@ -117,7 +116,7 @@ def bench_models(models, batch, resolution, compile_reference):
         if ort_run is not None:
             runners["onnxruntime"] = ort_run
         runners["fused"] = fused
-        t = {k: median_time(fn, x, budget_s=5.0) for k, fn in runners.items()}
+        t = median_times(runners, x, budget_s=20.0)
         rows.append(dict(model=name.upper(), img_per_s={k: batch / v for k, v in t.items()}, error=err))
         print(f"  {name}: " + ", ".join(f"{k} {batch / v:.1f} img/s" for k, v in t.items()), file=sys.stderr)
     return rows
@@ -126,7 +125,9 @@ def bench_models(models, batch, resolution, compile_reference):
 def markdown(meta, layers, models):
     out = [f"# CPU benchmark, {meta['date']}", "",
            f"{meta['device']}; torch {meta['torch']}; {meta['threads']} thread; batch {meta['batch']}; fp32; "
-           f"median of timed runs after warm-up, two inputs alternated.", "",
+           f"median of timed runs after warm-up, two inputs alternated; the runners of a row are "
+           f"timed in interleaved rounds (one call each per round), so their ratios hold on a "
+           f"machine whose speed drifts.", "",
            f"Command: `{meta['command']}`", ""]
     if layers:
         cols = list(layers[0]["ms"])

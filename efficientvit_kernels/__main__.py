@@ -17,7 +17,7 @@ import python_ref
 
 from . import convert
 from .modules import BACKENDS, backend_ops
-from .timing import device_name, median_time, tolerance
+from .timing import device_name, median_times, tolerance
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,8 +64,9 @@ def _run_model(name, args, progress):
     model = _build(name, args.checkpoint)
     device, dtype = torch.device(args.device), args.dtype
     exact_model = python_ref.fold_batchnorm(model).to(device=device, dtype=torch.float64)
-    fused = convert(model, backend=args.backend).to(device=device, dtype=dtype)
-    reference = model.to(device=device, dtype=dtype)
+    # converted on the device (the CPU conversion also makes the convolutions channels-last)
+    fused = convert(model.to(device), backend=args.backend).to(dtype=dtype)
+    reference = model.to(dtype=dtype)
 
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(args.batch, 3, args.resolution, args.resolution, generator=g).to(device, dtype)
@@ -76,15 +77,13 @@ def _run_model(name, args, progress):
     max_error = (out - exact).abs().max().item()
     progress(f"{name}: checked")
 
-    timings = {"eager": median_time(reference, inputs)}
-    progress(f"{name}: eager timed")
+    runners = {"eager": reference}
     if not args.no_compile:
         mode = "max-autotune" if args.device == "cuda" else None
-        compiled = torch.compile(reference, mode=mode)
-        timings["compile"] = median_time(compiled, inputs)
-        progress(f"{name}: torch.compile timed")
-    timings["fused"] = median_time(fused, inputs)
-    progress(f"{name}: fused timed")
+        runners["compile"] = torch.compile(reference, mode=mode)
+    runners["fused"] = fused
+    timings = median_times(runners, inputs)
+    progress(f"{name}: timed")
     return dict(model=name, error=error, max_error=max_error, tolerance=tolerance(dtype),
                 passed=error <= tolerance(dtype),
                 img_per_s={k: args.batch / t for k, t in timings.items()},
@@ -112,7 +111,7 @@ def main(argv=None):
     names = list(python_ref.MODEL_CONFIGS) if args.model == "all" else [args.model]
     try:
         from tqdm import tqdm
-        bar = tqdm(total=len(names) * (3 if args.no_compile else 4), file=sys.stderr, leave=False)
+        bar = tqdm(total=len(names) * 2, file=sys.stderr, leave=False)
     except ImportError:
         bar = None
 

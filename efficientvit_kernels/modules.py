@@ -79,10 +79,11 @@ class _Fused(nn.Module):
 
     def _cpu_packed(self, x):
         """The packed weights when the CPU kernel on packed weights serves x, else None."""
-        if (not self._packs() or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or any(t.device.type != "cpu" or t.dtype != x.dtype for t in self._weights())):
+        if not self._packs() or x.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         weights = self._weights()
+        if any(t.device.type != "cpu" or t.dtype != x.dtype for t in weights):
+            return None  # the plain op reports the mismatch
         if (self._packed is None or any(a is not b for a, b in zip(weights, self._packed[1]))
                 or tuple(t._version for t in weights) != self._packed[2]):
             self.repack()

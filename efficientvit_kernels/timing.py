@@ -5,7 +5,7 @@ import time
 
 import torch
 
-__all__ = ["device_name", "median_time", "tolerance"]
+__all__ = ["device_name", "median_time", "median_times", "tolerance"]
 
 # DESIGN.md: relative error of a fused result against the fp64 reference
 _TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -16,30 +16,43 @@ def tolerance(dtype):
 
 
 @torch.no_grad()
-def median_time(fn, inputs, warmup=3, min_runs=5, max_runs=100, budget_s=3.0):
-    """Median seconds of ``fn(x)``, cycling through ``inputs`` so caches don't flatter.
+def median_times(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, budget_s=3.0):
+    """Median seconds of ``fn(x)`` for each ``{name: fn}`` in ``runners``, cycling through
+    ``inputs`` so caches don't flatter.
 
-    On CUDA, each run is timed with CUDA events; warm-up runs are excluded.
+    The runners are timed in interleaved rounds (each called once per round, in turn), so a
+    slow or fast spell of a shared machine affects them alike and their ratios hold. Rounds
+    run until ``min_rounds`` are done and ``budget_s`` seconds have passed (at most
+    ``max_rounds``). On CUDA, each call is timed with CUDA events. Warm-up calls are excluded.
     """
     cuda = inputs[0].is_cuda
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    times = []
+    for fn in runners.values():
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+    times = {name: [] for name in runners}
     start_all = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start_all < budget_s):
-        x = inputs[len(times) % len(inputs)]
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start_all < budget_s):
+        x = inputs[rounds % len(inputs)]
+        for name, fn in runners.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(x)
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_time(fn, inputs, **kwargs):
+    """Median seconds of ``fn(x)`` alone (see ``median_times``)."""
+    return median_times({"fn": fn}, inputs, min_rounds=kwargs.pop("min_runs", 5), **kwargs)["fn"]
 
 
 def device_name(device):
