@@ -66,9 +66,8 @@ def cga_floor(layer, batch, res, rates):
     return max(bytes_ / rates[0], macs / rates[1]), macs, bytes_
 
 
-def bench_layers(models, batch):
+def bench_layers(models, batch, rates):
     rows = []
-    rates = machine_rates()
     for name in models:
         for label, layer, res in attention_layers(name):
             x = [torch.randn(batch, layer.m.dim, res, res) for _ in range(2)]
@@ -101,10 +100,19 @@ def onnx_session(model, x):
     return lambda t: session.run(None, {"x": t.numpy()})
 
 
-def bench_models(models, batch, resolution, compile_reference):
+def model_floor(model, batch, resolution, rates):
+    """Seconds a forward needs at least: multiply-adds over the matmul rate, or the bytes of
+    the input, the weights and the logits over the copy bandwidth, whichever is larger."""
+    macs = batch * R.count_macs(model, resolution)
+    bytes_ = 4 * (batch * 3 * resolution ** 2 + R.count_params(model) + batch * 1000)
+    return max(bytes_ / rates[0], macs / rates[1]), macs
+
+
+def bench_models(models, batch, resolution, compile_reference, rates):
     rows = []
     for name in models:
         model = R.randomize_(R.build(name))
+        floor, macs = model_floor(model, batch, resolution, rates)
         fused = K.convert(model)
         x = [torch.randn(batch, 3, resolution, resolution) for _ in range(2)]
         with torch.no_grad():
@@ -117,7 +125,8 @@ def bench_models(models, batch, resolution, compile_reference):
             runners["onnxruntime"] = ort_run
         runners["fused"] = fused
         t = median_times(runners, x, budget_s=20.0)
-        rows.append(dict(model=name.upper(), img_per_s={k: batch / v for k, v in t.items()}, error=err))
+        rows.append(dict(model=name.upper(), img_per_s={k: batch / v for k, v in t.items()}, error=err,
+                         macs=macs, floor_img_per_s=batch / floor, floor_fraction=floor / t["fused"]))
         print(f"  {name}: " + ", ".join(f"{k} {batch / v:.1f} img/s" for k, v in t.items()), file=sys.stderr)
     return rows
 
@@ -146,11 +155,14 @@ def markdown(meta, layers, models):
         base = [c for c in cols if c != "fused"]
         out += [f"## Whole model, {meta['resolution']}x{meta['resolution']}", "",
                 "| model | " + " | ".join(f"{c} img/s" for c in cols) + " | " +
-                " | ".join(f"fused / {c}" for c in base) + " | rel. error |",
-                "|---|" + "---|" * (len(cols) + len(base) + 1)]
+                " | ".join(f"fused / {c}" for c in base) + " | floor img/s | fused of floor | rel. error |",
+                "|---|" + "---|" * (len(cols) + len(base) + 3)]
         out += [f"| {r['model']} | " + " | ".join(f"{r['img_per_s'][c]:.1f}" for c in cols) + " | " +
                 " | ".join(f"{r['img_per_s']['fused'] / r['img_per_s'][c]:.2f}x" for c in base) +
-                f" | {r['error']:.1e} |" for r in models]
+                f" | {r['floor_img_per_s']:.0f} | {100 * r['floor_fraction']:.0f}% | {r['error']:.1e} |"
+                for r in models]
+        out += ["", "Floor of a model: max(its multiply-adds over the large-matmul rate, its input, "
+                "weights and logits over the copy bandwidth)."]
     return "\n".join(out) + "\n"
 
 
@@ -167,8 +179,9 @@ def main():
     torch.set_num_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
     layer_models = [m for m in args.layer_models.split(",") if m]
-    layers = bench_layers(layer_models, args.batch)
-    whole = bench_models(models, args.batch, args.resolution, not args.no_compile)
+    rates = machine_rates()
+    layers = bench_layers(layer_models, args.batch, rates)
+    whole = bench_models(models, args.batch, args.resolution, not args.no_compile, rates)
     import importlib.metadata as md
     versions = {}
     for pkg in ("onnxruntime", "triton"):
@@ -179,6 +192,7 @@ def main():
     meta = dict(device=device_name("cpu"), torch=torch.__version__, **versions, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 threads=args.threads, batch=args.batch, resolution=args.resolution,
+                copy_bytes_per_s=rates[0], matmul_macs_per_s=rates[1],
                 command="python " + " ".join(sys.argv))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
