@@ -2,6 +2,8 @@
 
 1. CGA layer: the reference layer (Residual(LocalWindowAttention), eager, as trained) and
    its folded functional form against the fused op, for the attention stages of M0/M4/M5.
+   The FFN and the token interaction (residual dwconv) of the same stages: their folded
+   functional form against the fused module.
 2. Whole model img/s for M0-M5: eager reference, torch.compile of the reference, ONNX
    Runtime on the exported reference, and the fused model, all measured in this process.
 
@@ -24,7 +26,7 @@ import python_ref as R
 from efficientvit_kernels.timing import device_name, median_time, median_times
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from cases import relative_error  # noqa: E402
+from cases import random_dwconv_params, random_ffn_params, relative_error  # noqa: E402
 
 
 def attention_layers(name):
@@ -86,6 +88,37 @@ def bench_layers(models, batch, rates):
     return rows
 
 
+def bench_pointwise(models, batch, rates):
+    """FFN (hidden 2C) and residual dwconv 3x3 of every stage, on channels-last input: functional
+    spec vs fused module, with each op's floor (bytes: x read, output written, weights once;
+    multiply-adds)."""
+    rows = []
+    for name in models:
+        cfg = R.MODEL_CONFIGS[name]
+        for C, res in zip(cfg["embed_dim"], (14, 7, 4)):
+            # channels-last, the layout these ops see in a model converted for the CPU
+            x = [torch.randn(batch, C, res, res).to(memory_format=torch.channels_last) for _ in range(2)]
+            activations = 2 * batch * C * res * res
+            w1, b1, w2, b2 = random_ffn_params(C, 2 * C, dtype=torch.float32)
+            w, b = random_dwconv_params(C, dtype=torch.float32)
+            ops = {
+                "ffn": (lambda t: R.functional.ffn(t, w1, b1, w2, b2, True),
+                        K.FusedFFN(w1, b1, w2, b2, residual=True),
+                        batch * res * res * 2 * C * 2 * C, 4 * (activations + 4 * C * C + 3 * C)),
+                "dwconv": (lambda t: R.functional.dwconv(t, w, b, False, True),
+                           K.FusedDWConv(w, b, relu=False, residual=True),
+                           batch * res * res * C * 9, 4 * (activations + 10 * C)),
+            }
+            for op, (spec, fused, macs, bytes_) in ops.items():
+                t = median_times({"folded reference": spec, "fused": fused}, x)
+                floor = max(bytes_ / rates[0], macs / rates[1])
+                rows.append(dict(layer=f"{name.upper()} {op} {C}x{res}x{res}",
+                                 ms={k: v * 1e3 for k, v in t.items()},
+                                 speedup=t["folded reference"] / t["fused"], floor_ms=floor * 1e3,
+                                 macs=macs, bytes=bytes_, floor_fraction=floor / t["fused"]))
+    return rows
+
+
 def onnx_session(model, x):
     try:
         import onnxruntime as ort
@@ -131,7 +164,7 @@ def bench_models(models, batch, resolution, compile_reference, rates):
     return rows
 
 
-def markdown(meta, layers, models):
+def markdown(meta, layers, pointwise, models):
     out = [f"# CPU benchmark, {meta['date']}", "",
            f"{meta['device']}; torch {meta['torch']}; {meta['threads']} thread; batch {meta['batch']}; fp32; "
            f"median of timed runs after warm-up, two inputs alternated; the runners of a row are "
@@ -149,6 +182,14 @@ def markdown(meta, layers, models):
         out += [f"| {r['layer']} | " + " | ".join(f"{r['ms'][c]:.2f}" for c in cols) +
                 f" | {r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% | {r['speedup']:.2f}x"
                 f" | {r['error']:.1e} |" for r in layers]
+        out.append("")
+    if pointwise:
+        out += ["## FFN and token interaction (residual dwconv 3x3), per stage, channels-last input", "",
+                "| op | folded reference ms | fused ms | floor ms | of floor | fused vs reference |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['layer']} | {r['ms']['folded reference']:.2f} | {r['ms']['fused']:.2f} | "
+                f"{r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% | {r['speedup']:.2f}x |"
+                for r in pointwise]
         out.append("")
     if models:
         cols = list(models[0]["img_per_s"])
@@ -181,6 +222,7 @@ def main():
     layer_models = [m for m in args.layer_models.split(",") if m]
     rates = machine_rates()
     layers = bench_layers(layer_models, args.batch, rates)
+    pointwise = bench_pointwise(layer_models, args.batch, rates)
     whole = bench_models(models, args.batch, args.resolution, not args.no_compile, rates)
     import importlib.metadata as md
     versions = {}
@@ -196,8 +238,8 @@ def main():
                 command="python " + " ".join(sys.argv))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, layers=layers, models=whole), f, indent=2)
-    text = markdown(meta, layers, whole)
+        json.dump(dict(meta=meta, layers=layers, pointwise=pointwise, models=whole), f, indent=2)
+    text = markdown(meta, layers, pointwise, whole)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     print(text)
