@@ -47,9 +47,9 @@ def machine_rates():
     """(bytes/s of a large copy, fp32 multiply-adds/s of a large matmul) on this thread."""
     src = torch.randn(64 * 2**20 // 4)
     dst = torch.empty_like(src)
-    copy_s = median_time(lambda t: dst.copy_(t), [src], min_runs=10, budget_s=1.0)
+    copy_s = median_time(lambda t: dst.copy_(t), [src], min_rounds=10, budget_s=1.0)
     a = torch.randn(1024, 1024)
-    mm_s = median_time(lambda t: t @ a, [a], min_runs=10, budget_s=1.0)
+    mm_s = median_time(lambda t: t @ a, [a], min_rounds=10, budget_s=1.0)
     return 2 * src.numel() * 4 / copy_s, 1024 ** 3 / mm_s
 
 

@@ -52,7 +52,7 @@ def median_times(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, budget
 
 def median_time(fn, inputs, **kwargs):
     """Median seconds of ``fn(x)`` alone (see ``median_times``)."""
-    return median_times({"fn": fn}, inputs, min_rounds=kwargs.pop("min_runs", 5), **kwargs)["fn"]
+    return median_times({"fn": fn}, inputs, **kwargs)["fn"]
 
 
 def device_name(device):

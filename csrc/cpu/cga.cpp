@@ -140,11 +140,11 @@ std::vector<PackedTensor> cga_packed_shapes(const CgaDims& dims, const CgaLayout
           {"radius", {h}, at::kLong}};
 }
 
-// One cga call: sizes, layouts and the packed parameters, for the window loop.
+// One cga call: sizes, padded widths (CgaLayout), layouts and the packed parameters, for the
+// window loop.
 template <typename T>
-struct Cga {
+struct Cga : CgaLayout {
   int64_t C, H, W, heads, kd, d, K, ws;
-  int64_t N, NP, ldq, kdP, dP, CP, cat_ld;  // see CgaLayout
   int64_t n_windows_y, n_windows_x;
   int64_t pad_w;  // tokens per row of the query conv's padded q: ws + 2R, + kGroup - 1
   bool residual;
@@ -345,12 +345,9 @@ std::vector<at::Tensor> pack_cga(const CgaDims& dims, const at::Tensor& qkv_weig
 
 template <typename T>
 void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool residual) {
-  const CgaLayout L(dims, io.input.scalar_type());
-  Cga<T> k{};
+  Cga<T> k{CgaLayout(dims, io.input.scalar_type())};
   k.C = dims.channels, k.H = dims.height, k.W = dims.width, k.heads = dims.heads;
   k.kd = dims.key_dim, k.d = dims.value_dim, k.K = dims.kernel, k.ws = dims.window;
-  k.N = L.N, k.NP = L.NP, k.ldq = L.ldq, k.kdP = L.kdP, k.dP = L.dP, k.CP = L.CP;
-  k.cat_ld = L.cat_ld;
   k.n_windows_y = (k.H + k.ws - 1) / k.ws, k.n_windows_x = (k.W + k.ws - 1) / k.ws;
   k.pad_w = k.ws + 2 * (k.K / 2) + Cga<T>::kGroup - 1;
   k.residual = residual;
