@@ -100,6 +100,16 @@ inline void check_dwconv(const at::Tensor& x, const at::Tensor& weight, const at
   check_same({x, "x"}, bias, "bias");
 }
 
+inline void check_stem_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_input(x);
+  TORCH_CHECK(weight.dim() == 4, "efficientvit: stem_conv weight must be 4-D (Co, Ci, 3, 3), got ",
+              weight.sizes());
+  check_shape(weight, {weight.size(0), x.size(1), 3, 3}, "weight");
+  check_shape(bias, {weight.size(0)}, "bias");
+  check_same({x, "x"}, weight, "weight");
+  check_same({x, "x"}, bias, "bias");
+}
+
 // The parameters of ffn for `channels` channels.
 inline void check_ffn_params(int64_t channels, Like like, const at::Tensor& w1,
                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {

@@ -10,9 +10,10 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
 - every other Conv-BN / BN-Linear -> one folded Conv2d / Linear; in a Sequential, a ReLU
   right after a convolution works in place (it owns the conv's fresh output);
 - everything else is copied, its children converted.
-On CPU the converted model's convolution weights are channels-last, so oneDNN runs the
-convolutions channels-last (the stem's 3-channel convolution is several times faster so)
-and the activations stay channels-last through the fused ops, which take either layout.
+On CPU the stem's first convolution and its ReLU (3x3, stride 2, from the image's few
+channels) become one ``stem_conv`` op with channels-last output; the other convolution weights
+are channels-last, so oneDNN runs those convolutions channels-last, and the activations stay
+channels-last through the fused ops, which take either layout.
 The input model is not modified: nothing is deep-copied through it (timm caches attention
 biases as non-leaf tensors, which ``copy.deepcopy`` rejects); every tensor is new.
 """
@@ -24,7 +25,8 @@ from torch import nn
 import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
-from .modules import FusedCGA, FusedDWConv, FusedFFN, InPlacePatchMerging, ResidualAdd, backend_ops
+from .modules import (FusedCGA, FusedDWConv, FusedFFN, FusedStemConv, InPlacePatchMerging, ResidualAdd,
+                      backend_ops)
 
 __all__ = ["convert"]
 
@@ -113,6 +115,26 @@ def _convert(m, backend):
     return new
 
 
+def _is_stem_conv(m):
+    """A convolution ``stem_conv`` computes, from an image's few channels (where it beats oneDNN)."""
+    return (isinstance(m, nn.Conv2d) and m.in_channels <= 4 and m.groups == 1
+            and m.kernel_size == (3, 3) and m.stride == (2, 2) and m.padding == (1, 1)
+            and m.dilation == (1, 1) and m.padding_mode == "zeros")
+
+
+def _stem_convolutions(model, backend):
+    """In a Sequential, a stem convolution followed by a ReLU -> FusedStemConv, Identity."""
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq._modules.items())
+        for (conv_name, conv), (relu_name, relu) in zip(children, children[1:]):
+            if _is_stem_conv(conv) and type(relu) is nn.ReLU:
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
+                seq._modules[conv_name] = FusedStemConv(conv.weight, bias, backend=backend)
+                seq._modules[relu_name] = nn.Identity()
+
+
 def _channels_last_convolutions(model):
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -129,12 +151,14 @@ def convert(model, backend="auto"):
     ``backend``: "auto" (the compiled kernels for the tensors' device, Triton on CUDA where
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op). The input model is left as it was. For the CPU
-    kernels ("auto" or "cpu" on a CPU model), convolution weights are made channels-last: a
-    4-D output of the model may then be channels-last; its values are the same.
+    kernels ("auto" or "cpu" on a CPU model), the stem's first convolution and ReLU become a
+    ``FusedStemConv`` and the other convolution weights are made channels-last: a 4-D output of
+    the model may then be channels-last; its values are the same.
     """
     backend_ops(backend)  # fail early on an unknown or unavailable backend
     out = _convert(model, backend)
-    if backend in ("auto", "cpu") and all(p.device.type == "cpu" for p in out.parameters()):
+    if backend in ("auto", "cpu") and all(t.device.type == "cpu" for t in out.state_dict().values()):
+        _stem_convolutions(out, backend)
         _channels_last_convolutions(out)
     out.eval()
     for p in out.parameters():

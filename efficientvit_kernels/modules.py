@@ -6,8 +6,8 @@ import python_ref.functional
 
 from . import ops
 
-__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "InPlacePatchMerging", "ResidualAdd",
-           "backend_ops"]
+__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedStemConv", "InPlacePatchMerging",
+           "ResidualAdd", "backend_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -176,6 +176,28 @@ class FusedFFN(_Fused):
 
     def extra_repr(self):
         return (f"channels={self.w1.shape[1]}, hidden={self.w1.shape[0]}, residual={self.residual}, "
+                f"{super().extra_repr()}")
+
+
+class FusedStemConv(_Fused):
+    """``relu(conv3x3(x) + bias)``, stride 2, padding 1: the patch embedding's first convolution
+    and its ReLU, on CPU in one op (``stem_conv``; channels-last output). The op is CPU only:
+    on other devices the module runs the spec (``conv2d`` and ``relu``)."""
+
+    _weight_names = ("weight", "bias")
+
+    def __init__(self, weight, bias, backend="auto"):
+        super().__init__(backend)
+        self._set_weights(weight=weight, bias=bias)
+
+    def forward(self, x):
+        self._check_device(x)
+        if x.device.type == "cpu" and self.backend in ("auto", "cpu"):
+            return ops.stem_conv(x, self.weight, self.bias)
+        return python_ref.functional.stem_conv(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return (f"in_channels={self.weight.shape[1]}, out_channels={self.weight.shape[0]}, "
                 f"{super().extra_repr()}")
 
 

@@ -11,13 +11,14 @@ ops in ``torch.ops.efficientvit`` take (see ``efficientvit_kernels/ops.py``):
     proj_weight (C, h*d), proj_bias (C)                  -- output 1x1 conv, BN folded
 ``dwconv``: x (B, C, H, W), weight (C, K, K), bias (C): ``[x +] act(dwconv_KxK(x) + bias)``
 ``ffn``: x (B, C, H, W), w1 (M, C), b1 (M), w2 (C, M), b2 (C): ``[x +] w2 relu(w1 x + b1) + b2``
+``stem_conv``: x (B, Ci, H, W), weight (Co, Ci, 3, 3), bias (Co): ``relu(conv3x3_stride2(x) + bias)``
 """
 import torch
 from torch.nn import functional as F
 
 from .model import attention_bias_index, window_partition, window_reverse
 
-__all__ = ["cga", "dwconv", "ffn"]
+__all__ = ["cga", "dwconv", "ffn", "stem_conv"]
 
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -62,3 +63,9 @@ def ffn(x, w1, b1, w2, b2, residual):
     hidden = torch.relu(torch.einsum("mc,bchw->bmhw", w1, x) + b1[None, :, None, None])
     y = torch.einsum("cm,bmhw->bchw", w2, hidden) + b2[None, :, None, None]
     return x + y if residual else y
+
+
+def stem_conv(x, weight, bias):
+    """The patch embedding's first convolution: ``relu(conv3x3(x) + bias)``, stride 2, zero
+    padding 1."""
+    return torch.relu(F.conv2d(x, weight, bias, stride=2, padding=1))

@@ -75,14 +75,18 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes InPlacePatchMerging; the stem's ReLUs after convolutions work in place
-    and never on the caller's tensor; on CPU the convolution weights are channels-last."""
+    """PatchMerging becomes InPlacePatchMerging; on CPU the stem's first convolution and ReLU
+    become a FusedStemConv; the stem's other ReLUs after convolutions work in place and never on
+    the caller's tensor; on CPU the convolution weights are channels-last."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
     assert len(merging) == 2
+    assert isinstance(fused.patch_embed[0], K.FusedStemConv)
+    assert isinstance(fused.patch_embed[1], torch.nn.Identity)
     stem_relus = [m for m in fused.patch_embed if isinstance(m, torch.nn.ReLU)]
-    assert len(stem_relus) == 3 and all(m.inplace for m in stem_relus)
+    assert len(stem_relus) == 2 and all(m.inplace for m in stem_relus)
+    assert not any(isinstance(m, K.FusedStemConv) for m in K.convert(model, backend="reference").modules())
     convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     x = torch.randn(2, 3, 64, 80)
