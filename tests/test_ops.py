@@ -118,7 +118,7 @@ def test_cga_batch_zero():
     assert out.shape == (0, 32, 9, 9)
 
 
-@pytest.mark.parametrize("C,K", [(64, 3), (144, 3), (240, 5), (17, 1)])
+@pytest.mark.parametrize("C,K", [(64, 3), (144, 3), (240, 5), (17, 1), (24, 7)])
 @pytest.mark.parametrize("H,W", [(14, 14), (7, 5), (1, 1), (4, 9)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_dwconv(C, K, H, W, channels_last):

@@ -1,8 +1,7 @@
 // Depthwise KxK convolution on CPU, zero padding K//2: [x +] [relu](dwconv(x) + bias), in one
-// pass over x. Each plane (one channel of one image for contiguous x; one whole image, C values
-// per pixel, for channels-last x) is copied into a zero-bordered plane in scratch, so that no tap
-// needs a bounds check; every output vector then sums its K*K taps in a register and is
-// finished (bias, ReLU, residual) and written once.
+// pass over x: every output vector sums its K*K taps in a register and is finished (bias, ReLU,
+// residual) and written once. Vectors run along the channels of a pixel for channels-last x,
+// along a row of one channel for contiguous x.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -49,18 +48,49 @@ struct Conv {
   int64_t K() const { return kK > 0 ? kK : k; }
 };
 
-// Channels-last: channels [c, c + width of V) of output pixel (y, px); pad is the padded image
-// (pixel stride C, x itself at its centre), w the weights (K, K, C).
+// Channels-last x: each channel vector's K*K weights are loaded once per image (into registers
+// where K is fixed), then every pixel sums its in-bounds taps straight from x: no padded copy.
+// w: (K, K, C).
 template <typename V, int64_t kK, typename T>
-inline void conv_pixel(const Conv<kK>& s, const T* pad, const T* w, const T* bias, T* o, int64_t y,
-                       int64_t px, int64_t c) {
-  V acc = load_as<V>(bias + c);
-  const T* p = pad + (y * s.PW + px) * s.C + c;
-  for (int64_t ky = 0; ky < s.K(); ++ky)
-    for (int64_t kx = 0; kx < s.K(); ++kx)
-      acc += load_as<V>(w + (ky * s.K() + kx) * s.C + c) * load_as<V>(p + (ky * s.PW + kx) * s.C);
-  const V x0 = load_as<V>(p + (s.R * s.PW + s.R) * s.C);
-  store_as(o + (y * s.W + px) * s.C + c, finish(acc, x0, s.relu_out, s.residual));
+void dwconv_channels_last(const Conv<kK>& s, const T* in, const T* w, const T* bias, T* o,
+                          int64_t c) {
+  const int64_t K = s.K(), C = s.C, W = s.W;
+  constexpr int64_t kTaps = kK > 0 ? kK * kK : 1;
+  V taps[kTaps];
+  const auto weight = [&](int64_t t) {
+    if constexpr (kK > 0) {
+      return taps[t];
+    } else {
+      return load_as<V>(w + t * C + c);
+    }
+  };
+  if constexpr (kK > 0)
+    for (int64_t t = 0; t < kTaps; ++t) taps[t] = load_as<V>(w + t * C + c);
+  const V b = load_as<V>(bias + c);
+  // Kernel rows [ky0, ky1) and columns [kx0, kx1) fall inside x for output (y, px).
+  const auto pixel = [&](int64_t y, int64_t px, int64_t ky0, int64_t ky1, int64_t kx0,
+                         int64_t kx1) {
+    V acc = b;
+    for (int64_t ky = ky0; ky < ky1; ++ky)
+      for (int64_t kx = kx0; kx < kx1; ++kx)
+        acc += weight(ky * K + kx) * load_as<V>(in + ((y + ky - s.R) * W + px + kx - s.R) * C + c);
+    store_as(o + (y * W + px) * C + c,
+             finish(acc, load_as<V>(in + (y * W + px) * C + c), s.relu_out, s.residual));
+  };
+  for (int64_t y = 0; y < s.H; ++y) {
+    const int64_t ky0 = std::max<int64_t>(0, s.R - y), ky1 = std::min(K, s.H + s.R - y);
+    const auto edge = [&](int64_t px) {
+      pixel(y, px, ky0, ky1, std::max<int64_t>(0, s.R - px), std::min(K, W + s.R - px));
+    };
+    const int64_t inner0 = std::min(s.R, W), inner1 = std::max(inner0, W - s.R);
+    for (int64_t px = 0; px < inner0; ++px) edge(px);
+    if (ky0 == 0 && ky1 == K) {
+      for (int64_t px = inner0; px < inner1; ++px) pixel(y, px, 0, K, 0, K);  // all taps inside
+    } else {
+      for (int64_t px = inner0; px < inner1; ++px) pixel(y, px, ky0, ky1, 0, K);
+    }
+    for (int64_t px = inner1; px < W; ++px) edge(px);
+  }
 }
 
 template <typename T, int64_t kK>
@@ -70,47 +100,50 @@ void run_dwconv(const DenseIO& io, const T* w, const T* bias, int64_t k, bool re
   const at::Tensor& input = io.input;
   const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const Conv<kK> s{H, W, C, k, k / 2, W + 2 * (k / 2), relu_out, residual};
-  const int64_t K = s.K();
-  const bool channels_last = io.channels_last;
-  const int64_t P = channels_last ? C : 1;  // values per pixel
-  const int64_t planes = channels_last ? B : B * C, plane = H * W * P;
-  // Contiguous x: vectors run along the padded rows, flattened: sums of H x PW positions (whole
-  // vectors), whose border columns are dropped. The padded plane has slack for the reads of the
-  // last vector's taps.
-  const int64_t sums = channels_last ? 0 : round_up(H * s.PW, S::kLanes);
-  const int64_t padded_plane = (H + 2 * s.R) * s.PW * P + (channels_last ? 0 : K + S::kLanes);
   const T* x = input.data_ptr<T>();
   T* out = io.output.data_ptr<T>();
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+  if (io.channels_last) {
+    const int64_t whole = C / S::kLanes;  // then the last C % lanes channels one by one
+    at::parallel_for(0, B * (whole + C % S::kLanes), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t image = i / (whole + C % S::kLanes), j = i % (whole + C % S::kLanes);
+        const T* in = x + image * H * W * C;
+        T* o = out + image * H * W * C;
+        if (j < whole) {
+          dwconv_channels_last<typename S::Vec>(s, in, w, bias, o, j * S::kLanes);
+        } else {
+          dwconv_channels_last<T>(s, in, w, bias, o, whole * S::kLanes + j - whole);
+        }
+      }
+    });
+    return;
+  }
+  // Contiguous x: each plane (one channel of one image) is copied into a zero-bordered plane in
+  // scratch, so that no tap needs a bounds check; vectors run along the padded rows, flattened:
+  // sums of H x PW positions (whole vectors), whose border columns are dropped. The padded
+  // plane has slack for the reads of the last vector's taps.
+  const int64_t K = s.K();
+  const int64_t sums = round_up(H * s.PW, S::kLanes);
+  const int64_t padded_plane = (H + 2 * s.R) * s.PW + K + S::kLanes;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     const at::Tensor buffer = at::zeros({padded_plane + sums}, input.options());  // border stays 0
     T* pad = buffer.data_ptr<T>();
     T* sum = pad + padded_plane;
     for (int64_t i = begin; i < end; ++i) {
-      const T* in = x + i * plane;
-      T* o = out + i * plane;
-      copy_tile<T>(H, W * P, {in, W * P, 1}, {}, {pad + (s.R * s.PW + s.R) * P, s.PW * P, 1});
-      if (channels_last) {
-        const int64_t whole = C / S::kLanes * S::kLanes;
-        for (int64_t y = 0; y < H; ++y) {
-          for (int64_t px = 0; px < W; ++px) {
-            for (int64_t c = 0; c < whole; c += S::kLanes)
-              conv_pixel<typename S::Vec>(s, pad, w, bias, o, y, px, c);
-            for (int64_t c = whole; c < C; ++c) conv_pixel<T>(s, pad, w, bias, o, y, px, c);
-          }
-        }
-      } else {
-        const int64_t c = i % C;
-        const T* wc = w + c * K * K;
-        for (int64_t j = 0; j < sums; j += S::kLanes) {
-          auto acc = S::splat(bias[c]);
-          for (int64_t ky = 0; ky < K; ++ky)
-            for (int64_t kx = 0; kx < K; ++kx)
-              acc += S::splat(wc[ky * K + kx]) * S::load(pad + j + ky * s.PW + kx);
-          const auto x0 = S::load(pad + j + s.R * s.PW + s.R);
-          S::store(sum + j, finish(acc, x0, relu_out, residual));
-        }
-        copy_tile<T>(H, W, {sum, s.PW, 1}, {}, {o, W, 1});
+      const T* in = x + i * H * W;
+      T* o = out + i * H * W;
+      copy_tile<T>(H, W, {in, W, 1}, {}, {pad + s.R * s.PW + s.R, s.PW, 1});
+      const int64_t c = i % C;
+      const T* wc = w + c * K * K;
+      for (int64_t j = 0; j < sums; j += S::kLanes) {
+        auto acc = S::splat(bias[c]);
+        for (int64_t ky = 0; ky < K; ++ky)
+          for (int64_t kx = 0; kx < K; ++kx)
+            acc += S::splat(wc[ky * K + kx]) * S::load(pad + j + ky * s.PW + kx);
+        const auto x0 = S::load(pad + j + s.R * s.PW + s.R);
+        S::store(sum + j, finish(acc, x0, relu_out, residual));
       }
+      copy_tile<T>(H, W, {sum, s.PW, 1}, {}, {o, W, 1});
     }
   });
 }
