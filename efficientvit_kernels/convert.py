@@ -7,6 +7,7 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
 - a residual around window attention, a depthwise Conv-BN or an FFN -> one fused op with
   the residual folded in; the same without the residual -> the op without it;
 - a PatchMerging (conv1, ReLU act, conv2, se, conv3) -> the same with its ReLUs in place;
+- a squeeze-excite (fc1, ReLU, fc2, Sigmoid on the mean of x) -> the same with Linear fc1, fc2;
 - every other Conv-BN / BN-Linear -> one folded Conv2d / Linear; in a Sequential, a ReLU
   right after a convolution works in place (it owns the conv's fresh output);
 - everything else is copied, its children converted.
@@ -25,8 +26,8 @@ from torch import nn
 import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
-from .modules import (FusedCGA, FusedDWConv, FusedFFN, FusedStemConv, InPlacePatchMerging, ResidualAdd,
-                      backend_ops)
+from .modules import (FusedCGA, FusedDWConv, FusedFFN, FusedStemConv, InPlacePatchMerging,
+                      LinearSqueezeExcite, ResidualAdd, backend_ops)
 
 __all__ = ["convert"]
 
@@ -58,6 +59,28 @@ def _is_dwconv(m):
 def _is_patch_merging(m):
     return (set(m._modules) == {"conv1", "act", "conv2", "se", "conv3"}
             and type(m.act) is nn.ReLU)
+
+
+def _is_pointwise_conv(m):
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
+            and m.padding == (0, 0) and m.groups == 1)
+
+
+def _is_squeeze_excite(m):
+    # timm's SqueezeExcite (SEModule) as EfficientViT builds it: no norm, no max-pool branch
+    return (set(m._modules) == {"fc1", "bn", "act", "fc2", "gate"} and type(m.bn) is nn.Identity
+            and type(m.act) is nn.ReLU and type(m.gate) is nn.Sigmoid
+            and _is_pointwise_conv(m.fc1) and _is_pointwise_conv(m.fc2)
+            and not getattr(m, "add_maxpool", False))
+
+
+def _linear(conv):
+    """A 1x1 convolution as the Linear layer it is on a (B, C) input."""
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+    linear.weight = nn.Parameter(conv.weight.detach().flatten(1).clone())
+    if conv.bias is not None:
+        linear.bias = nn.Parameter(conv.bias.detach().clone())
+    return linear.to(conv.weight.device)
 
 
 def _is_residual(m):
@@ -93,6 +116,8 @@ def _convert(m, backend):
     fused = _fuse(m, False, backend)
     if fused is not None:
         return fused
+    if _is_squeeze_excite(m):
+        return LinearSqueezeExcite(_linear(m.fc1), _linear(m.fc2))
     if _is_patch_merging(m):
         return InPlacePatchMerging(*(_convert(getattr(m, n), backend)
                                      for n in ("conv1", "conv2", "se", "conv3")))

@@ -7,7 +7,7 @@ import python_ref.functional
 from . import ops
 
 __all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedStemConv", "InPlacePatchMerging",
-           "ResidualAdd", "backend_ops"]
+           "LinearSqueezeExcite", "ResidualAdd", "backend_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -224,3 +224,17 @@ class InPlacePatchMerging(nn.Module):
 
     def forward(self, x):
         return self.conv3(self.se(torch.relu_(self.conv2(torch.relu_(self.conv1(x))))))
+
+
+class LinearSqueezeExcite(nn.Module):
+    """Squeeze-excite, ``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))``, with fc1 and fc2 as Linear
+    layers on the (B, C) means: the 1x1 convolutions on a 1x1 map they replace run at a small
+    fraction of the matrix rate in oneDNN (M4, batch 16: 0.44 ms for 4.2 M multiply-adds)."""
+
+    def __init__(self, fc1, fc2):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        return x * gate[:, :, None, None]

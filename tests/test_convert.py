@@ -75,13 +75,13 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes InPlacePatchMerging; on CPU the stem's first convolution and ReLU
+    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite; on CPU the stem's first convolution and ReLU
     become a FusedStemConv; the stem's other ReLUs after convolutions work in place and never on
     the caller's tensor; on CPU the convolution weights are channels-last."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
-    assert len(merging) == 2
+    assert len(merging) == 2 and all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in merging)
     assert isinstance(fused.patch_embed[0], K.FusedStemConv)
     assert isinstance(fused.patch_embed[1], torch.nn.Identity)
     stem_relus = [m for m in fused.patch_embed if isinstance(m, torch.nn.ReLU)]
