@@ -48,49 +48,40 @@ struct Conv {
   int64_t K() const { return kK > 0 ? kK : k; }
 };
 
-// Channels-last x: each channel vector's K*K weights are loaded once per image (into registers
-// where K is fixed), then every pixel sums its in-bounds taps straight from x: no padded copy.
-// w: (K, K, C).
-template <typename V, int64_t kK, typename T>
-void dwconv_channels_last(const Conv<kK>& s, const T* in, const T* w, const T* bias, T* o,
-                          int64_t c) {
+// Channels-last x: output row y of one image, pixel by pixel, all channels of a pixel before the
+// next, so that x and the output are read and written in order (the rows come from memory or
+// L3: a walk over one channel vector at a time would fetch every line of the image once per
+// vector). Each pixel sums its in-bounds taps straight from x (no padded copy); the weights,
+// (K, K, C), stay in L1.
+template <int64_t kK, typename T>
+void dwconv_channels_last_row(const Conv<kK>& s, const T* in, const T* w, const T* bias, T* o,
+                              int64_t y) {
+  using S = Simd<T>;
   const int64_t K = s.K(), C = s.C, W = s.W;
-  constexpr int64_t kTaps = kK > 0 ? kK * kK : 1;
-  V taps[kTaps];
-  const auto weight = [&](int64_t t) {
-    if constexpr (kK > 0) {
-      return taps[t];
-    } else {
-      return load_as<V>(w + t * C + c);
-    }
-  };
-  if constexpr (kK > 0)
-    for (int64_t t = 0; t < kTaps; ++t) taps[t] = load_as<V>(w + t * C + c);
-  const V b = load_as<V>(bias + c);
-  // Kernel rows [ky0, ky1) and columns [kx0, kx1) fall inside x for output (y, px).
-  const auto pixel = [&](int64_t y, int64_t px, int64_t ky0, int64_t ky1, int64_t kx0,
-                         int64_t kx1) {
-    V acc = b;
+  const int64_t ky0 = std::max<int64_t>(0, s.R - y), ky1 = std::min(K, s.H + s.R - y);
+  const int64_t whole = C / S::kLanes * S::kLanes;
+  // Channels [c, c + width of V) of pixel px, over kernel columns [kx0, kx1).
+  const auto channels = [&](auto vec, int64_t px, int64_t c, int64_t kx0, int64_t kx1) {
+    using V = decltype(vec);
+    V acc = load_as<V>(bias + c);
     for (int64_t ky = ky0; ky < ky1; ++ky)
       for (int64_t kx = kx0; kx < kx1; ++kx)
-        acc += weight(ky * K + kx) * load_as<V>(in + ((y + ky - s.R) * W + px + kx - s.R) * C + c);
+        acc += load_as<V>(w + (ky * K + kx) * C + c) *
+               load_as<V>(in + ((y + ky - s.R) * W + px + kx - s.R) * C + c);
     store_as(o + (y * W + px) * C + c,
              finish(acc, load_as<V>(in + (y * W + px) * C + c), s.relu_out, s.residual));
   };
-  for (int64_t y = 0; y < s.H; ++y) {
-    const int64_t ky0 = std::max<int64_t>(0, s.R - y), ky1 = std::min(K, s.H + s.R - y);
-    const auto edge = [&](int64_t px) {
-      pixel(y, px, ky0, ky1, std::max<int64_t>(0, s.R - px), std::min(K, W + s.R - px));
-    };
-    const int64_t inner0 = std::min(s.R, W), inner1 = std::max(inner0, W - s.R);
-    for (int64_t px = 0; px < inner0; ++px) edge(px);
-    if (ky0 == 0 && ky1 == K) {
-      for (int64_t px = inner0; px < inner1; ++px) pixel(y, px, 0, K, 0, K);  // all taps inside
-    } else {
-      for (int64_t px = inner0; px < inner1; ++px) pixel(y, px, ky0, ky1, 0, K);
-    }
-    for (int64_t px = inner1; px < W; ++px) edge(px);
-  }
+  const auto pixel = [&](int64_t px, int64_t kx0, int64_t kx1) {
+    for (int64_t c = 0; c < whole; c += S::kLanes) channels(typename S::Vec{}, px, c, kx0, kx1);
+    for (int64_t c = whole; c < C; ++c) channels(T{}, px, c, kx0, kx1);
+  };
+  const int64_t inner0 = std::min(s.R, W), inner1 = std::max(inner0, W - s.R);
+  const auto edge = [&](int64_t px) {
+    pixel(px, std::max<int64_t>(0, s.R - px), std::min(K, W + s.R - px));
+  };
+  for (int64_t px = 0; px < inner0; ++px) edge(px);
+  for (int64_t px = inner0; px < inner1; ++px) pixel(px, 0, K);  // every kernel column inside
+  for (int64_t px = inner1; px < W; ++px) edge(px);
 }
 
 template <typename T, int64_t kK>
@@ -103,17 +94,10 @@ void run_dwconv(const DenseIO& io, const T* w, const T* bias, int64_t k, bool re
   const T* x = input.data_ptr<T>();
   T* out = io.output.data_ptr<T>();
   if (io.channels_last) {
-    const int64_t whole = C / S::kLanes;  // then the last C % lanes channels one by one
-    at::parallel_for(0, B * (whole + C % S::kLanes), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t image = i / (whole + C % S::kLanes), j = i % (whole + C % S::kLanes);
-        const T* in = x + image * H * W * C;
-        T* o = out + image * H * W * C;
-        if (j < whole) {
-          dwconv_channels_last<typename S::Vec>(s, in, w, bias, o, j * S::kLanes);
-        } else {
-          dwconv_channels_last<T>(s, in, w, bias, o, whole * S::kLanes + j - whole);
-        }
+        const int64_t image = i / H;
+        dwconv_channels_last_row(s, x + image * H * W * C, w, bias, out + image * H * W * C, i % H);
       }
     });
     return;
