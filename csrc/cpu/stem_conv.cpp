@@ -2,7 +2,7 @@
 // from a few input channels (3: the image) to a few output channels, written channels-last.
 // oneDNN reorders a 3-channel NCHW image before convolving and spends 3-6x the arithmetic's time
 // on it. Here each output pixel's channels are a row of vectors summed in registers over the
-// 9 * Ci taps; each tap is a broadcast input value (read in place, any layout) times a vector of
+// 9 * Ci taps; each tap is a broadcast input value (read in place from NCHW x) times a vector of
 // weights. Blocks of pixels along an output row share each weight load.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -50,6 +50,7 @@ void stem_pixels(const StemRow<T>& row, int64_t ox0, int64_t kx_lo, int64_t kx_h
   for (int64_t ci = 0; ci < row.channels; ++ci) {
     for (int64_t ky = row.ky_lo; ky < row.ky_hi; ++ky) {
       const int64_t in = ci * row.channel_stride + (row.iy0 + ky) * row.row_stride;
+      // Not unrolled: GCC interleaves the unrolled columns' blocks and spills accumulators.
       _Pragma("GCC unroll 1") for (int64_t kx = kx_lo; kx < kx_hi; ++kx) {
         const T* wt = w + ((ci * 3 + ky) * 3 + kx) * ldw;
         V wv[NV];
