@@ -1,7 +1,7 @@
 // The first convolution of the patch embedding on CPU: relu(conv3x3(x, stride 2, padding 1) + b)
 // from a few input channels (3: the image) to a few output channels, written channels-last.
-// oneDNN reorders a 3-channel NCHW image before convolving and spends 3-6x the arithmetic's time
-// on it. Here each output pixel's channels are a row of vectors summed in registers over the
+// oneDNN spends 3-6x the arithmetic's time on this convolution (measured, batch 16, 224^2, one
+// thread). Here each output pixel's channels are a row of vectors summed in registers over the
 // 9 * Ci taps; each tap is a broadcast input value (read in place from NCHW x) times a vector of
 // weights. Blocks of pixels along an output row share each weight load.
 #include <ATen/ATen.h>
