@@ -45,15 +45,21 @@ def _is_ffn(m):
             and conv_bn_parts(m.pw1) is not None and conv_bn_parts(m.pw2) is not None)
 
 
+def _is_conv(m, kernel, stride, padding):
+    """A Conv2d with a square kernel, equal strides and zero padding on all sides, no dilation."""
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (kernel, kernel)
+            and m.stride == (stride, stride) and m.padding == (padding, padding)
+            and m.dilation == (1, 1) and m.padding_mode == "zeros")
+
+
 def _is_dwconv(m):
     parts = conv_bn_parts(m)
     if parts is None:
         return False
     conv = parts[0]
     k = conv.kernel_size[0]
-    return (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k)
-            and k % 2 == 1 and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
-            and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+    return (conv.groups == conv.in_channels == conv.out_channels and k % 2 == 1
+            and _is_conv(conv, k, 1, k // 2))
 
 
 def _is_patch_merging(m):
@@ -62,8 +68,7 @@ def _is_patch_merging(m):
 
 
 def _is_pointwise_conv(m):
-    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
-            and m.padding == (0, 0) and m.groups == 1)
+    return _is_conv(m, 1, 1, 0) and m.groups == 1
 
 
 def _is_squeeze_excite(m):
@@ -100,11 +105,16 @@ def _fuse(m, residual, backend):
     return None
 
 
+def _neighbours(sequential):
+    """The (name, child) pairs of a Sequential's consecutive children, listed before any change."""
+    children = list(sequential._modules.items())
+    return list(zip(children, children[1:]))
+
+
 def _relus_in_place(sequential):
     """In a Sequential, a ReLU whose input is a convolution's output (a new tensor that nothing
     else reads) may overwrite it."""
-    children = list(sequential._modules.items())
-    for (_, before), (name, m) in zip(children, children[1:]):
+    for (_, before), (name, m) in _neighbours(sequential):
         if type(m) is nn.ReLU and isinstance(before, nn.Conv2d):
             sequential._modules[name] = nn.ReLU(inplace=True)
 
@@ -142,9 +152,7 @@ def _convert(m, backend):
 
 def _is_stem_conv(m):
     """A convolution ``stem_conv`` computes, from an image's few channels (where it beats oneDNN)."""
-    return (isinstance(m, nn.Conv2d) and m.in_channels <= 4 and m.groups == 1
-            and m.kernel_size == (3, 3) and m.stride == (2, 2) and m.padding == (1, 1)
-            and m.dilation == (1, 1) and m.padding_mode == "zeros")
+    return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels <= 4
 
 
 def _stem_convolutions(model, backend):
@@ -152,8 +160,7 @@ def _stem_convolutions(model, backend):
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        children = list(seq._modules.items())
-        for (conv_name, conv), (relu_name, relu) in zip(children, children[1:]):
+        for (conv_name, conv), (relu_name, relu) in _neighbours(seq):
             if _is_stem_conv(conv) and type(relu) is nn.ReLU:
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
                 seq._modules[conv_name] = FusedStemConv(conv.weight, bias, backend=backend)
