@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace efficientvit {
 
 // The tensor the parameters must match in device and dtype: x for an op, the first weight when
@@ -100,7 +102,9 @@ inline void check_dwconv(const at::Tensor& x, const at::Tensor& weight, const at
   check_same({x, "x"}, bias, "bias");
 }
 
-inline void check_stem_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+inline void check_stem_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& weight2,
+                            const std::optional<at::Tensor>& bias2) {
   check_input(x);
   TORCH_CHECK(weight.dim() == 4, "efficientvit: stem_conv weight must be 4-D (Co, Ci, 3, 3), got ",
               weight.sizes());
@@ -108,6 +112,15 @@ inline void check_stem_conv(const at::Tensor& x, const at::Tensor& weight, const
   check_shape(bias, {weight.size(0)}, "bias");
   check_same({x, "x"}, weight, "weight");
   check_same({x, "x"}, bias, "bias");
+  TORCH_CHECK(weight2.has_value() == bias2.has_value(),
+              "efficientvit: stem_conv takes weight2 and bias2 together, or neither");
+  if (!weight2) return;
+  TORCH_CHECK(weight2->dim() == 4,
+              "efficientvit: stem_conv weight2 must be 4-D (C2, Co, 3, 3), got ", weight2->sizes());
+  check_shape(*weight2, {weight2->size(0), weight.size(0), 3, 3}, "weight2");
+  check_shape(*bias2, {weight2->size(0)}, "bias2");
+  check_same({x, "x"}, *weight2, "weight2");
+  check_same({x, "x"}, *bias2, "bias2");
 }
 
 // The parameters of ffn for `channels` channels.

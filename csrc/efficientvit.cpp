@@ -18,10 +18,13 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def("dwconv(Tensor x, Tensor weight, Tensor bias, bool relu, bool residual) -> Tensor");
   // Pointwise MLP: [x +] w2 relu(w1 x + b1) + b2; w1 (M, C), b1 (M), w2 (C, M), b2 (C).
   m.def("ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual) -> Tensor");
-  // The patch embedding's first convolution, CPU only: relu(conv3x3(x) + bias), stride 2,
-  // zero padding 1; weight (Co, Ci, 3, 3), bias (Co). Returns (B, Co, ceil(H/2), ceil(W/2)),
-  // channels-last.
-  m.def("stem_conv(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  // The patch embedding's first convolution, CPU only: y = relu(conv3x3(x) + bias), stride 2,
+  // zero padding 1; weight (Co, Ci, 3, 3), bias (Co). Returns y (B, Co, ceil(H/2), ceil(W/2)),
+  // channels-last; or, given weight2 (C2, Co, 3, 3) and bias2 (C2), the second convolution on y,
+  // relu(conv3x3(y) + bias2), the same way, without writing y to memory.
+  m.def(
+      "stem_conv(Tensor x, Tensor weight, Tensor bias, Tensor? weight2=None, Tensor? bias2=None) "
+      "-> Tensor");
 
   // CPU only: the weights packed once, ahead of the calls. X_pack takes X's parameters and
   // returns them in the layout the CPU kernel of X reads (transposed, padded to the vector

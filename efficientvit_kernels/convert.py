@@ -11,10 +11,10 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
 - every other Conv-BN / BN-Linear -> one folded Conv2d / Linear; in a Sequential, a ReLU
   right after a convolution works in place (it owns the conv's fresh output);
 - everything else is copied, its children converted.
-On CPU the stem's first convolution and its ReLU (3x3, stride 2, from the image's few
-channels) become one ``stem_conv`` op with channels-last output; the other convolution weights
-are channels-last, so oneDNN runs those convolutions channels-last, and the activations stay
-channels-last through the fused ops, which take either layout.
+On CPU the stem's first two convolutions and their ReLUs (3x3, stride 2, the first from the
+image's few channels) become one ``stem_conv`` op with channels-last output; the other
+convolution weights are channels-last, so oneDNN runs those convolutions channels-last, and the
+activations stay channels-last through the fused ops, which take either layout.
 The input model is not modified: nothing is deep-copied through it (timm caches attention
 biases as non-leaf tensors, which ``copy.deepcopy`` rejects); every tensor is new.
 """
@@ -111,6 +111,10 @@ def _neighbours(sequential):
     return list(zip(children, children[1:]))
 
 
+def _bias(conv):
+    return conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
+
+
 def _relus_in_place(sequential):
     """In a Sequential, a ReLU whose input is a convolution's output (a new tensor that nothing
     else reads) may overwrite it."""
@@ -155,16 +159,35 @@ def _is_stem_conv(m):
     return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels <= 4
 
 
+def _is_second_stem_conv(m, first):
+    """A convolution ``stem_conv`` computes on the output of ``first``."""
+    return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels == first.out_channels
+
+
 def _stem_convolutions(model, backend):
-    """In a Sequential, a stem convolution followed by a ReLU -> FusedStemConv, Identity."""
+    """In a Sequential, a stem convolution and its ReLU, with the next convolution and its ReLU
+    where they follow, -> FusedStemConv, then Identity for each module it took in."""
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        for (conv_name, conv), (relu_name, relu) in _neighbours(seq):
-            if _is_stem_conv(conv) and type(relu) is nn.ReLU:
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
-                seq._modules[conv_name] = FusedStemConv(conv.weight, bias, backend=backend)
-                seq._modules[relu_name] = nn.Identity()
+        children = list(seq._modules.items())
+        is_relu = lambda i: i < len(children) and type(children[i][1]) is nn.ReLU
+        i = 0
+        while i < len(children):
+            conv = children[i][1]
+            if not (_is_stem_conv(conv) and is_relu(i + 1)):
+                i += 1
+                continue
+            convs = [conv]
+            if (i + 3 < len(children) and _is_second_stem_conv(children[i + 2][1], conv)
+                    and is_relu(i + 3)):
+                convs.append(children[i + 2][1])
+            names = [name for name, _ in children[i:i + 2 * len(convs)]]
+            weights = [t for c in convs for t in (c.weight, _bias(c))]
+            seq._modules[names[0]] = FusedStemConv(*weights, backend=backend)
+            for name in names[1:]:
+                seq._modules[name] = nn.Identity()
+            i += len(names)
 
 
 def _channels_last_convolutions(model):
@@ -183,9 +206,9 @@ def convert(model, backend="auto"):
     ``backend``: "auto" (the compiled kernels for the tensors' device, Triton on CUDA where
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op). The input model is left as it was. For the CPU
-    kernels ("auto" or "cpu" on a CPU model), the stem's first convolution and ReLU become a
-    ``FusedStemConv`` and the other convolution weights are made channels-last: a 4-D output of
-    the model may then be channels-last; its values are the same.
+    kernels ("auto" or "cpu" on a CPU model), the stem's first two convolutions and ReLUs
+    become a ``FusedStemConv`` and the other convolution weights are made channels-last: a 4-D
+    output of the model may then be channels-last; its values are the same.
     """
     backend_ops(backend)  # fail early on an unknown or unavailable backend
     out = _convert(model, backend)

@@ -181,24 +181,25 @@ class FusedFFN(_Fused):
 
 class FusedStemConv(_Fused):
     """``relu(conv3x3(x) + bias)``, stride 2, padding 1: the patch embedding's first convolution
-    and its ReLU, on CPU in one op (``stem_conv``; channels-last output). The op is CPU only:
-    on other devices the module runs the spec (``conv2d`` and ``relu``)."""
+    and its ReLU, and, given ``weight2`` and ``bias2``, the second convolution and ReLU after
+    it, on CPU in one op (``stem_conv``; channels-last output). The op is CPU only: on other
+    devices the module runs the spec (``conv2d`` and ``relu``)."""
 
-    _weight_names = ("weight", "bias")
-
-    def __init__(self, weight, bias, backend="auto"):
+    def __init__(self, weight, bias, weight2=None, bias2=None, backend="auto"):
         super().__init__(backend)
-        self._set_weights(weight=weight, bias=bias)
+        second = {} if weight2 is None else {"weight2": weight2, "bias2": bias2}
+        self._weight_names = ("weight", "bias", *second)
+        self._set_weights(weight=weight, bias=bias, **second)
 
     def forward(self, x):
         self._check_device(x)
         if x.device.type == "cpu" and self.backend in ("auto", "cpu"):
-            return ops.stem_conv(x, self.weight, self.bias)
-        return python_ref.functional.stem_conv(x, self.weight, self.bias)
+            return ops.stem_conv(x, *self._weights())
+        return python_ref.functional.stem_conv(x, *self._weights())
 
     def extra_repr(self):
-        return (f"in_channels={self.weight.shape[1]}, out_channels={self.weight.shape[0]}, "
-                f"{super().extra_repr()}")
+        channels = [self.weight.shape[1], *(w.shape[0] for w in self._weights()[::2])]
+        return f"channels={'->'.join(map(str, channels))}, {super().extra_repr()}"
 
 
 class ResidualAdd(nn.Module):

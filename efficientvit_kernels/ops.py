@@ -110,7 +110,7 @@ def check_ffn(x, w1, b1, w2, b2):
     return M
 
 
-def check_stem_conv(x, weight, bias):
+def check_stem_conv(x, weight, bias, weight2=None, bias2=None):
     """Checks stem_conv arguments; returns the output's shape."""
     _check_input(x)
     if weight.dim() != 4:
@@ -120,7 +120,18 @@ def check_stem_conv(x, weight, bias):
     _check_shape(bias, (Co,), "bias")
     _check_params(x, weight=weight, bias=bias)
     B, _, H, W = x.shape
-    return B, Co, (H + 1) // 2, (W + 1) // 2
+    shape = B, Co, (H + 1) // 2, (W + 1) // 2
+    if (weight2 is None) != (bias2 is None):
+        _fail("stem_conv takes weight2 and bias2 together, or neither")
+    if weight2 is None:
+        return shape
+    if weight2.dim() != 4:
+        _fail(f"stem_conv weight2 must be 4-D (C2, Co, 3, 3), got {list(weight2.shape)}")
+    C2 = weight2.shape[0]
+    _check_shape(weight2, (C2, Co, 3, 3), "weight2")
+    _check_shape(bias2, (C2,), "bias2")
+    _check_params(x, weight2=weight2, bias2=bias2)
+    return B, C2, (shape[2] + 1) // 2, (shape[3] + 1) // 2
 
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -167,16 +178,18 @@ def ffn(x, w1, b1, w2, b2, residual=True):
     return torch.ops.efficientvit.ffn(x, w1, b1, w2, b2, residual)
 
 
-def stem_conv(x, weight, bias):
-    """CPU: the patch embedding's first convolution, ``relu(conv3x3(x) + bias)``, stride 2,
-    zero padding 1.
+def stem_conv(x, weight, bias, weight2=None, bias2=None):
+    """CPU: the patch embedding's first convolution, ``y = relu(conv3x3(x) + bias)``, stride 2,
+    zero padding 1, and optionally the second on its output.
 
     x (B, Ci, H, W) in any layout (read as contiguous NCHW: an image), weight (Co, Ci, 3, 3),
-    bias (Co,). Returns (B, Co, ceil(H/2), ceil(W/2)), channels-last. Made for a few input
+    bias (Co,). Returns y (B, Co, ceil(H/2), ceil(W/2)), channels-last. Made for a few input
     channels (Ci = 3), where it is several times faster than the oneDNN convolution; with
-    many it is not the fastest choice.
+    many it is not the fastest choice. Given weight2 (C2, Co, 3, 3) and bias2 (C2,), returns
+    ``relu(conv3x3(y) + bias2)`` (stride 2, padding 1; channels-last) instead, computing y a
+    few rows at a time in cache: y, the largest activation of the model, never reaches memory.
     """
-    return torch.ops.efficientvit.stem_conv(x, weight, bias)
+    return torch.ops.efficientvit.stem_conv(x, weight, bias, weight2, bias2)
 
 
 def cga_pack(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -232,8 +245,8 @@ def _ffn_fake(x, w1, b1, w2, b2, residual):
 
 
 @torch.library.register_fake("efficientvit::stem_conv")
-def _stem_conv_fake(x, weight, bias):
-    shape = check_stem_conv(x, weight, bias)
+def _stem_conv_fake(x, weight, bias, weight2=None, bias2=None):
+    shape = check_stem_conv(x, weight, bias, weight2, bias2)
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 

@@ -65,7 +65,10 @@ def ffn(x, w1, b1, w2, b2, residual):
     return x + y if residual else y
 
 
-def stem_conv(x, weight, bias):
+def stem_conv(x, weight, bias, weight2=None, bias2=None):
     """The patch embedding's first convolution: ``relu(conv3x3(x) + bias)``, stride 2, zero
-    padding 1."""
-    return torch.relu(F.conv2d(x, weight, bias, stride=2, padding=1))
+    padding 1; given ``weight2`` and ``bias2``, the second the same way on its output."""
+    y = torch.relu(F.conv2d(x, weight, bias, stride=2, padding=1))
+    if weight2 is not None:
+        y = torch.relu(F.conv2d(y, weight2, bias2, stride=2, padding=1))
+    return y

@@ -75,17 +75,19 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite; on CPU the stem's first convolution and ReLU
-    become a FusedStemConv; the stem's other ReLUs after convolutions work in place and never on
-    the caller's tensor; on CPU the convolution weights are channels-last."""
+    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite; on CPU
+    the stem's first two convolutions and ReLUs become a FusedStemConv; the stem's other ReLU
+    after a convolution works in place and never on the caller's tensor; on CPU the convolution
+    weights are channels-last."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
     assert len(merging) == 2 and all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in merging)
-    assert isinstance(fused.patch_embed[0], K.FusedStemConv)
-    assert isinstance(fused.patch_embed[1], torch.nn.Identity)
+    stem = fused.patch_embed[0]
+    assert isinstance(stem, K.FusedStemConv) and stem.weight2.shape[1] == stem.weight.shape[0]
+    assert all(isinstance(m, torch.nn.Identity) for m in fused.patch_embed[1:4])
     stem_relus = [m for m in fused.patch_embed if isinstance(m, torch.nn.ReLU)]
-    assert len(stem_relus) == 2 and all(m.inplace for m in stem_relus)
+    assert len(stem_relus) == 1 and stem_relus[0].inplace
     assert not any(isinstance(m, K.FusedStemConv) for m in K.convert(model, backend="reference").modules())
     convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)

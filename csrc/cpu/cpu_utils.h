@@ -167,6 +167,13 @@ void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, M
   }
 }
 
+// Asks for the n elements from p to be brought into the cache ahead of their use.
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(bytes + i);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tiles and layouts.
 

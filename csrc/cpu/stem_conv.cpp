@@ -96,48 +96,145 @@ void stem_row_block(const StemRow<T>& row, int64_t W, int64_t Wo, int64_t co, co
   for (int64_t ox = interior_end; ox < Wo; ++ox) edge_pixel(ox);
 }
 
+// The output row oy of one image (x: its first element) with its valid kernel rows.
 template <typename T>
-void run_stem_conv(const at::Tensor& x, const T* w, const T* bias, int64_t CoP, at::Tensor& output) {
+StemRow<T> stem_row_of(const T* x, int64_t Ci, int64_t H, int64_t W, int64_t oy) {
+  return {x, Ci, H * W, W, 2 * oy - 1, std::max<int64_t>(0, 1 - 2 * oy),
+          std::min<int64_t>(3, H + 1 - 2 * oy)};
+}
+
+// All CoP channels of an output row, pixel by pixel (pixel stride CoP), in blocks of vectors.
+template <typename T>
+void stem_row(const StemRow<T>& row, int64_t W, int64_t Wo, const T* w, int64_t CoP,
+              const T* bias, T* dst) {
+  int64_t co = 0;
+  for (; co + 3 * kLanes <= CoP; co += 3 * kLanes)
+    stem_row_block<T, 3>(row, W, Wo, co, w, CoP, bias, dst, CoP);
+  if (CoP - co == 2 * kLanes) stem_row_block<T, 2>(row, W, Wo, co, w, CoP, bias, dst, CoP);
+  if (CoP - co == kLanes) stem_row_block<T, 1>(row, W, Wo, co, w, CoP, bias, dst, CoP);
+}
+
+// The first convolution's weights: (Ci * 9, CoP), the weights of a tap a row of whole vectors.
+struct StemWeights {
+  at::Tensor w, b;
+  int64_t CoP;
+};
+StemWeights pack_stem(const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t Co = weight.size(0), Ci = weight.size(1), CoP = round_up(Co, kLanes);
+  return {at::constant_pad_nd(weight.permute({1, 2, 3, 0}).reshape({Ci * 9, Co}), {0, CoP - Co})
+              .contiguous(),
+          at::constant_pad_nd(bias, {0, CoP - Co}).contiguous(), CoP};
+}
+
+template <typename T>
+void run_stem_conv(const at::Tensor& x, const StemWeights& first, at::Tensor& output) {
   const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Co = output.size(1), Ho = output.size(2), Wo = output.size(3);
-  const T* xp = x.data_ptr<T>();
+  const int64_t Co = output.size(1), Ho = output.size(2), Wo = output.size(3), CoP = first.CoP;
+  const T *xp = x.data_ptr<T>(), *w = first.w.data_ptr<T>(), *bias = first.b.data_ptr<T>();
   T* out = output.data_ptr<T>();
   at::parallel_for(0, B * Ho, 1, [&](int64_t begin, int64_t end) {
     // Rows are computed into scratch when Co is not a whole number of vectors.
     const at::Tensor scratch = at::empty({Co == CoP ? 0 : Wo * CoP}, x.options());
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / Ho, oy = r % Ho;
-      const StemRow<T> row{xp + b * Ci * H * W, Ci, H * W, W,
-                           2 * oy - 1, std::max<int64_t>(0, 1 - 2 * oy),
-                           std::min<int64_t>(3, H + 1 - 2 * oy)};
       T* out_row = out + r * Wo * Co;
       T* dst = Co == CoP ? out_row : scratch.data_ptr<T>();
-      int64_t co = 0;
-      for (; co + 3 * kLanes <= CoP; co += 3 * kLanes)
-        stem_row_block<T, 3>(row, W, Wo, co, w, CoP, bias, dst, CoP);
-      if (CoP - co == 2 * kLanes) stem_row_block<T, 2>(row, W, Wo, co, w, CoP, bias, dst, CoP);
-      if (CoP - co == kLanes) stem_row_block<T, 1>(row, W, Wo, co, w, CoP, bias, dst, CoP);
+      stem_row<T>(stem_row_of(xp + r / Ho * Ci * H * W, Ci, H, W, r % Ho), W, Wo, w, CoP, bias,
+                  dst);
       if (dst != out_row) copy_tile<T>(Wo, Co, {dst, CoP, 1}, {}, {out_row, Co, 1});
     }
   });
 }
 
-at::Tensor stem_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  check_stem_conv(x, weight, bias);
+// Both convolutions. The second runs as an implicit GEMM per output row: output pixel ox reads
+// pixels 2ox-1 .. 2ox+1 of three rows of the first's output y, and the C1P channels of a pixel
+// follow one another, so for kernel row ky, A(ox, kx * C1P + c) = y_row[(2ox - 1 + kx) * C1P + c]
+// is a matrix with rows 2 * C1P apart that gemm reads in place. y's rows are computed as they
+// are needed into a ring of three, each with a zero pixel either side (the padding); rows above
+// and below the image read a zero row. y never leaves the cache.
+template <typename T>
+void run_stem_conv2(const at::Tensor& x, const StemWeights& first, const at::Tensor& w2,
+                    const at::Tensor& b2, at::Tensor& output) {
+  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t H1 = (H + 1) / 2, W1 = (W + 1) / 2, C1P = first.CoP;
+  const int64_t C2 = output.size(1), Ho = output.size(2), Wo = output.size(3);
+  const int64_t C2P = b2.size(0), k = 3 * C1P;  // gemm's depth per kernel row
+  const int64_t ring_row = (W1 + 2) * C1P;
+  const T *xp = x.data_ptr<T>(), *w1 = first.w.data_ptr<T>(), *bias1 = first.b.data_ptr<T>();
+  const T *w2p = w2.data_ptr<T>(), *bias2 = b2.data_ptr<T>();
+  T* out = output.data_ptr<T>();
+  at::parallel_for(0, B * Ho, 1, [&](int64_t begin, int64_t end) {
+    // The zero row, the ring's three rows, and (when C2 is not a whole number of vectors) the
+    // output row's scratch. Zeroed once: the padding pixels are never written.
+    const at::Tensor buffer =
+        at::zeros({4 * ring_row + (C2 == C2P ? 0 : Wo * C2P)}, x.options());
+    T* const zero_row = buffer.data_ptr<T>();
+    T* const ring = zero_row + ring_row;
+    T* const scratch = ring + 3 * ring_row;
+    int64_t held[3] = {-1, -1, -1};  // the row of y (image * H1 + row) each ring slot holds
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / Ho, oy = r % Ho;
+      const T* rows[3];
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        const int64_t iy = 2 * oy - 1 + ky;
+        if (iy < 0 || iy >= H1) {
+          rows[ky] = zero_row;
+          continue;
+        }
+        T* slot = ring + iy % 3 * ring_row;  // three consecutive rows: three slots
+        if (held[iy % 3] != b * H1 + iy) {
+          stem_row<T>(stem_row_of(xp + b * Ci * H * W, Ci, H, W, iy), W, W1, w1, C1P, bias1,
+                      slot + C1P);
+          held[iy % 3] = b * H1 + iy;
+        }
+        rows[ky] = slot;
+      }
+      // The image rows of the next output row's two new rows of y, fetched during this row's
+      // GEMMs: the stem reads the image once, and from memory, at a rate that would otherwise
+      // leave the multiply-adds waiting (in-model measurement, not a guess).
+      if (r + 1 < end) {
+        const int64_t next = r + 1, first_row = 4 * (next % Ho) - 1;
+        for (int64_t c = 0; c < Ci; ++c)
+          for (int64_t ih = std::max<int64_t>(0, first_row); ih < std::min(H, first_row + 4); ++ih)
+            prefetch(xp + ((next / Ho * Ci + c) * H + ih) * W, W);
+      }
+      T* out_row = out + r * Wo * C2;
+      T* dst = C2 == C2P ? out_row : scratch;
+      for (int64_t ky = 0; ky < 3; ++ky)
+        gemm<T>(Wo, C2P, k, {rows[ky], 2 * C1P, 1}, w2p + ky * k * C2P, C2P,
+                ky == 0 ? MatA<T>{bias2, 0, 1} : MatA<T>{dst, C2P, 1}, dst, C2P,
+                /*apply_relu=*/ky == 2);
+      if (dst != out_row) copy_tile<T>(Wo, C2, {dst, C2P, 1}, {}, {out_row, C2, 1});
+    }
+  });
+}
+
+at::Tensor stem_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& weight2,
+                         const std::optional<at::Tensor>& bias2) {
+  check_stem_conv(x, weight, bias, weight2, bias2);
   const at::Tensor input = x.contiguous();  // NCHW: a row of taps is a stride-2 run
-  const int64_t Co = weight.size(0), Ci = weight.size(1);
-  const int64_t Ho = (x.size(2) + 1) / 2, Wo = (x.size(3) + 1) / 2;
+  int64_t Co = weight.size(0), Ho = (x.size(2) + 1) / 2, Wo = (x.size(3) + 1) / 2;
+  if (weight2) Co = weight2->size(0), Ho = (Ho + 1) / 2, Wo = (Wo + 1) / 2;
   at::Tensor output = at::empty({x.size(0), Co, Ho, Wo},
                                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (output.numel() == 0) return output;
-  // (Ci * 9, CoP): the weights of a tap are a row of whole vectors (zero padded).
-  const int64_t CoP = round_up(Co, kLanes);
-  const at::Tensor w =
-      at::constant_pad_nd(weight.permute({1, 2, 3, 0}).reshape({Ci * 9, Co}), {0, CoP - Co})
+  const StemWeights first = pack_stem(weight, bias);
+  if (!weight2) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::stem_conv", [&] {
+      run_stem_conv<scalar_t>(input, first, output);
+    });
+    return output;
+  }
+  // (3, 3 * C1P, C2P): for kernel row ky, the B operand of A's columns (kx, c); zero rows for
+  // the first convolution's padding channels.
+  const int64_t C1 = weight.size(0), C1P = first.CoP, C2P = padded(Co, x.scalar_type());
+  const at::Tensor w2 =
+      at::constant_pad_nd(weight2->permute({2, 3, 1, 0}), {0, C2P - Co, 0, C1P - C1})
+          .reshape({3, 3 * C1P, C2P})
           .contiguous();
-  const at::Tensor b = at::constant_pad_nd(bias, {0, CoP - Co}).contiguous();
+  const at::Tensor b2 = at::constant_pad_nd(*bias2, {0, C2P - Co}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::stem_conv", [&] {
-    run_stem_conv<scalar_t>(input, w.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), CoP, output);
+    run_stem_conv2<scalar_t>(input, first, w2, b2, output);
   });
   return output;
 }
