@@ -144,4 +144,20 @@ inline void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
   check_ffn_params(x.size(1), {x, "x"}, w1, b1, w2, b2);
 }
 
+// The parameters of pointwise for `channels` input channels.
+inline void check_pointwise_params(int64_t channels, Like like, const at::Tensor& weight,
+                                   const at::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 2, "efficientvit: pointwise weight must be 2-D (Co, C), got ",
+              weight.sizes());
+  check_shape(weight, {weight.size(0), channels}, "weight");
+  check_shape(bias, {weight.size(0)}, "bias");
+  check_same(like, weight, "weight");
+  check_same(like, bias, "bias");
+}
+
+inline void check_pointwise(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_input(x);
+  check_pointwise_params(x.size(1), {x, "x"}, weight, bias);
+}
+
 }  // namespace efficientvit

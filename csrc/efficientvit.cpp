@@ -25,6 +25,9 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def(
       "stem_conv(Tensor x, Tensor weight, Tensor bias, Tensor? weight2=None, Tensor? bias2=None) "
       "-> Tensor");
+  // Pointwise (1x1) convolution, CPU only: [relu](weight x + bias); weight (Co, C), bias (Co).
+  // Returns (B, Co, H, W) in x's layout.
+  m.def("pointwise(Tensor x, Tensor weight, Tensor bias, bool relu) -> Tensor");
 
   // CPU only: the weights packed once, ahead of the calls. X_pack takes X's parameters and
   // returns them in the layout the CPU kernel of X reads (transposed, padded to the vector
@@ -39,6 +42,8 @@ TORCH_LIBRARY(efficientvit, m) {
       "-> Tensor");
   m.def("ffn_pack(Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor[]");
   m.def("ffn_packed(Tensor x, Tensor[] packed, bool residual) -> Tensor");
+  m.def("pointwise_pack(Tensor weight, Tensor bias) -> Tensor[]");
+  m.def("pointwise_packed(Tensor x, Tensor[] packed, int out_channels, bool relu) -> Tensor");
 }
 
 #ifdef EFFICIENTVIT_PYTHON_MODULE

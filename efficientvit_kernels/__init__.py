@@ -6,10 +6,10 @@ forward calls the fused ops.
 from . import ops
 from .convert import convert
 from .graphs import cuda_graph
-from .modules import BACKENDS, FusedCGA, FusedDWConv, FusedFFN, FusedStemConv
+from .modules import BACKENDS, FusedCGA, FusedDWConv, FusedFFN, FusedPointwise, FusedStemConv
 
 __all__ = ["ops", "convert", "cuda_graph", "BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN",
-           "FusedStemConv"]
+           "FusedPointwise", "FusedStemConv"]
 
 
 def _triton_serves_cuda():

@@ -26,8 +26,8 @@ from torch import nn
 import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
-from .modules import (FusedCGA, FusedDWConv, FusedFFN, FusedStemConv, InPlacePatchMerging,
-                      LinearSqueezeExcite, ResidualAdd, backend_ops)
+from .modules import (FusedCGA, FusedDWConv, FusedFFN, FusedPointwise, FusedStemConv,
+                      InPlacePatchMerging, LinearSqueezeExcite, ResidualAdd, backend_ops)
 
 __all__ = ["convert"]
 
@@ -190,6 +190,17 @@ def _stem_convolutions(model, backend):
             i += len(names)
 
 
+def _pointwise_convolutions(model, backend):
+    """PatchMerging's 1x1 convolutions -> FusedPointwise, the first with its ReLU."""
+    for m in model.modules():
+        if isinstance(m, InPlacePatchMerging):
+            for name, relu in (("conv1", True), ("conv3", False)):
+                conv = getattr(m, name)
+                setattr(m, name, FusedPointwise(conv.weight.flatten(1), _bias(conv), relu,
+                                                backend=backend))
+            m.act1 = nn.Identity()
+
+
 def _channels_last_convolutions(model):
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -214,6 +225,7 @@ def convert(model, backend="auto"):
     out = _convert(model, backend)
     if backend in ("auto", "cpu") and all(t.device.type == "cpu" for t in out.state_dict().values()):
         _stem_convolutions(out, backend)
+        _pointwise_convolutions(out, backend)
         _channels_last_convolutions(out)
     out.eval()
     for p in out.parameters():

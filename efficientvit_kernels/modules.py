@@ -6,8 +6,8 @@ import python_ref.functional
 
 from . import ops
 
-__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedStemConv", "InPlacePatchMerging",
-           "LinearSqueezeExcite", "ResidualAdd", "backend_ops"]
+__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedPointwise", "FusedStemConv",
+           "InPlacePatchMerging", "LinearSqueezeExcite", "ResidualAdd", "backend_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -179,6 +179,32 @@ class FusedFFN(_Fused):
                 f"{super().extra_repr()}")
 
 
+class FusedPointwise(_Fused):
+    """A 1x1 convolution, ``[relu](weight x + bias)``, on CPU in one op (``pointwise``) on packed
+    weights; weight (Co, C). The op is CPU only: on other devices the module runs the spec."""
+
+    _weight_names = ("weight", "bias")
+    _pack_op = staticmethod(ops.pointwise_pack)
+
+    def __init__(self, weight, bias, relu, backend="auto"):
+        super().__init__(backend)
+        self.relu = bool(relu)
+        self._set_weights(weight=weight, bias=bias)
+
+    def forward(self, x):
+        self._check_device(x)
+        packed = self._cpu_packed(x)
+        if packed is not None:
+            return ops.pointwise_packed(x, packed, self.weight.shape[0], self.relu)
+        if x.device.type == "cpu" and self.backend in ("auto", "cpu"):
+            return ops.pointwise(x, self.weight, self.bias, self.relu)
+        return python_ref.functional.pointwise(x, self.weight, self.bias, self.relu)
+
+    def extra_repr(self):
+        return (f"in_channels={self.weight.shape[1]}, out_channels={self.weight.shape[0]}, "
+                f"relu={self.relu}, {super().extra_repr()}")
+
+
 class FusedStemConv(_Fused):
     """``relu(conv3x3(x) + bias)``, stride 2, padding 1: the patch embedding's first convolution
     and its ReLU, and, given ``weight2`` and ``bias2``, the second convolution and ReLU after
@@ -217,14 +243,16 @@ class InPlacePatchMerging(nn.Module):
     """EfficientViT's PatchMerging, ``conv3(se(relu(conv2(relu(conv1(x))))))`` (1x1 conv,
     depthwise 3x3 stride 2, squeeze-excite, 1x1 conv; batch norm folded), with each ReLU
     applied in place to its convolution's fresh output: two activation-sized allocations
-    fewer per call, which on CPU are fresh pages (page faults) each time."""
+    fewer per call, which on CPU are fresh pages (page faults) each time. ``act1``, the first
+    ReLU, is an Identity where conv1 applies it itself (a ``FusedPointwise``)."""
 
     def __init__(self, conv1, conv2, se, conv3):
         super().__init__()
         self.conv1, self.conv2, self.se, self.conv3 = conv1, conv2, se, conv3
+        self.act1 = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        return self.conv3(self.se(torch.relu_(self.conv2(torch.relu_(self.conv1(x))))))
+        return self.conv3(self.se(torch.relu_(self.conv2(self.act1(self.conv1(x))))))
 
 
 class LinearSqueezeExcite(nn.Module):

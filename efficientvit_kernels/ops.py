@@ -1,4 +1,5 @@
-"""Python face of the fused ops: ``torch.ops.efficientvit.{cga, dwconv, ffn, stem_conv}``.
+"""Python face of the fused ops: ``torch.ops.efficientvit.{cga, dwconv, ffn, pointwise,
+stem_conv}``.
 
 The schemas live in ``csrc/efficientvit.cpp``; the compiled library registers the CPU
 (and, where built, CUDA) kernels. This module documents each op, checks arguments the
@@ -7,17 +8,19 @@ way the C++ side does (for the fake implementation, so ``torch.compile`` and
 backends), and registers the fake implementations. The ops are inference-only: they
 have no autograd formula.
 
-On CPU, ``cga`` and ``ffn`` also come in two halves, so that the weights are packed once
-rather than on every call: ``cga_pack``/``ffn_pack`` return the parameters in the layout the
-CPU kernel reads, ``cga_packed``/``ffn_packed`` compute the op from them. ``FusedCGA`` and
-``FusedFFN`` use them. ``stem_conv`` (the patch embedding's first convolution) is CPU only too.
+On CPU, ``cga``, ``ffn`` and ``pointwise`` also come in two halves, so that the weights are
+packed once rather than on every call: ``X_pack`` returns the parameters in the layout the CPU
+kernel reads, ``X_packed`` computes the op from them. ``FusedCGA``, ``FusedFFN`` and
+``FusedPointwise`` use them. ``pointwise`` (PatchMerging's 1x1 convolutions) and ``stem_conv``
+(the patch embedding's first convolutions) are CPU only.
 """
 import torch
 
 from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
 
-__all__ = ["cga", "dwconv", "ffn", "stem_conv", "cga_pack", "cga_packed", "ffn_pack", "ffn_packed",
-           "check_cga", "check_dwconv", "check_ffn", "check_stem_conv", "has_compiled_kernels"]
+__all__ = ["cga", "dwconv", "ffn", "pointwise", "stem_conv", "cga_pack", "cga_packed", "ffn_pack",
+           "ffn_packed", "pointwise_pack", "pointwise_packed", "check_cga", "check_dwconv", "check_ffn",
+           "check_pointwise", "check_stem_conv", "has_compiled_kernels"]
 
 
 def has_compiled_kernels(device_type):
@@ -134,6 +137,18 @@ def check_stem_conv(x, weight, bias, weight2=None, bias2=None):
     return B, C2, (shape[2] + 1) // 2, (shape[3] + 1) // 2
 
 
+def check_pointwise(x, weight, bias):
+    """Checks pointwise arguments; returns the output's shape."""
+    _check_input(x)
+    if weight.dim() != 2:
+        _fail(f"pointwise weight must be 2-D (Co, C), got {list(weight.shape)}")
+    _check_shape(weight, (weight.shape[0], x.shape[1]), "weight")
+    _check_shape(bias, (weight.shape[0],), "bias")
+    _check_params(x, weight=weight, bias=bias)
+    B, _, H, W = x.shape
+    return B, weight.shape[0], H, W
+
+
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
         window_size, scale, residual=True):
     """Local-window cascaded group attention, fused (DESIGN.md), on folded parameters.
@@ -192,6 +207,14 @@ def stem_conv(x, weight, bias, weight2=None, bias2=None):
     return torch.ops.efficientvit.stem_conv(x, weight, bias, weight2, bias2)
 
 
+def pointwise(x, weight, bias, relu=False):
+    """CPU: a 1x1 convolution, ``[relu](weight x + bias)``; x (B, C, H, W), weight (Co, C),
+    bias (Co,). Returns (B, Co, H, W) in x's layout (channels-last or contiguous). One GEMM per
+    tile of tokens, on weights packed panel-major; PatchMerging's convolutions use it.
+    """
+    return torch.ops.efficientvit.pointwise(x, weight, bias, relu)
+
+
 def cga_pack(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
              window_size, scale):
     """CPU: ``cga``'s parameters (as documented there) packed for its CPU kernel.
@@ -224,6 +247,17 @@ def ffn_packed(x, packed, residual=True):
     return torch.ops.efficientvit.ffn_packed(x, packed, residual)
 
 
+def pointwise_pack(weight, bias):
+    """CPU: ``pointwise``'s parameters packed for its CPU kernel (see ``cga_pack``)."""
+    return torch.ops.efficientvit.pointwise_pack(weight, bias)
+
+
+def pointwise_packed(x, packed, out_channels, relu=False):
+    """CPU: ``pointwise`` on weights packed by ``pointwise_pack`` (``out_channels``: the
+    weight's Co); the same result for the same x."""
+    return torch.ops.efficientvit.pointwise_packed(x, packed, out_channels, relu)
+
+
 @torch.library.register_fake("efficientvit::cga")
 def _cga_fake(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
               proj_bias, window_size, scale, residual):
@@ -242,6 +276,20 @@ def _dwconv_fake(x, weight, bias, relu, residual):
 def _ffn_fake(x, w1, b1, w2, b2, residual):
     check_ffn(x, w1, b1, w2, b2)
     return torch.empty_like(x)
+
+
+def _layout_of(x):
+    """The memory format of the kernels' output for x: x's own where x is dense, else the one its
+    strides suggest (as torch.empty_like picks it)."""
+    like = torch.empty_like(x)
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.library.register_fake("efficientvit::pointwise")
+def _pointwise_fake(x, weight, bias, relu):
+    shape = check_pointwise(x, weight, bias)
+    return x.new_empty(shape).contiguous(memory_format=_layout_of(x))
 
 
 @torch.library.register_fake("efficientvit::stem_conv")
@@ -263,3 +311,10 @@ def _cga_packed_fake(x, packed, key_dim, window_size, residual):
 def _ffn_packed_fake(x, packed, residual):
     _check_input(x)
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("efficientvit::pointwise_packed")
+def _pointwise_packed_fake(x, packed, out_channels, relu):
+    _check_input(x)
+    B, _, H, W = x.shape
+    return x.new_empty((B, out_channels, H, W)).contiguous(memory_format=_layout_of(x))

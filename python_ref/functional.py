@@ -65,6 +65,12 @@ def ffn(x, w1, b1, w2, b2, residual):
     return x + y if residual else y
 
 
+def pointwise(x, weight, bias, relu):
+    """A 1x1 convolution: ``[relu](weight x + bias)`` over channels at every pixel."""
+    y = torch.einsum("oc,bchw->bohw", weight, x) + bias[None, :, None, None]
+    return torch.relu(y) if relu else y
+
+
 def stem_conv(x, weight, bias, weight2=None, bias2=None):
     """The patch embedding's first convolution: ``relu(conv3x3(x) + bias)``, stride 2, zero
     padding 1; given ``weight2`` and ``bias2``, the second the same way on its output."""

@@ -75,14 +75,17 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite; on CPU
-    the stem's first two convolutions and ReLUs become a FusedStemConv; the stem's other ReLU
+    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite, on CPU
+    its 1x1 convolutions FusedPointwise; on CPU the stem's first two convolutions and ReLUs
+    become a FusedStemConv; the stem's other ReLU
     after a convolution works in place and never on the caller's tensor; on CPU the convolution
     weights are channels-last."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
     assert len(merging) == 2 and all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in merging)
+    assert all(isinstance(m.conv1, K.FusedPointwise) and m.conv1.relu and isinstance(m.act1, torch.nn.Identity)
+               and isinstance(m.conv3, K.FusedPointwise) and not m.conv3.relu for m in merging)
     stem = fused.patch_embed[0]
     assert isinstance(stem, K.FusedStemConv) and stem.weight2.shape[1] == stem.weight.shape[0]
     assert all(isinstance(m, torch.nn.Identity) for m in fused.patch_embed[1:4])

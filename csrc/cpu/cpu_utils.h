@@ -1,6 +1,7 @@
 // Building blocks shared by the CPU kernels: SIMD vectors, a small register-blocked GEMM,
 // strided tile copies and the input/output layout handling.
 #pragma once
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -237,6 +238,62 @@ void copy_tile(int64_t rows, int64_t cols, Tile<const T> src, Tile<const T> add,
     detail::copy_row(cols, src.data + i * src.row_stride, src.col_stride,
                      add.data ? add.data + i * add.row_stride : nullptr, add.col_stride,
                      dst.data + i * dst.row_stride);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loop of the per-pixel (1x1) ops: x (B, C, H, W) in tiles of `tile` tokens. compute(x_tile,
+// n, y, scratch) gets a tile as n rows of C channels (x_tile: in place for channels-last x, where
+// the tokens of all images are one run of rows; gathered from each image the tile spans for
+// channel-major x) and writes n rows of Co values, row stride CoP, to y; they are written to
+// out (Co channels, x's layout; plus x's tile when residual, Co == C), or, where they can be
+// (channels-last, Co == CoP, no residual), straight into out. scratch: scratch_per_tile elements
+// per thread, uninitialized.
+template <typename T, typename Compute>
+void for_each_token_tile(const at::Tensor& x, bool channels_last, at::Tensor& out, int64_t CoP,
+                         int64_t tile, int64_t scratch_per_tile, bool residual, Compute&& compute) {
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Co = out.size(1);
+  const int64_t tokens = B * HW;
+  const T* xp = x.data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  at::parallel_for(0, (tokens + tile - 1) / tile, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer =
+        at::empty({tile * CoP + (channels_last ? 0 : tile * C) + scratch_per_tile}, x.options());
+    T* y = buffer.data_ptr<T>();                              // n x CoP
+    T* scratch = y + tile * CoP;
+    T* x_gathered = scratch + scratch_per_tile;               // n x C, for channel-major x
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t t0 = t * tile, n = std::min(tile, tokens - t0);
+      // The tile's part in each image: offset of its first token in x (channel 0) and in out,
+      // its first row in the tile, its length.
+      const auto for_each_image_part = [&](auto&& f) {
+        for (int64_t s = t0; s < t0 + n;) {
+          const int64_t len = std::min(HW - s % HW, t0 + n - s);
+          f(s / HW * HW, s % HW, s - t0, len);  // image * HW, token in the image, row, tokens
+          s += len;
+        }
+      };
+      const T* x_tile = xp + t0 * C;
+      if (!channels_last) {
+        for_each_image_part([&](int64_t image, int64_t token, int64_t row, int64_t len) {
+          copy_tile<T>(len, C, {xp + image * C + token, 1, HW}, {}, {x_gathered + row * C, C, 1});
+        });
+        x_tile = x_gathered;
+      }
+      const bool straight_to_out = channels_last && Co == CoP && !residual;
+      compute(x_tile, n, straight_to_out ? outp + t0 * Co : y, scratch);
+      if (straight_to_out) continue;
+      if (channels_last) {
+        copy_tile<T>(n, Co, {y, CoP, 1}, {residual ? x_tile : nullptr, C, 1},
+                     {outp + t0 * Co, Co, 1});
+      } else {
+        for_each_image_part([&](int64_t image, int64_t token, int64_t row, int64_t len) {
+          copy_tile<T>(len, Co, {y + row * CoP, CoP, 1},
+                       {residual ? xp + image * C + token : nullptr, 1, HW},
+                       {outp + image * Co + token, 1, HW});
+        });
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -37,52 +37,15 @@ std::vector<at::Tensor> pack_ffn(const at::Tensor& w1, const at::Tensor& b1, con
 
 template <typename T>
 void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
-  const at::Tensor& input = io.input;
-  const int64_t B = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
-  const int64_t M = packed[kW2].size(0), MP = padded<T>(M), CP = padded<T>(C);
-  const int64_t tokens = B * HW;
-  const bool channels_last = io.channels_last;
+  const int64_t C = io.input.size(1), M = packed[kW2].size(0);
+  const int64_t MP = padded<T>(M), CP = padded<T>(C);
   const T *w1 = packed[kW1].data_ptr<T>(), *b1 = packed[kB1].data_ptr<T>();
   const T *w2 = packed[kW2].data_ptr<T>(), *b2 = packed[kB2].data_ptr<T>();
-  const T* x = input.data_ptr<T>();
-  T* out = io.output.data_ptr<T>();
-
-  at::parallel_for(0, (tokens + kTileTokens - 1) / kTileTokens, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor buffer = at::empty({kTileTokens * (MP + CP + C)}, input.options());
-    T* hidden = buffer.data_ptr<T>();     // n x MP
-    T* y = hidden + kTileTokens * MP;     // n x CP
-    T* x_gathered = y + kTileTokens * CP;  // n x C, for channel-major x
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t t0 = t * kTileTokens, n = std::min(kTileTokens, tokens - t0);
-      // The tile's tokens as rows of C channels: in place for channels-last x (the tokens of all
-      // images are one run of rows); for channel-major x, gathered from each image the tile
-      // spans (C rows of tokens, stride HW), and the result scattered back the same way.
-      const auto for_each_image_part = [&](auto&& f) {
-        for (int64_t s = t0; s < t0 + n;) {
-          const int64_t len = std::min(HW - s % HW, t0 + n - s);
-          f(s / HW * C * HW + s % HW, s - t0, len);  // offset in x, row in the tile, tokens
-          s += len;
-        }
-      };
-      const T* x_tile = x + t0 * C;
-      if (!channels_last) {
-        for_each_image_part([&](int64_t offset, int64_t row, int64_t len) {
-          copy_tile<T>(len, C, {x + offset, 1, HW}, {}, {x_gathered + row * C, C, 1});
-        });
-        x_tile = x_gathered;
-      }
-      gemm<T>(n, MP, C, {x_tile, C, 1}, w1, kPanelMajor, {b1, 0, 1}, hidden, MP,
-              /*apply_relu=*/true);
-      gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {b2, 0, 1}, y, CP);
-      if (channels_last) {
-        copy_tile<T>(n, C, {y, CP, 1}, {residual ? x_tile : nullptr, C, 1}, {out + t0 * C, C, 1});
-      } else {
-        for_each_image_part([&](int64_t offset, int64_t row, int64_t len) {
-          copy_tile<T>(len, C, {y + row * CP, CP, 1}, {residual ? x + offset : nullptr, 1, HW},
-                       {out + offset, 1, HW});
-        });
-      }
-    }
+  at::Tensor output = io.output;
+  for_each_token_tile<T>(io.input, io.channels_last, output, CP, kTileTokens,
+                         kTileTokens * MP, residual, [&](const T* x, int64_t n, T* y, T* hidden) {
+    gemm<T>(n, MP, C, {x, C, 1}, w1, kPanelMajor, {b1, 0, 1}, hidden, MP, /*apply_relu=*/true);
+    gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {b2, 0, 1}, y, CP);
   });
 }
 
