@@ -11,8 +11,6 @@
 namespace efficientvit::cpu {
 namespace {
 
-constexpr int64_t kTileTokens = 96;  // a whole number of the GEMM's 6-row blocks
-
 // The packed parameters (pointwise_pack): the weight transposed, padded to whole vectors (zeros)
 // and panel-major, the B operand of a token-major tile; the bias padded.
 enum PointwisePacked {
@@ -38,7 +36,7 @@ at::Tensor run_pointwise(const at::Tensor& x, at::TensorList packed, int64_t Co,
     const scalar_t* w = packed[kWeight].data_ptr<scalar_t>();
     const scalar_t* b = packed[kBias].data_ptr<scalar_t>();
     for_each_token_tile<scalar_t>(
-        input, format == at::MemoryFormat::ChannelsLast, output, CoP, kTileTokens, 0,
+        input, format == at::MemoryFormat::ChannelsLast, output, CoP, 0,
         /*residual=*/false, [&](const scalar_t* x_tile, int64_t n, scalar_t* y, scalar_t*) {
           gemm<scalar_t>(n, CoP, C, {x_tile, C, 1}, w, kPanelMajor, {b, 0, 1}, y, CoP, relu);
         });
