@@ -133,7 +133,7 @@ constexpr std::array<GemmBlocksFn<T>, sizeof...(I)> gemm_blocks_table(std::index
 
 }  // namespace detail
 
-constexpr int64_t kPanelMajor = 0;
+constexpr int64_t kPanelMajor = 0;  // gemm's ldb for a B laid out by pack_panels
 
 // The width of gemm's column panels: the columns one block of accumulators covers.
 template <typename T>
@@ -253,8 +253,8 @@ constexpr int64_t kTileTokens = 96;
 // they can be (channels-last, Co == CoP, no residual), straight into out. scratch:
 // scratch_per_tile elements per thread, uninitialized.
 template <typename T, typename Compute>
-void for_each_token_tile(const at::Tensor& x, bool channels_last, at::Tensor& out, int64_t CoP,
-                         int64_t scratch_per_tile, bool residual, Compute&& compute) {
+void for_each_token_tile(const at::Tensor& x, bool channels_last, const at::Tensor& out,
+                         int64_t CoP, int64_t scratch_per_tile, bool residual, Compute&& compute) {
   constexpr int64_t tile = kTileTokens;
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Co = out.size(1);
   const int64_t tokens = B * HW;
@@ -263,17 +263,17 @@ void for_each_token_tile(const at::Tensor& x, bool channels_last, at::Tensor& ou
   at::parallel_for(0, (tokens + tile - 1) / tile, 1, [&](int64_t begin, int64_t end) {
     const at::Tensor buffer =
         at::empty({tile * CoP + (channels_last ? 0 : tile * C) + scratch_per_tile}, x.options());
-    T* y = buffer.data_ptr<T>();                              // n x CoP
+    T* y = buffer.data_ptr<T>();                 // n x CoP
     T* scratch = y + tile * CoP;
-    T* x_gathered = scratch + scratch_per_tile;               // n x C, for channel-major x
+    T* x_gathered = scratch + scratch_per_tile;  // n x C, for channel-major x
     for (int64_t t = begin; t < end; ++t) {
       const int64_t t0 = t * tile, n = std::min(tile, tokens - t0);
-      // The tile's part in each image: offset of its first token in x (channel 0) and in out,
-      // its first row in the tile, its length.
+      // The tile's part in each image: f(image * HW, its first token in the image, its first
+      // row in the tile, its length).
       const auto for_each_image_part = [&](auto&& f) {
         for (int64_t s = t0; s < t0 + n;) {
           const int64_t len = std::min(HW - s % HW, t0 + n - s);
-          f(s / HW * HW, s % HW, s - t0, len);  // image * HW, token in the image, row, tokens
+          f(s / HW * HW, s % HW, s - t0, len);
           s += len;
         }
       };
@@ -343,14 +343,17 @@ inline void check_packed(const char* op, at::TensorList packed,
 }
 
 // x in the dense memory format it suggests (channels-last stays channels-last, anything else
-// becomes contiguous), and an uninitialized output of the same shape and format.
+// becomes contiguous), and an uninitialized output of the same shape and format (with
+// out_channels channels, if given).
 struct DenseIO {
   at::Tensor input, output;
   bool channels_last;
 };
-inline DenseIO dense_input_and_output(const at::Tensor& x) {
+inline DenseIO dense_input_and_output(const at::Tensor& x, int64_t out_channels = -1) {
   const auto format = x.suggest_memory_format();
-  return {x.contiguous(format), at::empty(x.sizes(), x.options().memory_format(format)),
+  std::vector<int64_t> shape = x.sizes().vec();
+  if (out_channels >= 0) shape[1] = out_channels;
+  return {x.contiguous(format), at::empty(shape, x.options().memory_format(format)),
           format == at::MemoryFormat::ChannelsLast};
 }
 

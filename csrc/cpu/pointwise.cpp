@@ -26,22 +26,19 @@ std::vector<at::Tensor> pack_pointwise(const at::Tensor& weight, const at::Tenso
 }
 
 at::Tensor run_pointwise(const at::Tensor& x, at::TensorList packed, int64_t Co, bool relu) {
-  const auto format = x.suggest_memory_format();
-  const at::Tensor input = x.contiguous(format);
-  at::Tensor output = at::empty({x.size(0), Co, x.size(2), x.size(3)},
-                                x.options().memory_format(format));
-  if (output.numel() == 0) return output;
+  const DenseIO io = dense_input_and_output(x, Co);
+  if (io.output.numel() == 0) return io.output;
   const int64_t C = x.size(1), CoP = packed[kBias].size(0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::pointwise", [&] {
     const scalar_t* w = packed[kWeight].data_ptr<scalar_t>();
     const scalar_t* b = packed[kBias].data_ptr<scalar_t>();
     for_each_token_tile<scalar_t>(
-        input, format == at::MemoryFormat::ChannelsLast, output, CoP, 0,
+        io.input, io.channels_last, io.output, CoP, 0,
         /*residual=*/false, [&](const scalar_t* x_tile, int64_t n, scalar_t* y, scalar_t*) {
           gemm<scalar_t>(n, CoP, C, {x_tile, C, 1}, w, kPanelMajor, {b, 0, 1}, y, CoP, relu);
         });
   });
-  return output;
+  return io.output;
 }
 
 // The three entry points: the op (packs, then runs), the packing alone, and the op on packed
@@ -63,9 +60,9 @@ std::vector<at::Tensor> pointwise_pack_cpu(const at::Tensor& weight, const at::T
 at::Tensor pointwise_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t out_channels,
                                 bool relu) {
   check_input(x);
+  TORCH_CHECK(out_channels > 0, "efficientvit: pointwise_packed: out_channels must be positive");
   const at::ScalarType dtype = x.scalar_type();
   const int64_t CoP = padded(out_channels, dtype);
-  TORCH_CHECK(out_channels > 0, "efficientvit: pointwise_packed: out_channels must be positive");
   check_packed("pointwise_packed", packed,
                {{"weight", {x.size(1), CoP}, dtype}, {"bias", {CoP}, dtype}});
   return run_pointwise(x, packed, out_channels, relu);

@@ -189,8 +189,8 @@ void run_stem_conv2(const at::Tensor& x, const StemWeights& first, const at::Ten
         rows[ky] = slot;
       }
       // The image rows of the next output row's two new rows of y, fetched during this row's
-      // GEMMs: the stem reads the image once, and from memory, at a rate that would otherwise
-      // leave the multiply-adds waiting (in-model measurement, not a guess).
+      // GEMMs: the image comes from memory, and without this the op took ~40% longer with a
+      // cold cache than a warm one (16 -> 32 channels, batch 16); with it, ~5%.
       if (r + 1 < end) {
         const int64_t next = r + 1, first_row = 4 * (next % Ho) - 1;
         for (int64_t c = 0; c < Ci; ++c)
