@@ -146,18 +146,30 @@ inline void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
 
 // The parameters of pointwise for `channels` input channels.
 inline void check_pointwise_params(int64_t channels, Like like, const at::Tensor& weight,
-                                   const at::Tensor& bias) {
+                                   const at::Tensor& bias,
+                                   const std::optional<at::Tensor>& dw_weight,
+                                   const std::optional<at::Tensor>& dw_bias) {
   TORCH_CHECK(weight.dim() == 2, "efficientvit: pointwise weight must be 2-D (Co, C), got ",
               weight.sizes());
-  check_shape(weight, {weight.size(0), channels}, "weight");
-  check_shape(bias, {weight.size(0)}, "bias");
+  const int64_t Co = weight.size(0);
+  check_shape(weight, {Co, channels}, "weight");
+  check_shape(bias, {Co}, "bias");
   check_same(like, weight, "weight");
   check_same(like, bias, "bias");
+  TORCH_CHECK(dw_weight.has_value() == dw_bias.has_value(),
+              "efficientvit: pointwise takes dw_weight and dw_bias together, or neither");
+  if (!dw_weight) return;
+  check_shape(*dw_weight, {Co, 3, 3}, "dw_weight");
+  check_shape(*dw_bias, {Co}, "dw_bias");
+  check_same(like, *dw_weight, "dw_weight");
+  check_same(like, *dw_bias, "dw_bias");
 }
 
-inline void check_pointwise(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+inline void check_pointwise(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& dw_weight,
+                            const std::optional<at::Tensor>& dw_bias) {
   check_input(x);
-  check_pointwise_params(x.size(1), {x, "x"}, weight, bias);
+  check_pointwise_params(x.size(1), {x, "x"}, weight, bias, dw_weight, dw_bias);
 }
 
 }  // namespace efficientvit

@@ -25,9 +25,13 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def(
       "stem_conv(Tensor x, Tensor weight, Tensor bias, Tensor? weight2=None, Tensor? bias2=None) "
       "-> Tensor");
-  // Pointwise (1x1) convolution, CPU only: [relu](weight x + bias); weight (Co, C), bias (Co).
-  // Returns (B, Co, H, W) in x's layout.
-  m.def("pointwise(Tensor x, Tensor weight, Tensor bias, bool relu) -> Tensor");
+  // Pointwise (1x1) convolution, CPU only: y = [relu](weight x + bias); weight (Co, C), bias (Co).
+  // Returns y (B, Co, H, W) in x's layout; or, given dw_weight (Co, 3, 3) and dw_bias (Co),
+  // relu(dwconv3x3(y) + dw_bias), depthwise, stride 2, zero padding 1 (B, Co, ceil(H/2),
+  // ceil(W/2)), without writing y to memory.
+  m.def(
+      "pointwise(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor? dw_weight=None, "
+      "Tensor? dw_bias=None) -> Tensor");
 
   // CPU only: the weights packed once, ahead of the calls. X_pack takes X's parameters and
   // returns them in the layout the CPU kernel of X reads (transposed, padded to the vector
@@ -42,7 +46,9 @@ TORCH_LIBRARY(efficientvit, m) {
       "-> Tensor");
   m.def("ffn_pack(Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor[]");
   m.def("ffn_packed(Tensor x, Tensor[] packed, bool residual) -> Tensor");
-  m.def("pointwise_pack(Tensor weight, Tensor bias) -> Tensor[]");
+  m.def(
+      "pointwise_pack(Tensor weight, Tensor bias, Tensor? dw_weight=None, Tensor? dw_bias=None) "
+      "-> Tensor[]");
   m.def("pointwise_packed(Tensor x, Tensor[] packed, int out_channels, bool relu) -> Tensor");
 }
 

@@ -12,7 +12,9 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
   right after a convolution works in place (it owns the conv's fresh output);
 - everything else is copied, its children converted.
 On CPU the stem's first two convolutions and their ReLUs (3x3, stride 2, the first from the
-image's few channels) become one ``stem_conv`` op with channels-last output; the other
+image's few channels) become one ``stem_conv`` op with channels-last output; PatchMerging's
+first 1x1 convolution, its depthwise convolution and their ReLUs one ``pointwise`` op, its last
+1x1 convolution another; the other
 convolution weights are channels-last, so oneDNN runs those convolutions channels-last, and the
 activations stay channels-last through the fused ops, which take either layout.
 The input model is not modified: nothing is deep-copied through it (timm caches attention
@@ -191,14 +193,21 @@ def _stem_convolutions(model, backend):
 
 
 def _pointwise_convolutions(model, backend):
-    """PatchMerging's 1x1 convolutions -> FusedPointwise, the first with its ReLU."""
+    """PatchMerging's 1x1 convolutions -> FusedPointwise: the first with its ReLU and, where it is
+    a depthwise 3x3 stride-2 convolution, the second convolution and its ReLU."""
     for m in model.modules():
-        if isinstance(m, InPlacePatchMerging):
-            for name, relu in (("conv1", True), ("conv3", False)):
-                conv = getattr(m, name)
-                setattr(m, name, FusedPointwise(conv.weight.flatten(1), _bias(conv), relu,
-                                                backend=backend))
-            m.act1 = nn.Identity()
+        if not isinstance(m, InPlacePatchMerging):
+            continue
+        conv1, conv2, conv3 = m.conv1, m.conv2, m.conv3
+        depthwise = ()
+        if (_is_conv(conv2, 3, 2, 1)
+                and conv2.groups == conv2.in_channels == conv2.out_channels == conv1.out_channels):
+            depthwise = (conv2.weight[:, 0], _bias(conv2))
+            m.conv2, m.act2 = nn.Identity(), nn.Identity()
+        m.conv1 = FusedPointwise(conv1.weight.flatten(1), _bias(conv1), True, *depthwise,
+                                 backend=backend)
+        m.act1 = nn.Identity()
+        m.conv3 = FusedPointwise(conv3.weight.flatten(1), _bias(conv3), False, backend=backend)
 
 
 def _channels_last_convolutions(model):

@@ -180,29 +180,34 @@ class FusedFFN(_Fused):
 
 
 class FusedPointwise(_Fused):
-    """A 1x1 convolution, ``[relu](weight x + bias)``, on CPU in one op (``pointwise``) on packed
-    weights; weight (Co, C). The op is CPU only: on other devices the module runs the spec."""
+    """A 1x1 convolution, ``y = [relu](weight x + bias)``, on CPU in one op (``pointwise``) on
+    packed weights; weight (Co, C). Given ``dw_weight`` (Co, 3, 3) and ``dw_bias``, also the
+    depthwise 3x3 stride-2 convolution and ReLU after it, ``relu(dwconv(y) + dw_bias)``, in the
+    same op. The op is CPU only: on other devices the module runs the spec."""
 
-    _weight_names = ("weight", "bias")
     _pack_op = staticmethod(ops.pointwise_pack)
 
-    def __init__(self, weight, bias, relu, backend="auto"):
+    def __init__(self, weight, bias, relu, dw_weight=None, dw_bias=None, backend="auto"):
         super().__init__(backend)
         self.relu = bool(relu)
-        self._set_weights(weight=weight, bias=bias)
+        depthwise = {} if dw_weight is None else {"dw_weight": dw_weight, "dw_bias": dw_bias}
+        self._weight_names = ("weight", "bias", *depthwise)
+        self._set_weights(weight=weight, bias=bias, **depthwise)
 
     def forward(self, x):
         self._check_device(x)
         packed = self._cpu_packed(x)
         if packed is not None:
             return ops.pointwise_packed(x, packed, self.weight.shape[0], self.relu)
+        weight, bias, *depthwise = self._weights()
         if x.device.type == "cpu" and self.backend in ("auto", "cpu"):
-            return ops.pointwise(x, self.weight, self.bias, self.relu)
-        return python_ref.functional.pointwise(x, self.weight, self.bias, self.relu)
+            return ops.pointwise(x, weight, bias, self.relu, *depthwise)
+        return python_ref.functional.pointwise(x, weight, bias, self.relu, *depthwise)
 
     def extra_repr(self):
+        depthwise = ", dwconv3x3_stride2=True" if len(self._weight_names) > 2 else ""
         return (f"in_channels={self.weight.shape[1]}, out_channels={self.weight.shape[0]}, "
-                f"relu={self.relu}, {super().extra_repr()}")
+                f"relu={self.relu}{depthwise}, {super().extra_repr()}")
 
 
 class FusedStemConv(_Fused):
@@ -243,16 +248,18 @@ class InPlacePatchMerging(nn.Module):
     """EfficientViT's PatchMerging, ``conv3(se(relu(conv2(relu(conv1(x))))))`` (1x1 conv,
     depthwise 3x3 stride 2, squeeze-excite, 1x1 conv; batch norm folded), with each ReLU
     applied in place to its convolution's fresh output: two activation-sized allocations
-    fewer per call, which on CPU are fresh pages (page faults) each time. ``act1``, the first
-    ReLU, is an Identity where conv1 applies it itself (a ``FusedPointwise``)."""
+    fewer per call, which on CPU are fresh pages (page faults) each time. A ReLU (``act1``,
+    ``act2``) is an Identity where the convolution before it applies it itself (a
+    ``FusedPointwise``; conv2 too is an Identity where conv1's takes it in)."""
 
     def __init__(self, conv1, conv2, se, conv3):
         super().__init__()
         self.conv1, self.conv2, self.se, self.conv3 = conv1, conv2, se, conv3
         self.act1 = nn.ReLU(inplace=True)
+        self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        return self.conv3(self.se(torch.relu_(self.conv2(self.act1(self.conv1(x))))))
+        return self.conv3(self.se(self.act2(self.conv2(self.act1(self.conv1(x))))))
 
 
 class LinearSqueezeExcite(nn.Module):

@@ -137,16 +137,24 @@ def check_stem_conv(x, weight, bias, weight2=None, bias2=None):
     return B, C2, (shape[2] + 1) // 2, (shape[3] + 1) // 2
 
 
-def check_pointwise(x, weight, bias):
+def check_pointwise(x, weight, bias, dw_weight=None, dw_bias=None):
     """Checks pointwise arguments; returns the output's shape."""
     _check_input(x)
     if weight.dim() != 2:
         _fail(f"pointwise weight must be 2-D (Co, C), got {list(weight.shape)}")
-    _check_shape(weight, (weight.shape[0], x.shape[1]), "weight")
-    _check_shape(bias, (weight.shape[0],), "bias")
+    Co = weight.shape[0]
+    _check_shape(weight, (Co, x.shape[1]), "weight")
+    _check_shape(bias, (Co,), "bias")
     _check_params(x, weight=weight, bias=bias)
+    if (dw_weight is None) != (dw_bias is None):
+        _fail("pointwise takes dw_weight and dw_bias together, or neither")
     B, _, H, W = x.shape
-    return B, weight.shape[0], H, W
+    if dw_weight is None:
+        return B, Co, H, W
+    _check_shape(dw_weight, (Co, 3, 3), "dw_weight")
+    _check_shape(dw_bias, (Co,), "dw_bias")
+    _check_params(x, dw_weight=dw_weight, dw_bias=dw_bias)
+    return B, Co, (H + 1) // 2, (W + 1) // 2
 
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -207,12 +215,17 @@ def stem_conv(x, weight, bias, weight2=None, bias2=None):
     return torch.ops.efficientvit.stem_conv(x, weight, bias, weight2, bias2)
 
 
-def pointwise(x, weight, bias, relu=False):
-    """CPU: a 1x1 convolution, ``[relu](weight x + bias)``; x (B, C, H, W), weight (Co, C),
-    bias (Co,). Returns (B, Co, H, W) in x's layout (channels-last or contiguous). One GEMM per
+def pointwise(x, weight, bias, relu=False, dw_weight=None, dw_bias=None):
+    """CPU: a 1x1 convolution, ``y = [relu](weight x + bias)``; x (B, C, H, W), weight (Co, C),
+    bias (Co,). Returns y (B, Co, H, W) in x's layout (channels-last or contiguous). One GEMM per
     tile of tokens, on weights packed panel-major; PatchMerging's convolutions use it.
+
+    Given dw_weight (Co, 3, 3) and dw_bias (Co,), returns ``relu(dwconv3x3(y) + dw_bias)``
+    instead (depthwise, stride 2, zero padding 1; (B, Co, ceil(H/2), ceil(W/2)) in x's layout):
+    PatchMerging's first convolution, ReLU, depthwise convolution and ReLU, with y computed a
+    band of rows at a time in cache, never written to memory.
     """
-    return torch.ops.efficientvit.pointwise(x, weight, bias, relu)
+    return torch.ops.efficientvit.pointwise(x, weight, bias, relu, dw_weight, dw_bias)
 
 
 def cga_pack(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -247,14 +260,15 @@ def ffn_packed(x, packed, residual=True):
     return torch.ops.efficientvit.ffn_packed(x, packed, residual)
 
 
-def pointwise_pack(weight, bias):
+def pointwise_pack(weight, bias, dw_weight=None, dw_bias=None):
     """CPU: ``pointwise``'s parameters packed for its CPU kernel (see ``cga_pack``)."""
-    return torch.ops.efficientvit.pointwise_pack(weight, bias)
+    return torch.ops.efficientvit.pointwise_pack(weight, bias, dw_weight, dw_bias)
 
 
 def pointwise_packed(x, packed, out_channels, relu=False):
     """CPU: ``pointwise`` on weights packed by ``pointwise_pack`` (``out_channels``: the
-    weight's Co); the same result for the same x."""
+    weight's Co); the same result for the same x, with the depthwise convolution where it was
+    packed with one."""
     return torch.ops.efficientvit.pointwise_packed(x, packed, out_channels, relu)
 
 
@@ -287,8 +301,8 @@ def _layout_of(x):
 
 
 @torch.library.register_fake("efficientvit::pointwise")
-def _pointwise_fake(x, weight, bias, relu):
-    shape = check_pointwise(x, weight, bias)
+def _pointwise_fake(x, weight, bias, relu, dw_weight=None, dw_bias=None):
+    shape = check_pointwise(x, weight, bias, dw_weight, dw_bias)
     return x.new_empty(shape).contiguous(memory_format=_layout_of(x))
 
 
@@ -317,4 +331,6 @@ def _ffn_packed_fake(x, packed, residual):
 def _pointwise_packed_fake(x, packed, out_channels, relu):
     _check_input(x)
     B, _, H, W = x.shape
+    if len(packed) == 4:  # packed with the depthwise convolution, stride 2
+        H, W = (H + 1) // 2, (W + 1) // 2
     return x.new_empty((B, out_channels, H, W)).contiguous(memory_format=_layout_of(x))

@@ -65,10 +65,16 @@ def ffn(x, w1, b1, w2, b2, residual):
     return x + y if residual else y
 
 
-def pointwise(x, weight, bias, relu):
-    """A 1x1 convolution: ``[relu](weight x + bias)`` over channels at every pixel."""
+def pointwise(x, weight, bias, relu, dw_weight=None, dw_bias=None):
+    """A 1x1 convolution: ``y = [relu](weight x + bias)`` over channels at every pixel; given
+    ``dw_weight`` (Co, 3, 3) and ``dw_bias``, ``relu(dwconv3x3(y) + dw_bias)`` after it,
+    depthwise, stride 2, zero padding 1 (PatchMerging's conv1, ReLU, conv2, ReLU)."""
     y = torch.einsum("oc,bchw->bohw", weight, x) + bias[None, :, None, None]
-    return torch.relu(y) if relu else y
+    y = torch.relu(y) if relu else y
+    if dw_weight is not None:
+        y = torch.relu(F.conv2d(y, dw_weight[:, None], dw_bias, stride=2, padding=1,
+                                groups=dw_weight.shape[0]))
+    return y
 
 
 def stem_conv(x, weight, bias, weight2=None, bias2=None):

@@ -76,7 +76,7 @@ def test_convert_submodules(models):
 
 def test_stem_and_patch_merging(models):
     """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite, on CPU
-    its 1x1 convolutions FusedPointwise; on CPU the stem's first two convolutions and ReLUs
+    its 1x1 convolutions FusedPointwise, the first with the depthwise one and both ReLUs; on CPU the stem's first two convolutions and ReLUs
     become a FusedStemConv; the stem's other ReLU
     after a convolution works in place and never on the caller's tensor; on CPU the convolution
     weights are channels-last."""
@@ -84,7 +84,8 @@ def test_stem_and_patch_merging(models):
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
     assert len(merging) == 2 and all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in merging)
-    assert all(isinstance(m.conv1, K.FusedPointwise) and m.conv1.relu and isinstance(m.act1, torch.nn.Identity)
+    assert all(isinstance(m.conv1, K.FusedPointwise) and m.conv1.relu and m.conv1.dw_weight.shape[1:] == (3, 3)
+               and all(isinstance(getattr(m, n), torch.nn.Identity) for n in ("act1", "conv2", "act2"))
                and isinstance(m.conv3, K.FusedPointwise) and not m.conv3.relu for m in merging)
     stem = fused.patch_embed[0]
     assert isinstance(stem, K.FusedStemConv) and stem.weight2.shape[1] == stem.weight.shape[0]

@@ -1,5 +1,6 @@
-"""pointwise (CPU only): a 1x1 convolution with optional ReLU, and its packed halves, against its
-spec, python_ref.functional.pointwise, in float64."""
+"""pointwise (CPU only): a 1x1 convolution with optional ReLU, optionally followed by a depthwise
+3x3 stride-2 convolution and ReLU, and its packed halves, against its spec,
+python_ref.functional.pointwise, in float64."""
 import pytest
 import torch
 
@@ -19,13 +20,23 @@ def random_pointwise_params(C, Co, seed=0, dtype=torch.float64):
     return weight.to(dtype), bias.to(dtype)
 
 
-def check(x, weight, bias, relu, dtype):
+def random_depthwise_params(Co, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed + 1)
+    dw_weight = torch.randn(Co, 3, 3, generator=g, dtype=torch.float64) / 3
+    dw_bias = torch.randn(Co, generator=g, dtype=torch.float64) * 0.3
+    return dw_weight.to(dtype), dw_bias.to(dtype)
+
+
+def check(x, weight, bias, relu, dtype, depthwise=()):
     xd, wd, bd = x.to(dtype), weight.to(dtype), bias.to(dtype)
-    out = ops.pointwise(xd, wd, bd, relu)
-    ref = functional.pointwise(x.double(), weight.double(), bias.double(), relu)
+    dwd = [t.to(dtype) for t in depthwise]
+    out = ops.pointwise(xd, wd, bd, relu, *dwd)
+    ref = functional.pointwise(x.double(), weight.double(), bias.double(), relu,
+                               *(t.double() for t in depthwise))
     assert out.dtype == dtype and out.shape == ref.shape
     assert relative_error(out, ref) < TOL[dtype]
-    assert torch.equal(ops.pointwise_packed(xd, ops.pointwise_pack(wd, bd), weight.shape[0], relu), out)
+    packed = ops.pointwise_pack(wd, bd, *dwd)
+    assert torch.equal(ops.pointwise_packed(xd, packed, weight.shape[0], relu), out)
     return out
 
 
@@ -50,6 +61,50 @@ def test_pointwise_dtype_batch_and_strided_input(dtype, batch):
     check(random_input(batch, 24, 9, 20)[..., ::2], weight, bias, False, dtype)  # not dense
 
 
+# With the depthwise convolution: PatchMerging's widths (M4's first, M0's, M5's second), widths
+# that are not whole vectors (20, 100); images of one band (7x7, 14x14), of several (30 rows of
+# 9, 40 of 5: bands of 10 and 18 rows), odd and unequal sizes (the last output row and column
+# read one padding row or column), a row of width 1, 1x1, 2x2.
+@pytest.mark.parametrize("C,Co", [(128, 512), (64, 256), (288, 1152), (20, 8), (36, 100)])
+@pytest.mark.parametrize("B,H,W", [(2, 14, 14), (3, 7, 7), (1, 30, 9), (2, 40, 5), (1, 5, 3),
+                                   (2, 9, 1), (2, 1, 1), (1, 2, 2)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_pointwise_depthwise(C, Co, B, H, W, channels_last):
+    weight, bias = random_pointwise_params(C, Co, seed=C + Co)
+    depthwise = random_depthwise_params(Co, seed=Co)
+    x = random_input(B, C, H, W, seed=H * W, channels_last=channels_last)
+    for relu in (False, True):
+        out = check(x, weight, bias, relu, torch.float32, depthwise)
+        assert out.shape == (B, Co, (H + 1) // 2, (W + 1) // 2)
+        assert out.is_contiguous(memory_format=LAYOUT[channels_last])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_pointwise_depthwise_dtype_batch_and_strided_input(dtype, batch):
+    weight, bias = random_pointwise_params(24, 40, dtype=dtype)
+    depthwise = random_depthwise_params(40, dtype=dtype)
+    check(random_input(batch, 24, 15, 14, seed=batch), weight, bias, True, dtype, depthwise)
+    check(random_input(batch, 24, 9, 20)[..., ::2], weight, bias, False, dtype, depthwise)
+
+
+def test_pointwise_depthwise_threads():
+    """Bands split between threads: a thread's first band computes the row above it instead of
+    taking it from the band before."""
+    weight, bias = random_pointwise_params(16, 32)
+    depthwise = random_depthwise_params(32)
+    x = random_input(3, 16, 45, 8, channels_last=True)  # bands of 12 rows: 4 per image
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(check(x, weight, bias, True, torch.float64, depthwise))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def test_pointwise_empty_and_nan():
     weight, bias = (t.float() for t in random_pointwise_params(8, 16))
     assert ops.pointwise(torch.zeros(0, 8, 3, 3), weight, bias, True).shape == (0, 16, 3, 3)
@@ -57,6 +112,13 @@ def test_pointwise_empty_and_nan():
     x[1, 3, 2, 4] = float("nan")
     out = ops.pointwise(x, weight, bias, True)  # ReLU keeps NaN
     assert torch.isnan(out[1, :, 2, 4]).all() and torch.isnan(out).sum() == 16
+    # with the depthwise convolution (stride 2): only output (1, 2) has a tap on pixel (2, 4)
+    dw_weight, dw_bias = (t.float() for t in random_depthwise_params(16))
+    out = ops.pointwise(x, weight, bias, True, dw_weight, dw_bias)
+    assert out.shape == (2, 16, 3, 3) and torch.isnan(out[1, :, 1, 2]).all()
+    assert torch.isnan(out).sum() == 16
+    empty = ops.pointwise(torch.zeros(2, 8, 0, 3), weight, bias, True, dw_weight, dw_bias)
+    assert empty.shape == (2, 16, 0, 2)
 
 
 def test_pointwise_bad_input():
@@ -74,6 +136,23 @@ def test_pointwise_bad_input():
         ops.pointwise(x[0], weight, bias, False)
     with pytest.raises((RuntimeError, ValueError), match="weight must have shape"):
         K.ops.check_pointwise(torch.randn(1, 5, 4, 4), weight, bias)  # the fake's check
+    dw_weight, dw_bias = (t.float() for t in random_depthwise_params(16))
+    for check_op in (ops.pointwise, K.ops.check_pointwise):  # the C++ checks and the fake's
+        args = (True,) if check_op is ops.pointwise else ()
+        with pytest.raises((RuntimeError, ValueError), match="dw_weight and dw_bias together"):
+            check_op(x, weight, bias, *args, dw_weight)
+        with pytest.raises((RuntimeError, ValueError), match="dw_weight must have shape"):
+            check_op(x, weight, bias, *args, dw_weight[:, :2, :2], dw_bias)
+        with pytest.raises((RuntimeError, ValueError), match="dw_weight must have shape"):
+            check_op(x, weight, bias, *args, dw_weight[:8], dw_bias)
+        with pytest.raises((RuntimeError, ValueError), match="dw_bias must have shape"):
+            check_op(x, weight, bias, *args, dw_weight, dw_bias[:8])
+        with pytest.raises((RuntimeError, ValueError), match="dw_bias has dtype"):
+            check_op(x, weight, bias, *args, dw_weight, dw_bias.double())
+    with pytest.raises(RuntimeError, match="dw_weight must have shape"):
+        ops.pointwise_pack(weight, bias, dw_weight[:, None], dw_bias)
+    with pytest.raises(RuntimeError, match="takes the 4 tensors"):
+        ops.pointwise_packed(x, ops.pointwise_pack(weight, bias, dw_weight, dw_bias)[:3], 16, False)
     packed = ops.pointwise_pack(weight, bias)
     with pytest.raises(RuntimeError, match="packed weight must have shape"):
         ops.pointwise_packed(torch.randn(1, 5, 4, 4), packed, 16, False)
@@ -91,6 +170,10 @@ def test_pointwise_opcheck(channels_last):
     torch.library.opcheck(ops.pointwise.default, (x, weight, bias, True), test_utils=utils)
     torch.library.opcheck(ops.pointwise_packed.default, (x, ops.pointwise_pack(weight, bias), 24, False),
                           test_utils=utils)
+    depthwise = [t.float() for t in random_depthwise_params(24)]
+    torch.library.opcheck(ops.pointwise.default, (x, weight, bias, True, *depthwise), test_utils=utils)
+    torch.library.opcheck(ops.pointwise_packed.default,
+                          (x, ops.pointwise_pack(weight, bias, *depthwise), 24, True), test_utils=utils)
 
 
 def test_fused_pointwise_module():
@@ -104,3 +187,12 @@ def test_fused_pointwise_module():
         assert relative_error(module(x), functional.pointwise(x, 2 * weight, bias, True)) < TOL[torch.float32]
         # the spec path, which the module takes on devices without the op
         assert relative_error(K.FusedPointwise(weight, bias, True, backend="reference")(x), ref) < 1e-6
+        depthwise = [t.float() for t in random_depthwise_params(24)]
+        ref = functional.pointwise(x, weight, bias, True, *depthwise)
+        for backend in ("auto", "reference"):
+            module = K.FusedPointwise(weight, bias, True, *depthwise, backend=backend)
+            assert relative_error(module(x), ref) < TOL[torch.float32]
+        module.dw_bias.add_(1)
+        assert relative_error(module(x), functional.pointwise(x, weight, bias, True, depthwise[0],
+                                                              depthwise[1] + 1)) < TOL[torch.float32]
+        assert "dwconv3x3_stride2=True" in repr(module)

@@ -5,6 +5,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 
@@ -12,49 +14,138 @@ namespace efficientvit::cpu {
 namespace {
 
 // The packed parameters (pointwise_pack): the weight transposed, padded to whole vectors (zeros)
-// and panel-major, the B operand of a token-major tile; the bias padded.
+// and panel-major, the B operand of a token-major tile; the bias padded; with the depthwise
+// convolution, its weight as (3 * 3, CoP), taps by row, and its bias, padded.
 enum PointwisePacked {
-  kWeight,           // (C, CoP)
-  kBias,             // (CoP)
-  kPointwisePacked,  // count
+  kWeight,    // (C, CoP)
+  kBias,      // (CoP)
+  kDwWeight,  // (9, CoP)
+  kDwBias,    // (CoP)
 };
 
-std::vector<at::Tensor> pack_pointwise(const at::Tensor& weight, const at::Tensor& bias) {
+std::vector<at::Tensor> pack_pointwise(const at::Tensor& weight, const at::Tensor& bias,
+                                       const std::optional<at::Tensor>& dw_weight,
+                                       const std::optional<at::Tensor>& dw_bias) {
   const int64_t Co = weight.size(0), CoP = padded(Co, weight.scalar_type());
-  return {pack_panels(at::constant_pad_nd(weight.t(), {0, CoP - Co})),
-          at::constant_pad_nd(bias, {0, CoP - Co}).contiguous()};
+  const auto pad = [&](const at::Tensor& t) { return at::constant_pad_nd(t, {0, CoP - Co}); };
+  std::vector<at::Tensor> packed{pack_panels(pad(weight.t())), pad(bias).contiguous()};
+  if (dw_weight) {
+    packed.push_back(pad(dw_weight->reshape({Co, 9}).t()).contiguous());
+    packed.push_back(pad(*dw_bias).contiguous());
+  }
+  return packed;
+}
+
+// The 1x1 convolution alone: tiles of tokens.
+template <typename T>
+void pointwise_tiles(const DenseIO& io, at::TensorList packed, bool relu) {
+  const int64_t C = io.input.size(1), CoP = packed[kBias].size(0);
+  const T* w = packed[kWeight].data_ptr<T>();
+  const T* b = packed[kBias].data_ptr<T>();
+  for_each_token_tile<T>(io.input, io.channels_last, io.output, CoP, 0, /*residual=*/false,
+                         [&](const T* x_tile, int64_t n, T* y, T*) {
+                           gemm<T>(n, CoP, C, {x_tile, C, 1}, w, kPanelMajor, {b, 0, 1}, y, CoP,
+                                   relu);
+                         });
+}
+
+// The 1x1 convolution, then relu(dwconv3x3_stride2 + dw_bias) on its output, x and out
+// channels-last: the convolution's output (PatchMerging's widest activation, four times the
+// input's channels) is computed a band of rows at a time into cache and never reaches memory.
+// Output row oy reads rows 2oy-1 .. 2oy+1, so a band of an even number of rows [r0, r1) gives
+// output rows [r0/2, ceil(r1/2)) with row r0-1 besides: the last row of the band before, when
+// this thread computed it, else computed with the band.
+template <typename T>
+void pointwise_dwconv_bands(const at::Tensor& x, at::TensorList packed, bool apply_relu,
+                            const at::Tensor& out) {
+  using S = Simd<T>;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Co = out.size(1), Ho = out.size(2), Wo = out.size(3);
+  const int64_t CoP = packed[kBias].size(0), row = W * CoP;
+  const int64_t band = std::max<int64_t>(2, kTileTokens / W / 2 * 2);  // rows per band, ~a tile
+  const int64_t bands = (H + band - 1) / band;
+  const T* w = packed[kWeight].data_ptr<T>();
+  const T* b = packed[kBias].data_ptr<T>();
+  const T* dw = packed[kDwWeight].data_ptr<T>();
+  const T* dw_b = packed[kDwBias].data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  at::parallel_for(0, B * bands, 1, [&](int64_t begin, int64_t end) {
+    // The band's rows after row r0 - 1 (slot r - r0 + 1 holds row r), and an output row when
+    // Co is not a whole number of vectors.
+    const at::Tensor buffer = at::empty({(band + 1) * row + Wo * CoP}, x.options());
+    T* rows = buffer.data_ptr<T>();
+    T* padded_out = rows + (band + 1) * row;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t image = unit / bands, r0 = unit % bands * band, r1 = std::min(H, r0 + band);
+      int64_t first = r0;  // the first row computed now
+      if (r0 > 0 && unit > begin) {
+        std::memcpy(rows, rows + band * row, row * sizeof(T));
+      } else if (r0 > 0) {
+        first = r0 - 1;
+      }
+      gemm<T>((r1 - first) * W, CoP, C, {xp + (image * H + first) * W * C, C, 1}, w, kPanelMajor,
+              {b, 0, 1}, rows + (first - r0 + 1) * row, CoP, apply_relu);
+      for (int64_t oy = r0 / 2; oy < (r1 + 1) / 2; ++oy) {
+        const int64_t ky0 = oy == 0 ? 1 : 0, ky1 = std::min<int64_t>(3, H + 1 - 2 * oy);
+        const T* top = rows + (2 * oy - r0) * row;  // row 2oy - 1 (slot 2oy - r0): tap row 0
+        T* o = outp + (image * Ho + oy) * Wo * Co;
+        T* y = Co == CoP ? o : padded_out;
+        for (int64_t ox = 0; ox < Wo; ++ox) {
+          const int64_t kx0 = ox == 0 ? 1 : 0, kx1 = std::min<int64_t>(3, W + 1 - 2 * ox);
+          for (int64_t c = 0; c < CoP; c += S::kLanes) {
+            auto acc = S::load(dw_b + c);
+            for (int64_t ky = ky0; ky < ky1; ++ky)
+              for (int64_t kx = kx0; kx < kx1; ++kx)
+                acc += S::load(dw + (ky * 3 + kx) * CoP + c) *
+                       S::load(top + ky * row + (2 * ox - 1 + kx) * CoP + c);
+            S::store(y + ox * CoP + c, relu(acc));
+          }
+        }
+        if (y != o) copy_tile<T>(Wo, Co, {y, CoP, 1}, {}, {o, Co, 1});
+      }
+    }
+  });
 }
 
 at::Tensor run_pointwise(const at::Tensor& x, at::TensorList packed, int64_t Co, bool relu) {
-  const DenseIO io = dense_input_and_output(x, Co);
-  if (io.output.numel() == 0) return io.output;
-  const int64_t C = x.size(1), CoP = packed[kBias].size(0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::pointwise", [&] {
-    const scalar_t* w = packed[kWeight].data_ptr<scalar_t>();
-    const scalar_t* b = packed[kBias].data_ptr<scalar_t>();
-    for_each_token_tile<scalar_t>(
-        io.input, io.channels_last, io.output, CoP, 0,
-        /*residual=*/false, [&](const scalar_t* x_tile, int64_t n, scalar_t* y, scalar_t*) {
-          gemm<scalar_t>(n, CoP, C, {x_tile, C, 1}, w, kPanelMajor, {b, 0, 1}, y, CoP, relu);
-        });
-  });
-  return io.output;
+  if (packed.size() == kDwWeight) {
+    const DenseIO io = dense_input_and_output(x, Co);
+    if (io.output.numel() > 0)
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::pointwise",
+                                 [&] { pointwise_tiles<scalar_t>(io, packed, relu); });
+    return io.output;
+  }
+  // With the depthwise convolution: computed channels-last, returned in x's layout.
+  const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor output =
+      at::empty({x.size(0), Co, (x.size(2) + 1) / 2, (x.size(3) + 1) / 2},
+                x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (output.numel() > 0)
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::pointwise", [&] {
+      pointwise_dwconv_bands<scalar_t>(input, packed, relu, output);
+    });
+  return output.contiguous(x.suggest_memory_format());
 }
 
 // The three entry points: the op (packs, then runs), the packing alone, and the op on packed
 // weights.
 
 at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         bool relu) {
-  check_pointwise(x, weight, bias);
-  return run_pointwise(x, pack_pointwise(weight, bias), weight.size(0), relu);
+                         bool relu, const std::optional<at::Tensor>& dw_weight,
+                         const std::optional<at::Tensor>& dw_bias) {
+  check_pointwise(x, weight, bias, dw_weight, dw_bias);
+  return run_pointwise(x, pack_pointwise(weight, bias, dw_weight, dw_bias), weight.size(0), relu);
 }
 
-std::vector<at::Tensor> pointwise_pack_cpu(const at::Tensor& weight, const at::Tensor& bias) {
+std::vector<at::Tensor> pointwise_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
+                                           const std::optional<at::Tensor>& dw_weight,
+                                           const std::optional<at::Tensor>& dw_bias) {
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
               "efficientvit: weight must be a floating-point tensor, got ", weight.scalar_type());
-  check_pointwise_params(weight.dim() == 2 ? weight.size(1) : 0, {weight, "weight"}, weight, bias);
-  return pack_pointwise(weight, bias);
+  check_pointwise_params(weight.dim() == 2 ? weight.size(1) : 0, {weight, "weight"}, weight, bias,
+                         dw_weight, dw_bias);
+  return pack_pointwise(weight, bias, dw_weight, dw_bias);
 }
 
 at::Tensor pointwise_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t out_channels,
@@ -63,8 +154,12 @@ at::Tensor pointwise_packed_cpu(const at::Tensor& x, at::TensorList packed, int6
   TORCH_CHECK(out_channels > 0, "efficientvit: pointwise_packed: out_channels must be positive");
   const at::ScalarType dtype = x.scalar_type();
   const int64_t CoP = padded(out_channels, dtype);
-  check_packed("pointwise_packed", packed,
-               {{"weight", {x.size(1), CoP}, dtype}, {"bias", {CoP}, dtype}});
+  std::vector<PackedTensor> expected{{"weight", {x.size(1), CoP}, dtype}, {"bias", {CoP}, dtype}};
+  if (packed.size() > kDwWeight) {  // the pack of a call with the depthwise convolution
+    expected.push_back({"dw_weight", {9, CoP}, dtype});
+    expected.push_back({"dw_bias", {CoP}, dtype});
+  }
+  check_packed("pointwise_packed", packed, expected);
   return run_pointwise(x, packed, out_channels, relu);
 }
 
