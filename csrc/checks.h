@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 namespace efficientvit {
 
@@ -102,25 +103,23 @@ inline void check_dwconv(const at::Tensor& x, const at::Tensor& weight, const at
   check_same({x, "x"}, bias, "bias");
 }
 
-inline void check_stem_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            const std::optional<at::Tensor>& weight2,
-                            const std::optional<at::Tensor>& bias2) {
+inline void check_stem_conv(const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
   check_input(x);
-  TORCH_CHECK(weight.dim() == 4, "efficientvit: stem_conv weight must be 4-D (Co, Ci, 3, 3), got ",
-              weight.sizes());
-  check_shape(weight, {weight.size(0), x.size(1), 3, 3}, "weight");
-  check_shape(bias, {weight.size(0)}, "bias");
-  check_same({x, "x"}, weight, "weight");
-  check_same({x, "x"}, bias, "bias");
-  TORCH_CHECK(weight2.has_value() == bias2.has_value(),
-              "efficientvit: stem_conv takes weight2 and bias2 together, or neither");
-  if (!weight2) return;
-  TORCH_CHECK(weight2->dim() == 4,
-              "efficientvit: stem_conv weight2 must be 4-D (C2, Co, 3, 3), got ", weight2->sizes());
-  check_shape(*weight2, {weight2->size(0), weight.size(0), 3, 3}, "weight2");
-  check_shape(*bias2, {weight2->size(0)}, "bias2");
-  check_same({x, "x"}, *weight2, "weight2");
-  check_same({x, "x"}, *bias2, "bias2");
+  TORCH_CHECK(!weights.empty(), "efficientvit: stem_conv needs at least one convolution");
+  TORCH_CHECK(weights.size() == biases.size(), "efficientvit: stem_conv takes a bias per weight, got ",
+              weights.size(), " weights and ", biases.size(), " biases");
+  int64_t channels = x.size(1);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const at::Tensor &weight = weights[l], &bias = biases[l];
+    const std::string w = "weights[" + std::to_string(l) + "]", b = "biases[" + std::to_string(l) + "]";
+    TORCH_CHECK(weight.dim() == 4, "efficientvit: stem_conv ", w,
+                " must be 4-D (Co, Ci, 3, 3), got ", weight.sizes());
+    check_shape(weight, {weight.size(0), channels, 3, 3}, w.c_str());
+    check_shape(bias, {weight.size(0)}, b.c_str());
+    check_same({x, "x"}, weight, w.c_str());
+    check_same({x, "x"}, bias, b.c_str());
+    channels = weight.size(0);
+  }
 }
 
 // The parameters of ffn for `channels` channels.

@@ -18,13 +18,11 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def("dwconv(Tensor x, Tensor weight, Tensor bias, bool relu, bool residual) -> Tensor");
   // Pointwise MLP: [x +] w2 relu(w1 x + b1) + b2; w1 (M, C), b1 (M), w2 (C, M), b2 (C).
   m.def("ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual) -> Tensor");
-  // The patch embedding's first convolution, CPU only: y = relu(conv3x3(x) + bias), stride 2,
-  // zero padding 1; weight (Co, Ci, 3, 3), bias (Co). Returns y (B, Co, ceil(H/2), ceil(W/2)),
-  // channels-last; or, given weight2 (C2, Co, 3, 3) and bias2 (C2), the second convolution on y,
-  // relu(conv3x3(y) + bias2), the same way, without writing y to memory.
-  m.def(
-      "stem_conv(Tensor x, Tensor weight, Tensor bias, Tensor? weight2=None, Tensor? bias2=None) "
-      "-> Tensor");
+  // The patch embedding, CPU only: a chain of 3x3 stride-2 convolutions with zero padding 1,
+  // x = [relu](conv(x, weights[l]) + biases[l]), each but the last with its ReLU (the last with
+  // it when final_relu); weights[l] (C_l, C_{l-1}, 3, 3), C_{-1} = x's channels. Returns the
+  // last convolution's output, channels-last; the others never reach memory.
+  m.def("stem_conv(Tensor x, Tensor[] weights, Tensor[] biases, bool final_relu) -> Tensor");
   // Pointwise (1x1) convolution, CPU only: y = [relu](weight x + bias); weight (Co, C), bias (Co).
   // Returns y (B, Co, H, W) in x's layout; or, given dw_weight (Co, 3, 3) and dw_bias (Co),
   // relu(dwconv3x3(y) + dw_bias), depthwise, stride 2, zero padding 1 (B, Co, ceil(H/2),

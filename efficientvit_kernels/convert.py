@@ -11,8 +11,8 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
 - every other Conv-BN / BN-Linear -> one folded Conv2d / Linear; in a Sequential, a ReLU
   right after a convolution works in place (it owns the conv's fresh output);
 - everything else is copied, its children converted.
-On CPU the stem's first two convolutions and their ReLUs (3x3, stride 2, the first from the
-image's few channels) become one ``stem_conv`` op with channels-last output; PatchMerging's
+On CPU the stem's convolutions and their ReLUs (3x3, stride 2, the first from the image's few
+channels) become one ``stem_conv`` op with channels-last output; PatchMerging's
 first 1x1 convolution, its depthwise convolution and their ReLUs one ``pointwise`` op, its last
 1x1 convolution another; the other
 convolution weights are channels-last, so oneDNN runs those convolutions channels-last, and the
@@ -157,39 +157,40 @@ def _convert(m, backend):
 
 
 def _is_stem_conv(m):
-    """A convolution ``stem_conv`` computes, from an image's few channels (where it beats oneDNN)."""
+    """A convolution ``stem_conv`` starts with, from an image's few channels."""
     return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels <= 4
 
 
-def _is_second_stem_conv(m, first):
-    """A convolution ``stem_conv`` computes on the output of ``first``."""
-    return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels == first.out_channels
+def _is_next_stem_conv(m, before):
+    """A convolution ``stem_conv`` computes on the output of ``before``."""
+    return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels == before.out_channels
 
 
 def _stem_convolutions(model, backend):
-    """In a Sequential, a stem convolution and its ReLU, with the next convolution and its ReLU
-    where they follow, -> FusedStemConv, then Identity for each module it took in."""
+    """In a Sequential, a stem convolution and its ReLU, and each (convolution [, ReLU]) on the
+    output of the one before that follows -> FusedStemConv, then Identity for each module it
+    took in. The chain ends at a convolution without a ReLU."""
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq._modules.items())
-        is_relu = lambda i: i < len(children) and type(children[i][1]) is nn.ReLU
+        module = lambda i: children[i][1] if i < len(children) else None
+        is_relu = lambda i: type(module(i)) is nn.ReLU
         i = 0
         while i < len(children):
-            conv = children[i][1]
-            if not (_is_stem_conv(conv) and is_relu(i + 1)):
+            if not (_is_stem_conv(module(i)) and is_relu(i + 1)):
                 i += 1
                 continue
-            convs = [conv]
-            if (i + 3 < len(children) and _is_second_stem_conv(children[i + 2][1], conv)
-                    and is_relu(i + 3)):
-                convs.append(children[i + 2][1])
-            names = [name for name, _ in children[i:i + 2 * len(convs)]]
-            weights = [t for c in convs for t in (c.weight, _bias(c))]
-            seq._modules[names[0]] = FusedStemConv(*weights, backend=backend)
-            for name in names[1:]:
+            convs, end = [module(i)], i + 2
+            while is_relu(end - 1) and _is_next_stem_conv(module(end), convs[-1]):
+                convs.append(module(end))
+                end += 2 if is_relu(end + 1) else 1
+            seq._modules[children[i][0]] = FusedStemConv(
+                [c.weight for c in convs], [_bias(c) for c in convs], final_relu=is_relu(end - 1),
+                backend=backend)
+            for name, _ in children[i + 1:end]:
                 seq._modules[name] = nn.Identity()
-            i += len(names)
+            i = end
 
 
 def _pointwise_convolutions(model, backend):
@@ -226,8 +227,8 @@ def convert(model, backend="auto"):
     ``backend``: "auto" (the compiled kernels for the tensors' device, Triton on CUDA where
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op). The input model is left as it was. For the CPU
-    kernels ("auto" or "cpu" on a CPU model), the stem's first two convolutions and ReLUs
-    become a ``FusedStemConv`` and the other convolution weights are made channels-last: a 4-D
+    kernels ("auto" or "cpu" on a CPU model), the stem's convolutions and ReLUs become a
+    ``FusedStemConv`` and the other convolution weights are made channels-last: a 4-D
     output of the model may then be channels-last; its values are the same.
     """
     backend_ops(backend)  # fail early on an unknown or unavailable backend

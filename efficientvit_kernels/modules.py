@@ -211,26 +211,34 @@ class FusedPointwise(_Fused):
 
 
 class FusedStemConv(_Fused):
-    """``relu(conv3x3(x) + bias)``, stride 2, padding 1: the patch embedding's first convolution
-    and its ReLU, and, given ``weight2`` and ``bias2``, the second convolution and ReLU after
-    it, on CPU in one op (``stem_conv``; channels-last output). The op is CPU only: on other
-    devices the module runs the spec (``conv2d`` and ``relu``)."""
+    """The patch embedding's chain of 3x3 stride-2 convolutions (padding 1), each with its ReLU
+    (the last only with ``final_relu``), on CPU in one op (``stem_conv``; channels-last output).
+    The op is CPU only: on other devices the module runs the spec (``conv2d`` and ``relu``)."""
 
-    def __init__(self, weight, bias, weight2=None, bias2=None, backend="auto"):
+    def __init__(self, weights, biases, final_relu, backend="auto"):
         super().__init__(backend)
-        second = {} if weight2 is None else {"weight2": weight2, "bias2": bias2}
-        self._weight_names = ("weight", "bias", *second)
-        self._set_weights(weight=weight, bias=bias, **second)
+        if len(weights) != len(biases):
+            raise ValueError(f"FusedStemConv takes a bias per weight, got {len(weights)} and {len(biases)}")
+        self.final_relu = bool(final_relu)
+        tensors = {}
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            tensors[f"weight{i}"], tensors[f"bias{i}"] = w, b
+        self._weight_names = tuple(tensors)
+        self._set_weights(**tensors)
 
     def forward(self, x):
         self._check_device(x)
+        tensors = self._weights()
+        args = (x, tensors[::2], tensors[1::2], self.final_relu)
         if x.device.type == "cpu" and self.backend in ("auto", "cpu"):
-            return ops.stem_conv(x, *self._weights())
-        return python_ref.functional.stem_conv(x, *self._weights())
+            return ops.stem_conv(*args)
+        return python_ref.functional.stem_conv(*args)
 
     def extra_repr(self):
-        channels = [self.weight.shape[1], *(w.shape[0] for w in self._weights()[::2])]
-        return f"channels={'->'.join(map(str, channels))}, {super().extra_repr()}"
+        tensors = self._weights()
+        channels = [tensors[0].shape[1], *(w.shape[0] for w in tensors[::2])]
+        return (f"channels={'->'.join(map(str, channels))}, final_relu={self.final_relu}, "
+                f"{super().extra_repr()}")
 
 
 class ResidualAdd(nn.Module):

@@ -11,8 +11,8 @@ have no autograd formula.
 On CPU, ``cga``, ``ffn`` and ``pointwise`` also come in two halves, so that the weights are
 packed once rather than on every call: ``X_pack`` returns the parameters in the layout the CPU
 kernel reads, ``X_packed`` computes the op from them. ``FusedCGA``, ``FusedFFN`` and
-``FusedPointwise`` use them. ``pointwise`` (PatchMerging's 1x1 convolutions) and ``stem_conv``
-(the patch embedding's first convolutions) are CPU only.
+``FusedPointwise`` use them. ``pointwise`` (PatchMerging's convolutions) and ``stem_conv``
+(the patch embedding's convolutions) are CPU only.
 """
 import torch
 
@@ -113,28 +113,22 @@ def check_ffn(x, w1, b1, w2, b2):
     return M
 
 
-def check_stem_conv(x, weight, bias, weight2=None, bias2=None):
+def check_stem_conv(x, weights, biases):
     """Checks stem_conv arguments; returns the output's shape."""
     _check_input(x)
-    if weight.dim() != 4:
-        _fail(f"stem_conv weight must be 4-D (Co, Ci, 3, 3), got {list(weight.shape)}")
-    Co = weight.shape[0]
-    _check_shape(weight, (Co, x.shape[1], 3, 3), "weight")
-    _check_shape(bias, (Co,), "bias")
-    _check_params(x, weight=weight, bias=bias)
-    B, _, H, W = x.shape
-    shape = B, Co, (H + 1) // 2, (W + 1) // 2
-    if (weight2 is None) != (bias2 is None):
-        _fail("stem_conv takes weight2 and bias2 together, or neither")
-    if weight2 is None:
-        return shape
-    if weight2.dim() != 4:
-        _fail(f"stem_conv weight2 must be 4-D (C2, Co, 3, 3), got {list(weight2.shape)}")
-    C2 = weight2.shape[0]
-    _check_shape(weight2, (C2, Co, 3, 3), "weight2")
-    _check_shape(bias2, (C2,), "bias2")
-    _check_params(x, weight2=weight2, bias2=bias2)
-    return B, C2, (shape[2] + 1) // 2, (shape[3] + 1) // 2
+    if len(weights) == 0:
+        _fail("stem_conv needs at least one convolution")
+    if len(weights) != len(biases):
+        _fail(f"stem_conv takes a bias per weight, got {len(weights)} weights and {len(biases)} biases")
+    B, C, H, W = x.shape
+    for i, (weight, bias) in enumerate(zip(weights, biases)):
+        if weight.dim() != 4:
+            _fail(f"stem_conv weights[{i}] must be 4-D (Co, Ci, 3, 3), got {list(weight.shape)}")
+        _check_shape(weight, (weight.shape[0], C, 3, 3), f"weights[{i}]")
+        _check_shape(bias, (weight.shape[0],), f"biases[{i}]")
+        _check_params(x, **{f"weights[{i}]": weight, f"biases[{i}]": bias})
+        C, H, W = weight.shape[0], (H + 1) // 2, (W + 1) // 2
+    return B, C, H, W
 
 
 def check_pointwise(x, weight, bias, dw_weight=None, dw_bias=None):
@@ -201,18 +195,19 @@ def ffn(x, w1, b1, w2, b2, residual=True):
     return torch.ops.efficientvit.ffn(x, w1, b1, w2, b2, residual)
 
 
-def stem_conv(x, weight, bias, weight2=None, bias2=None):
-    """CPU: the patch embedding's first convolution, ``y = relu(conv3x3(x) + bias)``, stride 2,
-    zero padding 1, and optionally the second on its output.
+def stem_conv(x, weights, biases, final_relu=False):
+    """CPU: the patch embedding, a chain of 3x3 stride-2 convolutions (zero padding 1), each
+    ``x = relu(conv(x, weights[l]) + biases[l])`` but the last, which has its ReLU only when
+    ``final_relu``.
 
-    x (B, Ci, H, W) in any layout (read as contiguous NCHW: an image), weight (Co, Ci, 3, 3),
-    bias (Co,). Returns y (B, Co, ceil(H/2), ceil(W/2)), channels-last. Made for a few input
-    channels (Ci = 3), where it is several times faster than the oneDNN convolution; with
-    many it is not the fastest choice. Given weight2 (C2, Co, 3, 3) and bias2 (C2,), returns
-    ``relu(conv3x3(y) + bias2)`` (stride 2, padding 1; channels-last) instead, computing y a
-    few rows at a time in cache: y, the largest activation of the model, never reaches memory.
+    x (B, Ci, H, W) in any layout (read as contiguous NCHW: an image); weights[l]
+    (C_l, C_{l-1}, 3, 3) with C_{-1} = Ci, biases[l] (C_l,). Returns the last convolution's
+    output, (B, C_last, H', W') with each convolution halving H and W (rounding up),
+    channels-last. The first convolution is made for a few input channels (Ci = 3), where it is
+    several times faster than oneDNN's; the others are implicit GEMMs on rows of the one before,
+    computed a few rows at a time in cache: no output but the last reaches memory.
     """
-    return torch.ops.efficientvit.stem_conv(x, weight, bias, weight2, bias2)
+    return torch.ops.efficientvit.stem_conv(x, list(weights), list(biases), final_relu)
 
 
 def pointwise(x, weight, bias, relu=False, dw_weight=None, dw_bias=None):
@@ -307,8 +302,8 @@ def _pointwise_fake(x, weight, bias, relu, dw_weight=None, dw_bias=None):
 
 
 @torch.library.register_fake("efficientvit::stem_conv")
-def _stem_conv_fake(x, weight, bias, weight2=None, bias2=None):
-    shape = check_stem_conv(x, weight, bias, weight2, bias2)
+def _stem_conv_fake(x, weights, biases, final_relu):
+    shape = check_stem_conv(x, weights, biases)
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 

@@ -11,7 +11,8 @@ ops in ``torch.ops.efficientvit`` take (see ``efficientvit_kernels/ops.py``):
     proj_weight (C, h*d), proj_bias (C)                  -- output 1x1 conv, BN folded
 ``dwconv``: x (B, C, H, W), weight (C, K, K), bias (C): ``[x +] act(dwconv_KxK(x) + bias)``
 ``ffn``: x (B, C, H, W), w1 (M, C), b1 (M), w2 (C, M), b2 (C): ``[x +] w2 relu(w1 x + b1) + b2``
-``stem_conv``: x (B, Ci, H, W), weight (Co, Ci, 3, 3), bias (Co): ``relu(conv3x3_stride2(x) + bias)``
+``stem_conv``: x (B, Ci, H, W), weights[l] (C_l, C_{l-1}, 3, 3), biases[l] (C_l):
+    ``x = [relu](conv3x3_stride2(x, weights[l]) + biases[l])`` for each l
 """
 import torch
 from torch.nn import functional as F
@@ -77,10 +78,12 @@ def pointwise(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     return y
 
 
-def stem_conv(x, weight, bias, weight2=None, bias2=None):
-    """The patch embedding's first convolution: ``relu(conv3x3(x) + bias)``, stride 2, zero
-    padding 1; given ``weight2`` and ``bias2``, the second the same way on its output."""
-    y = torch.relu(F.conv2d(x, weight, bias, stride=2, padding=1))
-    if weight2 is not None:
-        y = torch.relu(F.conv2d(y, weight2, bias2, stride=2, padding=1))
-    return y
+def stem_conv(x, weights, biases, final_relu):
+    """The patch embedding: a chain of convolutions, ``x = relu(conv3x3(x, w) + b)``, stride 2,
+    zero padding 1, for each weight w and bias b; the last without its ReLU unless
+    ``final_relu``."""
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = F.conv2d(x, w, b, stride=2, padding=1)
+        if final_relu or i + 1 < len(weights):
+            x = torch.relu(x)
+    return x

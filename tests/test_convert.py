@@ -76,10 +76,9 @@ def test_convert_submodules(models):
 
 def test_stem_and_patch_merging(models):
     """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite, on CPU
-    its 1x1 convolutions FusedPointwise, the first with the depthwise one and both ReLUs; on CPU the stem's first two convolutions and ReLUs
-    become a FusedStemConv; the stem's other ReLU
-    after a convolution works in place and never on the caller's tensor; on CPU the convolution
-    weights are channels-last."""
+    its convolutions FusedPointwise (the first 1x1 with the depthwise one and both ReLUs); on CPU
+    the stem's convolutions and ReLUs become a FusedStemConv; a ReLU after a convolution works in
+    place and never on the caller's tensor; on CPU other convolutions' weights are channels-last."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
@@ -87,14 +86,12 @@ def test_stem_and_patch_merging(models):
     assert all(isinstance(m.conv1, K.FusedPointwise) and m.conv1.relu and m.conv1.dw_weight.shape[1:] == (3, 3)
                and all(isinstance(getattr(m, n), torch.nn.Identity) for n in ("act1", "conv2", "act2"))
                and isinstance(m.conv3, K.FusedPointwise) and not m.conv3.relu for m in merging)
-    stem = fused.patch_embed[0]
-    assert isinstance(stem, K.FusedStemConv) and stem.weight2.shape[1] == stem.weight.shape[0]
-    assert all(isinstance(m, torch.nn.Identity) for m in fused.patch_embed[1:4])
-    stem_relus = [m for m in fused.patch_embed if isinstance(m, torch.nn.ReLU)]
-    assert len(stem_relus) == 1 and stem_relus[0].inplace
+    stem = fused.patch_embed[0]  # the four convolutions and three ReLUs
+    assert isinstance(stem, K.FusedStemConv) and not stem.final_relu
+    assert [stem.get_buffer(f"weight{i}").shape[:2] for i in range(4)] == [(16, 3), (32, 16), (64, 32), (128, 64)]
+    assert all(isinstance(m, torch.nn.Identity) for m in fused.patch_embed[1:])
     assert not any(isinstance(m, K.FusedStemConv) for m in K.convert(model, backend="reference").modules())
-    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in fused.modules())  # all in fused ops
     x = torch.randn(2, 3, 64, 80)
     x0 = x.clone()
     with torch.no_grad():
@@ -107,6 +104,7 @@ def test_stem_and_patch_merging(models):
         seq = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
         fused_seq = K.convert(seq)
         assert not fused_seq[0].inplace and fused_seq[2].inplace
+        assert fused_seq[1].weight.is_contiguous(memory_format=torch.channels_last)
         y = torch.randn(1, 3, 4, 4)
         y0 = y.clone()
         assert relative_error(fused_seq(y), seq(y0)) < TOL and torch.equal(y, y0)

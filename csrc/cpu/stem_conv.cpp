@@ -1,9 +1,10 @@
-// The first convolution of the patch embedding on CPU: relu(conv3x3(x, stride 2, padding 1) + b)
-// from a few input channels (3: the image) to a few output channels, written channels-last.
-// oneDNN spends 3-6x the arithmetic's time on this convolution (measured, batch 16, 224^2, one
-// thread). Here each output pixel's channels are a row of vectors summed in registers over the
-// 9 * Ci taps; each tap is a broadcast input value (read in place from NCHW x) times a vector of
-// weights. Blocks of pixels along an output row share each weight load.
+// The patch embedding's chain of 3x3 stride-2 convolutions on CPU, each [relu](conv(x) + b), the
+// first from the image's few channels, written channels-last. The first: oneDNN spends 3-6x
+// the arithmetic's time on it (measured, batch 16, 224^2, one thread); here each output pixel's
+// channels are a row of vectors summed in registers over the 9 * Ci taps, each tap a broadcast
+// input value (read in place from NCHW x) times a vector of weights, and blocks of pixels along
+// an output row share each weight load. The others: implicit GEMMs on rows of the one before,
+// computed as they are needed and held in cache (StemChain).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -41,7 +42,7 @@ struct StemRow {
 // [kx_lo, kx_hi); w: (Ci * 9, CoP) weights, tap-major, starting at the first channel of the block.
 template <typename T, int P, int NV>
 void stem_pixels(const StemRow<T>& row, int64_t ox0, int64_t kx_lo, int64_t kx_hi, const T* w,
-                 int64_t ldw, const T* bias, T* out, int64_t pixel_stride) {
+                 int64_t ldw, const T* bias, T* out, int64_t pixel_stride, bool apply_relu) {
   using V = typename Vec8<T>::V;
   using UV = typename Vec8<T>::UV;
   V acc[P][NV];
@@ -65,34 +66,37 @@ void stem_pixels(const StemRow<T>& row, int64_t ox0, int64_t kx_lo, int64_t kx_h
   }
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < NV; ++v)
-      *reinterpret_cast<UV*>(out + p * pixel_stride + v * kLanes) = relu(acc[p][v]);
+      *reinterpret_cast<UV*>(out + p * pixel_stride + v * kLanes) =
+          apply_relu ? relu(acc[p][v]) : acc[p][v];
 }
 
 // Pixels [begin, end) of an interior run (all kernel columns valid): blocks of P, then the rest
 // in blocks of P/2, P/4, ..., 1.
 template <typename T, int P, int NV>
 void stem_run(const StemRow<T>& row, int64_t begin, int64_t end, const T* w, int64_t ldw,
-              const T* bias, T* out, int64_t pixel_stride) {
+              const T* bias, T* out, int64_t pixel_stride, bool apply_relu) {
   for (; begin + P <= end; begin += P)
     stem_pixels<T, P, NV>(row, begin, 0, 3, w, ldw, bias, out + begin * pixel_stride,
-                          pixel_stride);
-  if constexpr (P > 1) stem_run<T, P / 2, NV>(row, begin, end, w, ldw, bias, out, pixel_stride);
+                          pixel_stride, apply_relu);
+  if constexpr (P > 1)
+    stem_run<T, P / 2, NV>(row, begin, end, w, ldw, bias, out, pixel_stride, apply_relu);
 }
 
 // All channels of the output row (one image's row oy), in blocks of NV vectors.
 template <typename T, int NV>
 void stem_row_block(const StemRow<T>& row, int64_t W, int64_t Wo, int64_t co, const T* w,
-                    int64_t ldw, const T* bias, T* out, int64_t pixel_stride) {
+                    int64_t ldw, const T* bias, T* out, int64_t pixel_stride, bool apply_relu) {
   constexpr int P = kAccumulators / NV;
   // Output ox reads input columns 2ox-1 .. 2ox+1: all valid for ox in [1, interior_end).
   const int64_t interior_end = std::max<int64_t>(1, std::min(Wo, W / 2));
   const auto edge_pixel = [&](int64_t ox) {
     stem_pixels<T, 1, NV>(row, ox, std::max<int64_t>(0, 1 - 2 * ox),
                           std::min<int64_t>(3, W + 1 - 2 * ox), w + co, ldw, bias + co,
-                          out + ox * pixel_stride + co, pixel_stride);
+                          out + ox * pixel_stride + co, pixel_stride, apply_relu);
   };
   edge_pixel(0);
-  stem_run<T, P, NV>(row, 1, interior_end, w + co, ldw, bias + co, out + co, pixel_stride);
+  stem_run<T, P, NV>(row, 1, interior_end, w + co, ldw, bias + co, out + co, pixel_stride,
+                     apply_relu);
   for (int64_t ox = interior_end; ox < Wo; ++ox) edge_pixel(ox);
 }
 
@@ -103,138 +107,152 @@ StemRow<T> stem_row_of(const T* x, int64_t Ci, int64_t H, int64_t W, int64_t oy)
           std::min<int64_t>(3, H + 1 - 2 * oy)};
 }
 
-// All CoP channels of an output row, pixel by pixel (pixel stride CoP), in blocks of vectors.
+// All CoP channels of an output row, in blocks of vectors, pixel by pixel (pixel_stride apart).
 template <typename T>
 void stem_row(const StemRow<T>& row, int64_t W, int64_t Wo, const T* w, int64_t CoP,
-              const T* bias, T* dst) {
+              const T* bias, T* dst, int64_t pixel_stride, bool apply_relu) {
   int64_t co = 0;
   for (; co + 3 * kLanes <= CoP; co += 3 * kLanes)
-    stem_row_block<T, 3>(row, W, Wo, co, w, CoP, bias, dst, CoP);
-  if (CoP - co == 2 * kLanes) stem_row_block<T, 2>(row, W, Wo, co, w, CoP, bias, dst, CoP);
-  if (CoP - co == kLanes) stem_row_block<T, 1>(row, W, Wo, co, w, CoP, bias, dst, CoP);
+    stem_row_block<T, 3>(row, W, Wo, co, w, CoP, bias, dst, pixel_stride, apply_relu);
+  if (CoP - co == 2 * kLanes)
+    stem_row_block<T, 2>(row, W, Wo, co, w, CoP, bias, dst, pixel_stride, apply_relu);
+  if (CoP - co == kLanes)
+    stem_row_block<T, 1>(row, W, Wo, co, w, CoP, bias, dst, pixel_stride, apply_relu);
 }
 
-// The first convolution's weights: (Ci * 9, CoP), the weights of a tap a row of whole vectors.
-struct StemWeights {
+// One convolution of the chain: its packed weights and its output's sizes (channels padded to
+// CP). The first's weights are (Ci * 9, CP), the weights of a tap a row of whole vectors (CP a
+// multiple of kLanes); a later one's are gemm's B, panel-major, rows (kx, ky, c) for the
+// previous convolution's CP channels c (CP a multiple of the vector width).
+struct StemLayer {
   at::Tensor w, b;
-  int64_t CoP;
+  int64_t C, CP, H, W;
 };
-StemWeights pack_stem(const at::Tensor& weight, const at::Tensor& bias) {
+
+StemLayer pack_first(const at::Tensor& weight, const at::Tensor& bias, int64_t H, int64_t W) {
   const int64_t Co = weight.size(0), Ci = weight.size(1), CoP = round_up(Co, kLanes);
   return {at::constant_pad_nd(weight.permute({1, 2, 3, 0}).reshape({Ci * 9, Co}), {0, CoP - Co})
               .contiguous(),
-          at::constant_pad_nd(bias, {0, CoP - Co}).contiguous(), CoP};
+          at::constant_pad_nd(bias, {0, CoP - Co}).contiguous(), Co, CoP, (H + 1) / 2,
+          (W + 1) / 2};
 }
 
+StemLayer pack_next(const at::Tensor& weight, const at::Tensor& bias, const StemLayer& before) {
+  const int64_t Co = weight.size(0), Ci = weight.size(1), CoP = padded(Co, weight.scalar_type());
+  const at::Tensor w = at::constant_pad_nd(weight.permute({3, 2, 1, 0}), {0, CoP - Co, 0, before.CP - Ci});
+  return {pack_panels(w.reshape({9 * before.CP, CoP})),
+          at::constant_pad_nd(bias, {0, CoP - Co}).contiguous(), Co, CoP, (before.H + 1) / 2,
+          (before.W + 1) / 2};
+}
+
+// The chain of convolutions on one thread, computed a row at a time: a row of convolution l > 0
+// is an implicit GEMM over three rows of convolution l - 1 held in cache, computed as they are
+// needed, so no output but the last convolution's reaches memory. Convolution l's input rows
+// (kernel rows ky = 0, 1, 2 of its current output row) are kept interleaved by pixel: pixel p
+// (from -1, the padding, to the row's width, padding again) holds its three rows' CP channels
+// one after the other. Output pixel ox then reads pixels 2ox-1 .. 2ox+1, a run of 9 * CP values,
+// 6 * CP after the run of pixel ox - 1: gemm's A in place, rows (kx, ky, c) as the weights'.
 template <typename T>
-void run_stem_conv(const at::Tensor& x, const StemWeights& first, at::Tensor& output) {
-  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Co = output.size(1), Ho = output.size(2), Wo = output.size(3), CoP = first.CoP;
-  const T *xp = x.data_ptr<T>(), *w = first.w.data_ptr<T>(), *bias = first.b.data_ptr<T>();
+class StemChain {
+ public:
+  StemChain(const at::Tensor& x, const std::vector<StemLayer>& layers, bool final_relu,
+            T* workspace)
+      : x_(x.data_ptr<T>()), Ci_(x.size(1)), H_(x.size(2)), W_(x.size(3)), layers_(layers),
+        final_relu_(final_relu), last_(layers.size(), -1) {
+    for (size_t l = 1; l < layers.size(); ++l) {  // zeroed by the caller: the padding pixels
+      inputs_.push_back(workspace);
+      workspace += input_size(layers, l);
+    }
+  }
+
+  // The size of convolution l's input rows (l > 0).
+  static int64_t input_size(const std::vector<StemLayer>& layers, size_t l) {
+    return (layers[l - 1].W + 2) * 3 * layers[l - 1].CP;
+  }
+
+  // Row k of convolution l of `image` to dst, pixels pixel_stride apart.
+  void row(size_t l, int64_t image, int64_t k, T* dst, int64_t pixel_stride) {
+    const StemLayer& layer = layers_[l];
+    const bool apply_relu = l + 1 < layers_.size() || final_relu_;
+    if (l == 0) return first_row(image, k, dst, pixel_stride, apply_relu);
+    const StemLayer& in = layers_[l - 1];
+    const int64_t pixel = 3 * in.CP;
+    T* rows = inputs_[l - 1];
+    const auto fill = [&](int64_t ky, int64_t iy) {  // input row iy as kernel row ky
+      T* slot = rows + pixel + ky * in.CP;
+      if (iy >= 0 && iy < in.H) return row(l - 1, image, iy, slot, pixel);
+      for (int64_t p = 0; p < in.W; ++p) std::memset(slot + p * pixel, 0, in.CP * sizeof(T));
+    };
+    if (k > 0 && last_[l] == image * layer.H + k - 1) {
+      // The row after the last: its kernel row 0 was the last's kernel row 2.
+      for (int64_t p = 1; p <= in.W; ++p)
+        std::memcpy(rows + p * pixel, rows + p * pixel + 2 * in.CP, in.CP * sizeof(T));
+    } else {
+      fill(0, 2 * k - 1);
+    }
+    fill(1, 2 * k);
+    fill(2, 2 * k + 1);
+    last_[l] = image * layer.H + k;
+    gemm<T>(layer.W, layer.CP, 9 * in.CP, {rows, 2 * pixel, 1}, layer.w.data_ptr<T>(),
+            kPanelMajor, {layer.b.data_ptr<T>(), 0, 1}, dst, pixel_stride, apply_relu);
+  }
+
+ private:
+  void first_row(int64_t image, int64_t k, T* dst, int64_t pixel_stride, bool apply_relu) {
+    const StemLayer& layer = layers_[0];
+    const T* x = x_ + image * Ci_ * H_ * W_;
+    stem_row<T>(stem_row_of(x, Ci_, H_, W_, k), W_, layer.W, layer.w.data_ptr<T>(), layer.CP,
+                layer.b.data_ptr<T>(), dst, pixel_stride, apply_relu);
+    // The image rows the next row adds, fetched while the convolutions after run: the image
+    // comes from memory, and without this the first two convolutions (16 -> 32 channels, batch
+    // 16) took ~40% longer with a cold cache than a warm one; with it, ~5%.
+    for (int64_t c = 0; c < Ci_; ++c)
+      for (int64_t ih = 2 * k + 2; ih < std::min(H_, 2 * k + 4); ++ih)
+        prefetch(x + (c * H_ + ih) * W_, W_);
+  }
+
+  const T* x_;
+  int64_t Ci_, H_, W_;
+  const std::vector<StemLayer>& layers_;
+  bool final_relu_;
+  std::vector<T*> inputs_;     // convolution l's input rows at inputs_[l - 1]
+  std::vector<int64_t> last_;  // the row convolution l computed last (image * H + k), or -1
+};
+
+template <typename T>
+void run_stem_conv(const at::Tensor& x, const std::vector<StemLayer>& layers, bool final_relu,
+                   at::Tensor& output) {
+  const StemLayer& last = layers.back();
+  const int64_t Co = output.size(1), Ho = last.H, Wo = last.W, CP = last.CP;
+  int64_t workspace = Co == CP ? 0 : Wo * CP;  // the output row, when Co is not whole vectors
+  for (size_t l = 1; l < layers.size(); ++l)
+    workspace += StemChain<T>::input_size(layers, l);
   T* out = output.data_ptr<T>();
-  at::parallel_for(0, B * Ho, 1, [&](int64_t begin, int64_t end) {
-    // Rows are computed into scratch when Co is not a whole number of vectors.
-    const at::Tensor scratch = at::empty({Co == CoP ? 0 : Wo * CoP}, x.options());
+  at::parallel_for(0, x.size(0) * Ho, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = at::zeros({workspace}, x.options());
+    T* padded_out = buffer.data_ptr<T>() + workspace - (Co == CP ? 0 : Wo * CP);
+    StemChain<T> chain(x, layers, final_relu, buffer.data_ptr<T>());
     for (int64_t r = begin; r < end; ++r) {
       T* out_row = out + r * Wo * Co;
-      T* dst = Co == CoP ? out_row : scratch.data_ptr<T>();
-      stem_row<T>(stem_row_of(xp + r / Ho * Ci * H * W, Ci, H, W, r % Ho), W, Wo, w, CoP, bias,
-                  dst);
-      if (dst != out_row) copy_tile<T>(Wo, Co, {dst, CoP, 1}, {}, {out_row, Co, 1});
+      T* dst = Co == CP ? out_row : padded_out;
+      chain.row(layers.size() - 1, r / Ho, r % Ho, dst, CP);
+      if (dst != out_row) copy_tile<T>(Wo, Co, {dst, CP, 1}, {}, {out_row, Co, 1});
     }
   });
 }
 
-// Both convolutions. The second runs as an implicit GEMM per output row: output pixel ox reads
-// pixels 2ox-1 .. 2ox+1 of three rows of the first's output y, and the C1P channels of a pixel
-// follow one another, so for kernel row ky, A(ox, kx * C1P + c) = y_row[(2ox - 1 + kx) * C1P + c]
-// is a matrix with rows 2 * C1P apart that gemm reads in place. y's rows are computed as they
-// are needed into a ring of three, each with a zero pixel either side (the padding); rows above
-// and below the image read a zero row. y never leaves the cache.
-template <typename T>
-void run_stem_conv2(const at::Tensor& x, const StemWeights& first, const at::Tensor& w2,
-                    const at::Tensor& b2, at::Tensor& output) {
-  const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t H1 = (H + 1) / 2, W1 = (W + 1) / 2, C1P = first.CoP;
-  const int64_t C2 = output.size(1), Ho = output.size(2), Wo = output.size(3);
-  const int64_t C2P = b2.size(0), k = 3 * C1P;  // gemm's depth per kernel row
-  const int64_t ring_row = (W1 + 2) * C1P;
-  const T *xp = x.data_ptr<T>(), *w1 = first.w.data_ptr<T>(), *bias1 = first.b.data_ptr<T>();
-  const T *w2p = w2.data_ptr<T>(), *bias2 = b2.data_ptr<T>();
-  T* out = output.data_ptr<T>();
-  at::parallel_for(0, B * Ho, 1, [&](int64_t begin, int64_t end) {
-    // The zero row, the ring's three rows, and (when C2 is not a whole number of vectors) the
-    // output row's scratch. Zeroed once: the padding pixels are never written.
-    const at::Tensor buffer =
-        at::zeros({4 * ring_row + (C2 == C2P ? 0 : Wo * C2P)}, x.options());
-    T* const zero_row = buffer.data_ptr<T>();
-    T* const ring = zero_row + ring_row;
-    T* const scratch = ring + 3 * ring_row;
-    int64_t held[3] = {-1, -1, -1};  // the row of y (image * H1 + row) each ring slot holds
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / Ho, oy = r % Ho;
-      const T* rows[3];
-      for (int64_t ky = 0; ky < 3; ++ky) {
-        const int64_t iy = 2 * oy - 1 + ky;
-        if (iy < 0 || iy >= H1) {
-          rows[ky] = zero_row;
-          continue;
-        }
-        T* slot = ring + iy % 3 * ring_row;  // three consecutive rows: three slots
-        if (held[iy % 3] != b * H1 + iy) {
-          stem_row<T>(stem_row_of(xp + b * Ci * H * W, Ci, H, W, iy), W, W1, w1, C1P, bias1,
-                      slot + C1P);
-          held[iy % 3] = b * H1 + iy;
-        }
-        rows[ky] = slot;
-      }
-      // The image rows of the next output row's two new rows of y, fetched during this row's
-      // GEMMs: the image comes from memory, and without this the op took ~40% longer with a
-      // cold cache than a warm one (16 -> 32 channels, batch 16); with it, ~5%.
-      if (r + 1 < end) {
-        const int64_t next = r + 1, first_row = 4 * (next % Ho) - 1;
-        for (int64_t c = 0; c < Ci; ++c)
-          for (int64_t ih = std::max<int64_t>(0, first_row); ih < std::min(H, first_row + 4); ++ih)
-            prefetch(xp + ((next / Ho * Ci + c) * H + ih) * W, W);
-      }
-      T* out_row = out + r * Wo * C2;
-      T* dst = C2 == C2P ? out_row : scratch;
-      for (int64_t ky = 0; ky < 3; ++ky)
-        gemm<T>(Wo, C2P, k, {rows[ky], 2 * C1P, 1}, w2p + ky * k * C2P, C2P,
-                ky == 0 ? MatA<T>{bias2, 0, 1} : MatA<T>{dst, C2P, 1}, dst, C2P,
-                /*apply_relu=*/ky == 2);
-      if (dst != out_row) copy_tile<T>(Wo, C2, {dst, C2P, 1}, {}, {out_row, C2, 1});
-    }
-  });
-}
-
-at::Tensor stem_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         const std::optional<at::Tensor>& weight2,
-                         const std::optional<at::Tensor>& bias2) {
-  check_stem_conv(x, weight, bias, weight2, bias2);
+at::Tensor stem_conv_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                         bool final_relu) {
+  check_stem_conv(x, weights, biases);
   const at::Tensor input = x.contiguous();  // NCHW: a row of taps is a stride-2 run
-  int64_t Co = weight.size(0), Ho = (x.size(2) + 1) / 2, Wo = (x.size(3) + 1) / 2;
-  if (weight2) Co = weight2->size(0), Ho = (Ho + 1) / 2, Wo = (Wo + 1) / 2;
-  at::Tensor output = at::empty({x.size(0), Co, Ho, Wo},
+  std::vector<StemLayer> layers{pack_first(weights[0], biases[0], x.size(2), x.size(3))};
+  for (size_t l = 1; l < weights.size(); ++l)
+    layers.push_back(pack_next(weights[l], biases[l], layers.back()));
+  at::Tensor output = at::empty({x.size(0), layers.back().C, layers.back().H, layers.back().W},
                                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (output.numel() == 0) return output;
-  const StemWeights first = pack_stem(weight, bias);
-  if (!weight2) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::stem_conv", [&] {
-      run_stem_conv<scalar_t>(input, first, output);
-    });
-    return output;
-  }
-  // (3, 3 * C1P, C2P): for kernel row ky, the B operand of A's columns (kx, c); zero rows for
-  // the first convolution's padding channels.
-  const int64_t C1 = weight.size(0), C1P = first.CoP, C2P = padded(Co, x.scalar_type());
-  const at::Tensor w2 =
-      at::constant_pad_nd(weight2->permute({2, 3, 1, 0}), {0, C2P - Co, 0, C1P - C1})
-          .reshape({3, 3 * C1P, C2P})
-          .contiguous();
-  const at::Tensor b2 = at::constant_pad_nd(*bias2, {0, C2P - Co}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::stem_conv", [&] {
-    run_stem_conv2<scalar_t>(input, first, w2, b2, output);
+    run_stem_conv<scalar_t>(input, layers, final_relu, output);
   });
   return output;
 }
