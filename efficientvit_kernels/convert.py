@@ -12,11 +12,11 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
   right after a convolution works in place (it owns the conv's fresh output);
 - everything else is copied, its children converted.
 On CPU the stem's convolutions and their ReLUs (3x3, stride 2, the first from the image's few
-channels) become one ``stem_conv`` op with channels-last output; PatchMerging's
-first 1x1 convolution, its depthwise convolution and their ReLUs one ``pointwise`` op, its last
-1x1 convolution another; the other
-convolution weights are channels-last, so oneDNN runs those convolutions channels-last, and the
-activations stay channels-last through the fused ops, which take either layout.
+channels) become one ``stem_conv`` op with channels-last output; PatchMerging's first 1x1
+convolution, its depthwise convolution and their ReLUs one ``pointwise`` op, its last 1x1
+convolution another; any other convolution gets channels-last weights, so oneDNN runs it
+channels-last, and the activations stay channels-last through the fused ops, which take either
+layout.
 The input model is not modified: nothing is deep-copied through it (timm caches attention
 biases as non-leaf tensors, which ``copy.deepcopy`` rejects); every tensor is new.
 """

@@ -224,13 +224,13 @@ void run_stem_conv(const at::Tensor& x, const std::vector<StemLayer>& layers, bo
                    at::Tensor& output) {
   const StemLayer& last = layers.back();
   const int64_t Co = output.size(1), Ho = last.H, Wo = last.W, CP = last.CP;
-  int64_t workspace = Co == CP ? 0 : Wo * CP;  // the output row, when Co is not whole vectors
-  for (size_t l = 1; l < layers.size(); ++l)
-    workspace += StemChain<T>::input_size(layers, l);
+  int64_t inputs = 0;  // the chain's input rows
+  for (size_t l = 1; l < layers.size(); ++l) inputs += StemChain<T>::input_size(layers, l);
   T* out = output.data_ptr<T>();
   at::parallel_for(0, x.size(0) * Ho, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor buffer = at::zeros({workspace}, x.options());
-    T* padded_out = buffer.data_ptr<T>() + workspace - (Co == CP ? 0 : Wo * CP);
+    // The input rows, then the output row when Co is not a whole number of vectors.
+    const at::Tensor buffer = at::zeros({inputs + (Co == CP ? 0 : Wo * CP)}, x.options());
+    T* padded_out = buffer.data_ptr<T>() + inputs;
     StemChain<T> chain(x, layers, final_relu, buffer.data_ptr<T>());
     for (int64_t r = begin; r < end; ++r) {
       T* out_row = out + r * Wo * Co;
