@@ -171,6 +171,12 @@ def test_dwconv_ffn_channels_last_float64():
     out = ops.ffn(x, w1, b1, w2, b2, True)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(out, functional.ffn(x, w1, b1, w2, b2, True)) < TOL[torch.float64]
+    # 24 channels, whole float64 vectors: the last GEMM starts from the residual and writes the
+    # output in place of the copy that adds it for 20.
+    w1, b1, w2, b2 = random_ffn_params(24, 40)
+    x = random_input(3, 24, 6, 7, channels_last=True)
+    out = ops.ffn(x, w1, b1, w2, b2, True)
+    assert relative_error(out, functional.ffn(x, w1, b1, w2, b2, True)) < TOL[torch.float64]
 
 
 def test_dwconv_ffn_nan_propagates():

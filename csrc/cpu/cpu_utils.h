@@ -70,6 +70,8 @@ inline V relu(V v) {
 // panel is k short runs, one per row, and costs 5-15% more when it is not in cache).
 // init has a column stride of 1 (a matrix; init = C accumulates) or 0 (each row one value,
 // broadcast: a bias per row), and a row stride of 0 for a bias per column; init.data null: zero.
+// column_bias, if given, is added to init: a matrix plus a bias per column (a residual and a
+// bias, say) in the one pass.
 // The tiles here are small (tens to hundreds), where BLAS call overhead dominates, and libtorch
 // does not export the cpublas::gemm overloads for float and double.
 
@@ -93,17 +95,19 @@ constexpr int kVecBlock = kVecBytes == 64 ? 4 : 2;
 // `blocks` blocks of MR rows x NV vectors, one below the other: one call covers a whole column
 // panel, so the per-call cost (arguments, spills) is paid per panel rather than per block.
 template <typename T, int MR, int NV>
-void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init, T* c,
-                 int64_t ldc, bool apply_relu) {
+void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init,
+                 const T* column_bias, T* c, int64_t ldc, bool apply_relu) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
   for (int64_t block = 0; block < blocks; ++block) {
     Vec acc[MR][NV];
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v)
+      for (int v = 0; v < NV; ++v) {
         acc[r][v] = !init.data        ? Vec{}
                     : init.col_stride ? S::load(init.data + r * init.row_stride + v * S::kLanes)
                                       : S::splat(init.data[r * init.row_stride]);
+        if (column_bias) acc[r][v] += S::load(column_bias + v * S::kLanes);
+      }
     for (int64_t p = 0; p < k; ++p) {
       Vec bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = S::load(b + p * ldb + v * S::kLanes);
@@ -122,8 +126,8 @@ void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, 
 }
 
 template <typename T>
-using GemmBlocksFn = void (*)(int64_t, int64_t, MatA<T>, const T*, int64_t, MatA<T>, T*, int64_t,
-                              bool);
+using GemmBlocksFn = void (*)(int64_t, int64_t, MatA<T>, const T*, int64_t, MatA<T>, const T*, T*,
+                              int64_t, bool);
 
 // table[(mr - 1) * kVecBlock + nv - 1] = gemm_blocks<T, mr, nv>, for the edges of any m and n.
 template <typename T, size_t... I>
@@ -141,7 +145,7 @@ constexpr int64_t kPanelWidth = detail::kVecBlock * Simd<T>::kLanes;
 
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init, T* c,
-          int64_t ldc, bool apply_relu = false) {
+          int64_t ldc, bool apply_relu = false, const T* column_bias = nullptr) {
   using namespace detail;
   static constexpr auto table =
       gemm_blocks_table<T>(std::make_index_sequence<kRowBlock * kVecBlock>{});
@@ -154,16 +158,17 @@ void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, M
     const int64_t ldb_j = ldb == kPanelMajor ? nv * L : ldb;
     const MatA<T> init_j{init.data ? init.data + j * init.col_stride : nullptr, init.row_stride,
                          init.col_stride};
+    const T* column_bias_j = column_bias ? column_bias + j : nullptr;
     if (full > 0)
-      table[(kRowBlock - 1) * kVecBlock + nv - 1](full, k, a, b_j, ldb_j, init_j, c + j, ldc,
-                                                  apply_relu);
+      table[(kRowBlock - 1) * kVecBlock + nv - 1](full, k, a, b_j, ldb_j, init_j, column_bias_j,
+                                                  c + j, ldc, apply_relu);
     if (rest > 0) {
       const int64_t i = full * kRowBlock;
       table[(rest - 1) * kVecBlock + nv - 1](
           1, k, {a.data + i * a.row_stride, a.row_stride, a.col_stride}, b_j, ldb_j,
           {init_j.data ? init_j.data + i * init.row_stride : nullptr, init.row_stride,
            init.col_stride},
-          c + i * ldc + j, ldc, apply_relu);
+          column_bias_j, c + i * ldc + j, ldc, apply_relu);
     }
   }
 }
@@ -246,11 +251,12 @@ void copy_tile(int64_t rows, int64_t cols, Tile<const T> src, Tile<const T> add,
 constexpr int64_t kTileTokens = 96;
 
 // The loop of the per-pixel (1x1) ops: x (B, C, H, W) in tiles of kTileTokens tokens.
-// compute(x_tile, n, y, scratch) gets a tile as n rows of C channels (x_tile: in place for
+// compute(x_tile, n, y, scratch, add) gets a tile as n rows of C channels (x_tile: in place for
 // channels-last x, where the tokens of all images are one run of rows; gathered from each image
 // the tile spans for channel-major x) and writes n rows of Co values, row stride CoP, to y; they
 // are written to out (Co channels, x's layout; plus x's tile when residual, Co == C), or, where
-// they can be (channels-last, Co == CoP, no residual), straight into out. scratch:
+// they can be (channels-last, Co == CoP), straight into out. There, with residual, add is
+// x_tile, which compute adds to its rows itself; otherwise add is null. scratch:
 // scratch_per_tile elements per thread, uninitialized.
 template <typename T, typename Compute>
 void for_each_token_tile(const at::Tensor& x, bool channels_last, const at::Tensor& out,
@@ -284,8 +290,9 @@ void for_each_token_tile(const at::Tensor& x, bool channels_last, const at::Tens
         });
         x_tile = x_gathered;
       }
-      const bool straight_to_out = channels_last && Co == CoP && !residual;
-      compute(x_tile, n, straight_to_out ? outp + t0 * Co : y, scratch);
+      const bool straight_to_out = channels_last && Co == CoP;
+      compute(x_tile, n, straight_to_out ? outp + t0 * Co : y, scratch,
+              straight_to_out && residual ? x_tile : nullptr);
       if (straight_to_out) continue;
       if (channels_last) {
         copy_tile<T>(n, Co, {y, CoP, 1}, {residual ? x_tile : nullptr, C, 1},

@@ -39,9 +39,12 @@ void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
   const T *w1 = packed[kW1].data_ptr<T>(), *b1 = packed[kB1].data_ptr<T>();
   const T *w2 = packed[kW2].data_ptr<T>(), *b2 = packed[kB2].data_ptr<T>();
   for_each_token_tile<T>(io.input, io.channels_last, io.output, CP, kTileTokens * MP, residual,
-                         [&](const T* x, int64_t n, T* y, T* hidden) {
+                         [&](const T* x, int64_t n, T* y, T* hidden, const T* add) {
     gemm<T>(n, MP, C, {x, C, 1}, w1, kPanelMajor, {b1, 0, 1}, hidden, MP, /*apply_relu=*/true);
-    gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {b2, 0, 1}, y, CP);
+    if (add)  // y is the output: the residual and b2 start the sums
+      gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {add, C, 1}, y, CP, false, b2);
+    else
+      gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {b2, 0, 1}, y, CP);
   });
 }
 

@@ -44,7 +44,7 @@ void pointwise_tiles(const DenseIO& io, at::TensorList packed, bool relu) {
   const T* w = packed[kWeight].data_ptr<T>();
   const T* b = packed[kBias].data_ptr<T>();
   for_each_token_tile<T>(io.input, io.channels_last, io.output, CoP, 0, /*residual=*/false,
-                         [&](const T* x_tile, int64_t n, T* y, T*) {
+                         [&](const T* x_tile, int64_t n, T* y, T*, const T*) {  // no residual
                            gemm<T>(n, CoP, C, {x_tile, C, 1}, w, kPanelMajor, {b, 0, 1}, y, CoP,
                                    relu);
                          });
