@@ -1,4 +1,7 @@
 """Inference modules holding folded weights (as buffers) that call the fused ops."""
+import operator
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -34,6 +37,14 @@ def backend_ops(backend):
     return ops
 
 
+class _Packing(NamedTuple):
+    """A module's packed weights and what they were packed from."""
+    packed: list        # the pack op's tensors
+    weights: list       # the buffers packed
+    versions: list      # their version counters then
+    dtype: torch.dtype  # theirs
+
+
 class _Fused(nn.Module):
     """Shared plumbing: the backend, a device check for the compiled backends, and the weights
     packed for the CPU kernel where the module has a pack op.
@@ -62,7 +73,7 @@ class _Fused(nn.Module):
             self.repack()
 
     def _weights(self):
-        return tuple(getattr(self, name) for name in self._weight_names)
+        return tuple(self._buffers[name] for name in self._weight_names)
 
     def _packs(self):
         return self._pack_op is not None and self.backend in ("auto", "cpu")
@@ -74,20 +85,25 @@ class _Fused(nn.Module):
     def repack(self):
         """Packs the weights for the CPU kernel now (see the class docstring for when)."""
         weights = self._weights()
-        self._packed = (self._pack_op(*weights, *self._pack_args()), weights,
-                        tuple(t._version for t in weights))
+        self._packed = _Packing(self._pack_op(*weights, *self._pack_args()), weights,
+                                [t._version for t in weights], weights[0].dtype)
 
     def _cpu_packed(self, x):
         """The packed weights when the CPU kernel on packed weights serves x, else None."""
-        if not self._packs() or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if x.device.type != "cpu" or not self._packs() or torch.compiler.is_compiling():
             return None
         weights = self._weights()
+        packing = self._packed
+        # The common case first, in few Python steps (it runs before every op): the same
+        # buffers, unchanged, packed for x's dtype (so all on CPU).
+        if (packing is not None and packing.dtype == x.dtype
+                and all(map(operator.is_, weights, packing.weights))
+                and [t._version for t in weights] == packing.versions):
+            return packing.packed
         if any(t.device.type != "cpu" or t.dtype != x.dtype for t in weights):
             return None  # the plain op reports the mismatch
-        if (self._packed is None or any(a is not b for a, b in zip(weights, self._packed[1]))
-                or tuple(t._version for t in weights) != self._packed[2]):
-            self.repack()
-        return self._packed[0]
+        self.repack()
+        return self._packed.packed
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # the buffers are replaced; repacked at the next CPU call
