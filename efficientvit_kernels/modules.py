@@ -271,14 +271,17 @@ class ResidualAdd(nn.Module):
 class InPlacePatchMerging(nn.Module):
     """EfficientViT's PatchMerging, ``conv3(se(relu(conv2(relu(conv1(x))))))`` (1x1 conv,
     depthwise 3x3 stride 2, squeeze-excite, 1x1 conv; batch norm folded), with each ReLU
-    applied in place to its convolution's fresh output: two activation-sized allocations
-    fewer per call, which on CPU are fresh pages (page faults) each time. A ReLU (``act1``,
-    ``act2``) is an Identity where the convolution before it applies it itself (a
-    ``FusedPointwise``; conv2 too is an Identity where conv1's takes it in)."""
+    applied in place to its convolution's fresh output, and the squeeze-excite (a
+    ``LinearSqueezeExcite``) scaling that output in place: three activation-sized allocations
+    fewer per call, which on CPU are fresh pages (page faults) or lines no longer in cache. A
+    ReLU (``act1``, ``act2``) is an Identity where the convolution before it applies it itself
+    (a ``FusedPointwise``; conv2 too is an Identity where conv1's takes it in)."""
 
     def __init__(self, conv1, conv2, se, conv3):
         super().__init__()
         self.conv1, self.conv2, self.se, self.conv3 = conv1, conv2, se, conv3
+        if isinstance(se, LinearSqueezeExcite):
+            se.inplace = True  # its input is conv2's output, which nothing else reads
         self.act1 = nn.ReLU(inplace=True)
         self.act2 = nn.ReLU(inplace=True)
 
@@ -289,12 +292,17 @@ class InPlacePatchMerging(nn.Module):
 class LinearSqueezeExcite(nn.Module):
     """Squeeze-excite, ``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))``, with fc1 and fc2 as Linear
     layers on the (B, C) means: the 1x1 convolutions on a 1x1 map they replace run at a small
-    fraction of the matrix rate in oneDNN (M4, batch 16: 0.44 ms for 4.2 M multiply-adds)."""
+    fraction of the matrix rate in oneDNN (M4, batch 16: 0.44 ms for 4.2 M multiply-adds).
+    With ``inplace``, the product overwrites x."""
 
-    def __init__(self, fc1, fc2):
+    def __init__(self, fc1, fc2, inplace=False):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
+        self.inplace = inplace
 
     def forward(self, x):
-        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
-        return x * gate[:, :, None, None]
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))[:, :, None, None]
+        return x.mul_(gate) if self.inplace else x * gate
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""

@@ -75,14 +75,16 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite, on CPU
-    its convolutions FusedPointwise (the first 1x1 with the depthwise one and both ReLUs); on CPU
-    the stem's convolutions and ReLUs become a FusedStemConv; a ReLU after a convolution works in
-    place and never on the caller's tensor; on CPU other convolutions' weights are channels-last."""
+    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite working
+    in place, on CPU its convolutions FusedPointwise (the first 1x1 with the depthwise one and
+    both ReLUs); on CPU the stem's convolutions and ReLUs become a FusedStemConv; a ReLU after a
+    convolution works in place and never on the caller's tensor; on CPU other convolutions'
+    weights are channels-last."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
-    assert len(merging) == 2 and all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in merging)
+    assert len(merging) == 2 and all(
+        isinstance(m.se, K.modules.LinearSqueezeExcite) and m.se.inplace for m in merging)
     assert all(isinstance(m.conv1, K.FusedPointwise) and m.conv1.relu and m.conv1.dw_weight.shape[1:] == (3, 3)
                and all(isinstance(getattr(m, n), torch.nn.Identity) for n in ("act1", "conv2", "act2"))
                and isinstance(m.conv3, K.FusedPointwise) and not m.conv3.relu for m in merging)
@@ -99,7 +101,8 @@ def test_stem_and_patch_merging(models):
         assert torch.equal(x, x0)
         merge = next(m for m in model.modules() if isinstance(m, R.model.PatchMerging))
         z = torch.randn(2, merge.conv1.c.in_channels, 9, 7)
-        assert relative_error(K.convert(merge)(z), merge(z)) < TOL
+        z0 = z.clone()
+        assert relative_error(K.convert(merge)(z), merge(z0)) < TOL and torch.equal(z, z0)
         # a Sequential that starts with a ReLU gets its input from outside: not in place
         seq = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
         fused_seq = K.convert(seq)
