@@ -40,9 +40,9 @@ def backend_ops(backend):
 class _Packing(NamedTuple):
     """A module's packed weights and what they were packed from."""
     packed: list        # the pack op's tensors
-    weights: list       # the buffers packed
+    weights: tuple      # the buffers packed
     versions: list      # their version counters then
-    dtype: torch.dtype  # theirs
+    dtype: torch.dtype  # their dtype
 
 
 class _Fused(nn.Module):
