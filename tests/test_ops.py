@@ -171,12 +171,23 @@ def test_dwconv_ffn_channels_last_float64():
     out = ops.ffn(x, w1, b1, w2, b2, True)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(out, functional.ffn(x, w1, b1, w2, b2, True)) < TOL[torch.float64]
-    # 24 channels, whole float64 vectors: the last GEMM starts from the residual and writes the
-    # output in place of the copy that adds it for 20.
+    # 24 channels, whole float64 vectors: the last GEMM adds the residual to its finished sums and
+    # writes the output, in place of the copy that adds it for 20.
     w1, b1, w2, b2 = random_ffn_params(24, 40)
     x = random_input(3, 24, 6, 7, channels_last=True)
     out = ops.ffn(x, w1, b1, w2, b2, True)
     assert relative_error(out, functional.ffn(x, w1, b1, w2, b2, True)) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [64, 24, 20])
+def test_ffn_residual_rounds_as_a_separate_add(C, dtype):
+    # The residual joins the finished sums (adding it first would round every multiply-add at
+    # the residual's magnitude), whether the kernel writes the output itself or copies it.
+    w1, b1, w2, b2 = [t.to(dtype) for t in random_ffn_params(C, 2 * C, seed=C)]
+    for channels_last in (False, True):
+        x = (random_input(3, C, 7, 9, channels_last=channels_last) * 10).to(dtype)
+        assert torch.equal(ops.ffn(x, w1, b1, w2, b2, True), ops.ffn(x, w1, b1, w2, b2, False) + x)
 
 
 def test_dwconv_ffn_nan_propagates():

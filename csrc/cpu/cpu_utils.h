@@ -70,8 +70,8 @@ inline V relu(V v) {
 // panel is k short runs, one per row, and costs 5-15% more when it is not in cache).
 // init has a column stride of 1 (a matrix; init = C accumulates) or 0 (each row one value,
 // broadcast: a bias per row), and a row stride of 0 for a bias per column; init.data null: zero.
-// column_bias, if given, is added to init: a matrix plus a bias per column (a residual and a
-// bias, say) in the one pass.
+// residual, if given (data not null, unit column stride), is added to the finished result (after
+// the ReLU): C = [relu](A * B + init) + residual, rounded as a separate addition would be.
 // The tiles here are small (tens to hundreds), where BLAS call overhead dominates, and libtorch
 // does not export the cpublas::gemm overloads for float and double.
 
@@ -96,18 +96,16 @@ constexpr int kVecBlock = kVecBytes == 64 ? 4 : 2;
 // panel, so the per-call cost (arguments, spills) is paid per panel rather than per block.
 template <typename T, int MR, int NV>
 void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init,
-                 const T* column_bias, T* c, int64_t ldc, bool apply_relu) {
+                 MatA<T> residual, T* c, int64_t ldc, bool apply_relu) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
   for (int64_t block = 0; block < blocks; ++block) {
     Vec acc[MR][NV];
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) {
+      for (int v = 0; v < NV; ++v)
         acc[r][v] = !init.data        ? Vec{}
                     : init.col_stride ? S::load(init.data + r * init.row_stride + v * S::kLanes)
                                       : S::splat(init.data[r * init.row_stride]);
-        if (column_bias) acc[r][v] += S::load(column_bias + v * S::kLanes);
-      }
     for (int64_t p = 0; p < k; ++p) {
       Vec bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = S::load(b + p * ldb + v * S::kLanes);
@@ -118,15 +116,19 @@ void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, 
       }
     }
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v)
-        S::store(c + r * ldc + v * S::kLanes, apply_relu ? relu(acc[r][v]) : acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        Vec y = apply_relu ? relu(acc[r][v]) : acc[r][v];
+        if (residual.data) y += S::load(residual.data + r * residual.row_stride + v * S::kLanes);
+        S::store(c + r * ldc + v * S::kLanes, y);
+      }
     a.data += MR * a.row_stride, c += MR * ldc;
     if (init.data) init.data += MR * init.row_stride;
+    if (residual.data) residual.data += MR * residual.row_stride;
   }
 }
 
 template <typename T>
-using GemmBlocksFn = void (*)(int64_t, int64_t, MatA<T>, const T*, int64_t, MatA<T>, const T*, T*,
+using GemmBlocksFn = void (*)(int64_t, int64_t, MatA<T>, const T*, int64_t, MatA<T>, MatA<T>, T*,
                               int64_t, bool);
 
 // table[(mr - 1) * kVecBlock + nv - 1] = gemm_blocks<T, mr, nv>, for the edges of any m and n.
@@ -145,7 +147,7 @@ constexpr int64_t kPanelWidth = detail::kVecBlock * Simd<T>::kLanes;
 
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init, T* c,
-          int64_t ldc, bool apply_relu = false, const T* column_bias = nullptr) {
+          int64_t ldc, bool apply_relu = false, MatA<T> residual = {}) {
   using namespace detail;
   static constexpr auto table =
       gemm_blocks_table<T>(std::make_index_sequence<kRowBlock * kVecBlock>{});
@@ -158,9 +160,9 @@ void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, M
     const int64_t ldb_j = ldb == kPanelMajor ? nv * L : ldb;
     const MatA<T> init_j{init.data ? init.data + j * init.col_stride : nullptr, init.row_stride,
                          init.col_stride};
-    const T* column_bias_j = column_bias ? column_bias + j : nullptr;
+    const MatA<T> residual_j{residual.data ? residual.data + j : nullptr, residual.row_stride, 1};
     if (full > 0)
-      table[(kRowBlock - 1) * kVecBlock + nv - 1](full, k, a, b_j, ldb_j, init_j, column_bias_j,
+      table[(kRowBlock - 1) * kVecBlock + nv - 1](full, k, a, b_j, ldb_j, init_j, residual_j,
                                                   c + j, ldc, apply_relu);
     if (rest > 0) {
       const int64_t i = full * kRowBlock;
@@ -168,7 +170,9 @@ void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, M
           1, k, {a.data + i * a.row_stride, a.row_stride, a.col_stride}, b_j, ldb_j,
           {init_j.data ? init_j.data + i * init.row_stride : nullptr, init.row_stride,
            init.col_stride},
-          column_bias_j, c + i * ldc + j, ldc, apply_relu);
+          {residual_j.data ? residual_j.data + i * residual.row_stride : nullptr,
+           residual.row_stride, 1},
+          c + i * ldc + j, ldc, apply_relu);
     }
   }
 }

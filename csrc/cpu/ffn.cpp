@@ -41,10 +41,8 @@ void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
   for_each_token_tile<T>(io.input, io.channels_last, io.output, CP, kTileTokens * MP, residual,
                          [&](const T* x, int64_t n, T* y, T* hidden, const T* add) {
     gemm<T>(n, MP, C, {x, C, 1}, w1, kPanelMajor, {b1, 0, 1}, hidden, MP, /*apply_relu=*/true);
-    if (add)  // y is the output: the residual and b2 start the sums
-      gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {add, C, 1}, y, CP, false, b2);
-    else
-      gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {b2, 0, 1}, y, CP);
+    gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {b2, 0, 1}, y, CP, /*apply_relu=*/false,
+            {add, C, 1});  // with add, y is the output
   });
 }
 
