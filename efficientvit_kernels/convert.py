@@ -107,12 +107,6 @@ def _fuse(m, residual, backend):
     return None
 
 
-def _neighbours(sequential):
-    """The (name, child) pairs of a Sequential's consecutive children, listed before any change."""
-    children = list(sequential._modules.items())
-    return list(zip(children, children[1:]))
-
-
 def _bias(conv):
     return conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
 
@@ -120,7 +114,8 @@ def _bias(conv):
 def _relus_in_place(sequential):
     """In a Sequential, a ReLU whose input is a convolution's output (a new tensor that nothing
     else reads) may overwrite it."""
-    for (_, before), (name, m) in _neighbours(sequential):
+    children = list(sequential._modules.items())
+    for (_, before), (name, m) in zip(children, children[1:]):
         if type(m) is nn.ReLU and isinstance(before, nn.Conv2d):
             sequential._modules[name] = nn.ReLU(inplace=True)
 
@@ -228,8 +223,9 @@ def convert(model, backend="auto"):
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op). The input model is left as it was. For the CPU
     kernels ("auto" or "cpu" on a CPU model), the stem's convolutions and ReLUs become a
-    ``FusedStemConv`` and the other convolution weights are made channels-last: a 4-D
-    output of the model may then be channels-last; its values are the same.
+    ``FusedStemConv``, PatchMerging's convolutions ``FusedPointwise`` modules, and the other
+    convolution weights are made channels-last: a 4-D output of the model may then be
+    channels-last; its values are the same.
     """
     backend_ops(backend)  # fail early on an unknown or unavailable backend
     out = _convert(model, backend)
