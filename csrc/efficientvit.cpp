@@ -33,8 +33,10 @@ TORCH_LIBRARY(efficientvit, m) {
 
   // CPU only: the weights packed once, ahead of the calls. X_pack takes X's parameters and
   // returns them in the layout the CPU kernel of X reads (transposed, padded to the vector
-  // width of the build, ...); X_packed(x, packed, ...) computes X from them. The layout is
-  // private to the build: pack where the kernel runs.
+  // width of the build, ...); X_packed(x, packed, ...) computes X from them, and X_packed_
+  // the same into x itself (an activation-sized allocation fewer, and its output lines are the
+  // ones it just read, still in cache). The layout is private to the build: pack where the
+  // kernel runs.
   m.def(
       "cga_pack(Tensor qkv_weight, Tensor qkv_bias, Tensor dw_weight, Tensor dw_bias, "
       "Tensor attention_bias, Tensor proj_weight, Tensor proj_bias, int window_size, "
@@ -42,8 +44,12 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def(
       "cga_packed(Tensor x, Tensor[] packed, int key_dim, int window_size, bool residual) "
       "-> Tensor");
+  m.def(
+      "cga_packed_(Tensor(a!) x, Tensor[] packed, int key_dim, int window_size, bool residual) "
+      "-> ()");
   m.def("ffn_pack(Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor[]");
   m.def("ffn_packed(Tensor x, Tensor[] packed, bool residual) -> Tensor");
+  m.def("ffn_packed_(Tensor(a!) x, Tensor[] packed, bool residual) -> ()");
   m.def(
       "pointwise_pack(Tensor weight, Tensor bias, Tensor? dw_weight=None, Tensor? dw_bias=None) "
       "-> Tensor[]");

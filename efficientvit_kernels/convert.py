@@ -10,7 +10,10 @@ official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention
 - a squeeze-excite (fc1, ReLU, fc2, Sigmoid on the mean of x) -> the same with Linear fc1, fc2;
 - every other Conv-BN / BN-Linear -> one folded Conv2d / Linear; in a Sequential, a ReLU
   right after a convolution works in place (it owns the conv's fresh output);
-- everything else is copied, its children converted.
+- everything else is copied, its children converted;
+- a fused attention or FFN whose input is the output of the fused op (or residual sum) before
+  it, in a Sequential or an EfficientViT block (dw0, ffn0, mixer, dw1, ffn1), writes its
+  result over that input on CPU (``inplace``): nothing else reads it.
 On CPU the stem's convolutions and their ReLUs (3x3, stride 2, the first from the image's few
 channels) become one ``stem_conv`` op with channels-last output; PatchMerging's first 1x1
 convolution, its depthwise convolution and their ReLUs one ``pointwise`` op, its last 1x1
@@ -120,6 +123,28 @@ def _relus_in_place(sequential):
             sequential._modules[name] = nn.ReLU(inplace=True)
 
 
+# An EfficientViT block's children (official, timm and python_ref alike), in the order its
+# forward applies them, each to the output of the one before.
+_BLOCK_CHAIN = ("dw0", "ffn0", "mixer", "dw1", "ffn1")
+
+
+def _fused_ops_in_place(model):
+    """A FusedCGA or FusedFFN applied to the output of a fused module or ResidualAdd (a new
+    tensor that nothing else reads), the one before it in a Sequential or an EfficientViT block,
+    writes its result over that output."""
+    for m in model.modules():
+        if isinstance(m, nn.Sequential):
+            chain = list(m)
+        elif tuple(m._modules) == _BLOCK_CHAIN:
+            chain = [m._modules[name] for name in _BLOCK_CHAIN]
+        else:
+            continue
+        for before, module in zip(chain, chain[1:]):
+            if (isinstance(module, (FusedCGA, FusedFFN))
+                    and isinstance(before, (FusedCGA, FusedDWConv, FusedFFN, ResidualAdd))):
+                module.inplace = True
+
+
 def _convert(m, backend):
     if _is_residual(m):
         fused = _fuse(m.m, True, backend)
@@ -225,10 +250,13 @@ def convert(model, backend="auto"):
     kernels ("auto" or "cpu" on a CPU model), the stem's convolutions and ReLUs become a
     ``FusedStemConv``, PatchMerging's convolutions ``FusedPointwise`` modules, and the other
     convolution weights are made channels-last: a 4-D output of the model may then be
-    channels-last; its values are the same.
+    channels-last; its values are the same. A fused attention or FFN that follows another
+    fused op in a block or Sequential writes over that op's output (``inplace``), so a block
+    or Sequential of the copy may overwrite the intermediate results it makes, never its input.
     """
     backend_ops(backend)  # fail early on an unknown or unavailable backend
     out = _convert(model, backend)
+    _fused_ops_in_place(out)
     if backend in ("auto", "cpu") and all(t.device.type == "cpu" for t in out.state_dict().values()):
         _stem_convolutions(out, backend)
         _pointwise_convolutions(out, backend)

@@ -55,6 +55,12 @@ class _Fused(nn.Module):
     write through ``.data`` moves no version counter: call ``repack()`` after one. Under
     ``torch.compile``/``torch.export`` the module calls the op on the unpacked weights, so
     a traced graph never holds a stale packing.
+
+    FusedCGA's and FusedFFN's ``inplace``: the CPU call on packed weights writes its result into
+    x and returns x, as ``nn.ReLU(inplace=True)`` does: for an x nothing else reads, this
+    saves an activation-sized allocation and writes lines still in cache. Elsewhere (other
+    devices or backends, under ``torch.compile``) x is left as it was; so only pass x that
+    is not read again. ``convert`` sets it where x is the fresh output of the module before.
     """
 
     _weight_names = ()  # the buffers the op reads, in its argument order
@@ -119,15 +125,17 @@ class _Fused(nn.Module):
 
 
 class FusedCGA(_Fused):
-    """Local-window cascaded group attention, optionally with its residual, in one op."""
+    """Local-window cascaded group attention, optionally with its residual, in one op. With
+    ``inplace``, the CPU kernel on packed weights writes the result into x (see ``_Fused``)."""
 
     _weight_names = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias",
                      "proj_weight", "proj_bias")
     _pack_op = staticmethod(ops.cga_pack)
 
     def __init__(self, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
-                 proj_bias, window_size, scale, residual, backend="auto"):
+                 proj_bias, window_size, scale, residual, backend="auto", inplace=False):
         super().__init__(backend)
+        self.inplace = bool(inplace)
         self.window_size = int(window_size)
         self.scale = float(scale)
         self.residual = bool(residual)
@@ -142,14 +150,16 @@ class FusedCGA(_Fused):
         self._check_device(x)
         packed = self._cpu_packed(x)
         if packed is not None:
-            return ops.cga_packed(x, packed, self.dw_weight.shape[1], self.window_size,
-                                  self.residual)
+            op = ops.cga_packed_ if self.inplace else ops.cga_packed
+            return op(x, packed, self.dw_weight.shape[1], self.window_size, self.residual)
         return self._ops.cga(x, *self._weights(), self.window_size, self.scale, self.residual)
 
     def extra_repr(self):
         heads, kd, K = self.dw_weight.shape[:3]
         return (f"channels={self.proj_weight.shape[0]}, heads={heads}, key_dim={kd}, kernel={K}, "
-                f"window_size={self.window_size}, residual={self.residual}, {super().extra_repr()}")
+                f"window_size={self.window_size}, residual={self.residual}"
+                f"{', inplace=True' if self.inplace else ''}, "
+                f"{super().extra_repr()}")
 
 
 class FusedDWConv(_Fused):
@@ -173,13 +183,15 @@ class FusedDWConv(_Fused):
 
 
 class FusedFFN(_Fused):
-    """``[x +] w2 relu(w1 x + b1) + b2`` in one op; the hidden activation stays on chip."""
+    """``[x +] w2 relu(w1 x + b1) + b2`` in one op; the hidden activation stays on chip. With
+    ``inplace``, the CPU kernel on packed weights writes the result into x (see ``_Fused``)."""
 
     _weight_names = ("w1", "b1", "w2", "b2")
     _pack_op = staticmethod(ops.ffn_pack)
 
-    def __init__(self, w1, b1, w2, b2, residual, backend="auto"):
+    def __init__(self, w1, b1, w2, b2, residual, backend="auto", inplace=False):
         super().__init__(backend)
+        self.inplace = bool(inplace)
         self.residual = bool(residual)
         self._set_weights(w1=w1, b1=b1, w2=w2, b2=b2)
 
@@ -187,12 +199,12 @@ class FusedFFN(_Fused):
         self._check_device(x)
         packed = self._cpu_packed(x)
         if packed is not None:
-            return ops.ffn_packed(x, packed, self.residual)
+            return (ops.ffn_packed_ if self.inplace else ops.ffn_packed)(x, packed, self.residual)
         return self._ops.ffn(x, *self._weights(), self.residual)
 
     def extra_repr(self):
-        return (f"channels={self.w1.shape[1]}, hidden={self.w1.shape[0]}, residual={self.residual}, "
-                f"{super().extra_repr()}")
+        return (f"channels={self.w1.shape[1]}, hidden={self.w1.shape[0]}, residual={self.residual}"
+                f"{', inplace=True' if self.inplace else ''}, {super().extra_repr()}")
 
 
 class FusedPointwise(_Fused):

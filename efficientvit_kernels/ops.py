@@ -10,17 +10,18 @@ have no autograd formula.
 
 On CPU, ``cga``, ``ffn`` and ``pointwise`` also come in two halves, so that the weights are
 packed once rather than on every call: ``X_pack`` returns the parameters in the layout the CPU
-kernel reads, ``X_packed`` computes the op from them. ``FusedCGA``, ``FusedFFN`` and
-``FusedPointwise`` use them. ``pointwise`` (PatchMerging's convolutions) and ``stem_conv``
+kernel reads, ``X_packed`` computes the op from them (``cga_packed_`` and ``ffn_packed_``: into
+x itself). ``FusedCGA``, ``FusedFFN`` and ``FusedPointwise`` use them. ``pointwise`` (PatchMerging's convolutions) and ``stem_conv``
 (the patch embedding's convolutions) are CPU only.
 """
 import torch
 
 from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
 
-__all__ = ["cga", "dwconv", "ffn", "pointwise", "stem_conv", "cga_pack", "cga_packed", "ffn_pack",
-           "ffn_packed", "pointwise_pack", "pointwise_packed", "check_cga", "check_dwconv", "check_ffn",
-           "check_pointwise", "check_stem_conv", "has_compiled_kernels"]
+__all__ = ["cga", "dwconv", "ffn", "pointwise", "stem_conv", "cga_pack", "cga_packed", "cga_packed_",
+           "ffn_pack", "ffn_packed", "ffn_packed_", "pointwise_pack", "pointwise_packed",
+           "check_cga", "check_dwconv", "check_ffn", "check_pointwise", "check_stem_conv",
+           "has_compiled_kernels"]
 
 
 def has_compiled_kernels(device_type):
@@ -245,6 +246,13 @@ def cga_packed(x, packed, key_dim, window_size, residual=True):
     return torch.ops.efficientvit.cga_packed(x, packed, key_dim, window_size, residual)
 
 
+def cga_packed_(x, packed, key_dim, window_size, residual=True):
+    """CPU: ``cga_packed`` written into x itself; returns x. Any x the out-of-place op takes
+    (one that is not dense is computed out of place and copied back)."""
+    torch.ops.efficientvit.cga_packed_(x, packed, key_dim, window_size, residual)
+    return x
+
+
 def ffn_pack(w1, b1, w2, b2):
     """CPU: ``ffn``'s parameters packed for its CPU kernel (see ``cga_pack``)."""
     return torch.ops.efficientvit.ffn_pack(w1, b1, w2, b2)
@@ -253,6 +261,13 @@ def ffn_pack(w1, b1, w2, b2):
 def ffn_packed(x, packed, residual=True):
     """CPU: ``ffn`` on weights packed by ``ffn_pack``; the same result for the same x."""
     return torch.ops.efficientvit.ffn_packed(x, packed, residual)
+
+
+def ffn_packed_(x, packed, residual=True):
+    """CPU: ``ffn_packed`` written into x itself; returns x (see ``cga_packed_``; in place
+    without a copy where x is channels-last with a whole number of vectors of channels)."""
+    torch.ops.efficientvit.ffn_packed_(x, packed, residual)
+    return x
 
 
 def pointwise_pack(weight, bias, dw_weight=None, dw_bias=None):
@@ -320,6 +335,16 @@ def _cga_packed_fake(x, packed, key_dim, window_size, residual):
 def _ffn_packed_fake(x, packed, residual):
     _check_input(x)
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("efficientvit::cga_packed_")
+def _cga_packed_inplace_fake(x, packed, key_dim, window_size, residual):
+    _check_input(x)
+
+
+@torch.library.register_fake("efficientvit::ffn_packed_")
+def _ffn_packed_inplace_fake(x, packed, residual):
+    _check_input(x)
 
 
 @torch.library.register_fake("efficientvit::pointwise_packed")

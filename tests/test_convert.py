@@ -113,6 +113,31 @@ def test_stem_and_patch_merging(models):
         assert relative_error(fused_seq(y), seq(y0)) < TOL and torch.equal(y, y0)
 
 
+def _in_place(model):
+    """Whether each fused attention and FFN writes over its input, by name."""
+    return {n: m.inplace for n, m in model.named_modules() if isinstance(m, (K.FusedCGA, K.FusedFFN))}
+
+
+def test_fused_ops_in_place(models):
+    """In a block or Sequential, an attention or FFN after another fused op writes over that
+    op's output: in a whole model, every one of them (each follows a depthwise conv, an FFN or
+    an attention); the input of a block, a Sequential or the model is never written."""
+    fused = K.convert(models["m4"])
+    flags = _in_place(fused)
+    assert len(flags) == 3 * 6 + 2 * 2 and all(flags.values())  # 6 blocks, 2 downsampling stages
+    block = fused.blocks2[3]
+    assert [block.ffn0.inplace, block.mixer.inplace, block.ffn1.inplace] == [True] * 3
+    ffn_first = K.convert(torch.nn.Sequential(models["m4"].blocks2[3].ffn0, models["m4"].blocks2[3].mixer))
+    assert list(_in_place(ffn_first).values()) == [False, True]  # the first reads the caller's x
+    x = torch.randn(2, 256, 9, 10).to(memory_format=torch.channels_last)
+    x0 = x.clone()
+    with torch.no_grad():
+        ref = R.fold_batchnorm(models["m4"].blocks2[3]).double()(x0.double())
+        assert relative_error(block(x), ref) < TOL and torch.equal(x, x0)
+        ffn_first(x)
+        assert torch.equal(x, x0)
+
+
 def test_backend_errors(models):
     with pytest.raises(ValueError, match="unknown backend"):
         K.convert(models["m0"], backend="tpu")
@@ -166,5 +191,6 @@ def test_convert_timm_models(name, timm):
     fused = K.convert(model)
     ours = R.load_checkpoint(R.build(name), model.state_dict())
     _check_model(fused, ours, [(224, 224), (256, 192)])
+    assert all(_in_place(fused).values())  # timm's blocks and Sequentials chain as ours do
     with torch.no_grad():
         assert relative_error(fused(x), model(x)) < TOL

@@ -1,6 +1,7 @@
 """CPU weight packing: cga_pack/cga_packed and ffn_pack/ffn_packed compute exactly what the
-ops compute, reject packings that do not fit x, and the fused modules repack when (and only
-when) their weights change."""
+ops compute, and their in-place variants (cga_packed_, ffn_packed_) exactly that into x; they
+reject packings that do not fit x, and the fused modules repack when (and only when) their
+weights change."""
 import pytest
 import torch
 
@@ -48,6 +49,49 @@ def test_ffn_packed_equals_ffn(C, M, dtype, channels_last):
         assert torch.equal(ops.ffn_packed(x, packed, residual), ops.ffn(x, *weights, residual))
 
 
+# Where x lies in the tensor it is part of: dense in both layouts, where the kernels write in
+# place, or a view that is not dense, computed out of place and copied back.
+# (channels_last, the tensor's channels and width, as multiples of x's, x's index in it)
+IN_PLACE_CASES = {"contiguous": (False, 1, 1, ()), "channels_last": (True, 1, 1, ()),
+                  "columns": (False, 1, 2, (Ellipsis, slice(3, 14))),
+                  "channel_slice": (True, 2, 1, (slice(None), slice(0, None, 2)))}
+
+
+def _check_in_place(op_in_place, op, C, dtype, case):
+    channels_last, channels, width, index = IN_PLACE_CASES[case]
+    whole = random_input(2, channels * C, 9, width * 11, dtype=dtype, channels_last=channels_last)
+    x = whole[index]
+    expected = whole.clone()
+    expected[index] = op(x)
+    ptr, strides = x.data_ptr(), x.stride()
+    assert op_in_place(x) is x and x.data_ptr() == ptr and x.stride() == strides
+    assert torch.equal(whole, expected)  # x as op(x) computes it, and nothing else written
+
+
+
+
+@pytest.mark.parametrize("C,heads,kernels", [(48, 3, (7, 5, 3)), (20, 2, (5, 3))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(IN_PLACE_CASES))
+@pytest.mark.parametrize("residual", [True, False])
+def test_cga_packed_in_place(C, heads, kernels, dtype, case, residual):
+    p = cga_case(C, heads, kernels, dtype=dtype)
+    packed = ops.cga_pack(*cga_args(p))
+    args = (packed, p["dw_weight"].shape[1], p["window_size"], residual)
+    _check_in_place(lambda x: K.ops.cga_packed_(x, *args), lambda x: ops.cga_packed(x, *args),
+                    C, dtype, case)
+
+
+@pytest.mark.parametrize("C,M", [(64, 128), (20, 7)])  # 20: not a whole number of vectors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(IN_PLACE_CASES))
+@pytest.mark.parametrize("residual", [True, False])
+def test_ffn_packed_in_place(C, M, dtype, case, residual):
+    packed = ops.ffn_pack(*[t.to(dtype) for t in random_ffn_params(C, M, seed=C)])
+    _check_in_place(lambda x: K.ops.ffn_packed_(x, packed, residual),
+                    lambda x: ops.ffn_packed(x, packed, residual), C, dtype, case)
+
+
 def test_packed_batch_zero_and_nan():
     p = cga_case()
     packed = ops.cga_pack(*cga_args(p))
@@ -81,10 +125,13 @@ def _bad_cga_packed_cases():
 
 
 @pytest.mark.parametrize("case", list(_bad_cga_packed_cases()))
-def test_cga_packed_bad_input(case):
+@pytest.mark.parametrize("op", ["cga_packed", "cga_packed_"])
+def test_cga_packed_bad_input(case, op):
     args, message = _bad_cga_packed_cases()[case]
+    x0 = args[0].clone()
     with pytest.raises((RuntimeError, ValueError), match=message):
-        ops.cga_packed(*args)
+        getattr(ops, op)(*args)
+    assert torch.equal(args[0], x0)  # rejected before anything is written
 
 
 def test_pack_bad_input():
@@ -105,6 +152,12 @@ def test_pack_bad_input():
         ops.ffn_packed(torch.randn(1, 16, 3, 3, dtype=torch.float64), packed, True)
     with pytest.raises(RuntimeError, match="tensors of ffn_pack"):
         ops.ffn_packed(torch.randn(1, 16, 3, 3), packed[:3], True)
+    with pytest.raises(RuntimeError, match="must have shape"):
+        ops.ffn_packed_(torch.randn(1, 24, 3, 3), packed, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.ffn_packed_(torch.randn(1, 16, 3, 3, dtype=torch.float64), packed, True)
+    with pytest.raises(RuntimeError, match="unsupported operation"):  # elements that share memory
+        ops.ffn_packed_(torch.randn(1, 16, 1, 1).expand(2, 16, 3, 3), packed, True)
 
 
 def test_opcheck_packed():
@@ -115,6 +168,10 @@ def test_opcheck_packed():
                           test_utils=utils)
     ffn = [t.float() for t in random_ffn_params(48, 96)]
     torch.library.opcheck(ops.ffn_packed.default, (x, ops.ffn_pack(*ffn), True), test_utils=utils)
+    # the in-place variants: the schema's mutation annotation checked against what they write
+    torch.library.opcheck(ops.cga_packed_.default, (x.clone(), ops.cga_pack(*cga_args(p)), 16, 7, True),
+                          test_utils=utils)
+    torch.library.opcheck(ops.ffn_packed_.default, (x.clone(), ops.ffn_pack(*ffn), True), test_utils=utils)
     torch.library.opcheck(ops.cga_pack.default, tuple(cga_args(p)), test_utils=("test_schema",))
     torch.library.opcheck(ops.ffn_pack.default, tuple(ffn), test_utils=("test_schema",))
 
@@ -182,6 +239,22 @@ def test_module_follows_dtype_and_format():
     assert torch.equal(out, ops.ffn(xl, *w, True))
     with pytest.raises((RuntimeError, ValueError), match="dtype"):
         m(x)  # float64 x, float32 weights: the op's own error
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_module_in_place(backend):
+    """inplace: the CPU kernel on packed weights writes into x; any other path leaves x alone."""
+    w = [t.float() for t in random_ffn_params(32, 64)]
+    m = K.FusedFFN(*w, residual=True, inplace=True, backend=backend)
+    assert "inplace=True" in repr(m)
+    x = random_input(2, 32, 5, 6).float().to(memory_format=torch.channels_last)
+    expected, x0 = ops.ffn(x, *w, True), x.clone()
+    out = m(x)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out is x) == (backend == "auto")
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = x0.clone()
+    assert torch.allclose(compiled(y), expected, rtol=1e-5, atol=1e-5) and torch.equal(y, x0)
 
 
 def test_module_reference_backend_does_not_pack():

@@ -344,7 +344,7 @@ std::vector<at::Tensor> pack_cga(const CgaDims& dims, const at::Tensor& qkv_weig
 }
 
 template <typename T>
-void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool residual) {
+void cga_windows(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool residual) {
   Cga<T> k{CgaLayout(dims, io.input.scalar_type())};
   k.C = dims.channels, k.H = dims.height, k.W = dims.width, k.heads = dims.heads;
   k.kd = dims.key_dim, k.d = dims.value_dim, k.K = dims.kernel, k.ws = dims.window;
@@ -378,14 +378,11 @@ void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool
   });
 }
 
-at::Tensor run_cga(const CgaDims& dims, const at::Tensor& x, at::TensorList packed,
-                   bool residual) {
-  const DenseIO io = dense_input_and_output(x);
-  if (io.output.numel() == 0) return io.output;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::cga", [&] {
-    run_cga<scalar_t>(dims, io, packed, residual);
+void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool residual) {
+  if (io.output.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(io.input.scalar_type(), "efficientvit::cga", [&] {
+    cga_windows<scalar_t>(dims, io, packed, residual);
   });
-  return io.output;
 }
 
 // The three entry points: the op (packs, then runs), the packing alone, and the op on packed
@@ -397,10 +394,12 @@ at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::
                    const at::Tensor& proj_bias, int64_t window_size, double scale, bool residual) {
   const CgaDims dims = check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
                                  proj_weight, proj_bias, window_size);
-  return run_cga(dims, x,
-                 pack_cga(dims, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
-                          proj_weight, proj_bias, scale),
-                 residual);
+  const DenseIO io = dense_input_and_output(x);
+  run_cga(dims, io,
+          pack_cga(dims, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
+                   proj_bias, scale),
+          residual);
+  return io.output;
 }
 
 std::vector<at::Tensor> cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
@@ -420,8 +419,8 @@ std::vector<at::Tensor> cga_pack_cpu(const at::Tensor& qkv_weight, const at::Ten
                   proj_bias, scale);
 }
 
-at::Tensor cga_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
-                          int64_t window_size, bool residual) {
+CgaDims check_cga_packed(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
+                         int64_t window_size) {
   check_input(x);
   TORCH_CHECK(packed.size() == kCgaPacked && packed[kQkvW].dim() == 3 &&
                   packed[kQueryW].dim() == 4,
@@ -444,7 +443,24 @@ at::Tensor cga_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t ke
   for (int64_t i = 0; i < dims.heads; ++i)
     TORCH_CHECK(radius[i] >= 0 && radius[i] <= dims.kernel / 2, "efficientvit: cga_packed: packed ",
                 "radius ", radius[i], " of head ", i, " is out of range [0, ", dims.kernel / 2, "]");
-  return run_cga(dims, x, packed, residual);
+  return dims;
+}
+
+at::Tensor cga_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
+                          int64_t window_size, bool residual) {
+  const CgaDims dims = check_cga_packed(x, packed, key_dim, window_size);
+  const DenseIO io = dense_input_and_output(x);
+  run_cga(dims, io, packed, residual);
+  return io.output;
+}
+
+void cga_packed_cpu_(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
+                     int64_t window_size, bool residual) {
+  const CgaDims dims = check_cga_packed(x, packed, key_dim, window_size);
+  // In place for any dense x: a window is copied to scratch before its output is written, and
+  // windows do not overlap.
+  run_in_place(x, /*direct=*/true,
+               [&](const DenseIO& io) { run_cga(dims, io, packed, residual); });
 }
 
 }  // namespace
@@ -454,4 +470,5 @@ TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
   m.impl("cga", &efficientvit::cpu::cga_cpu);
   m.impl("cga_pack", &efficientvit::cpu::cga_pack_cpu);
   m.impl("cga_packed", &efficientvit::cpu::cga_packed_cpu);
+  m.impl("cga_packed_", &efficientvit::cpu::cga_packed_cpu_);
 }

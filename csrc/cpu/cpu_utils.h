@@ -368,4 +368,16 @@ inline DenseIO dense_input_and_output(const at::Tensor& x, int64_t out_channels 
           format == at::MemoryFormat::ChannelsLast};
 }
 
+// An op's in-place variant (X_packed_): run(io) with x itself as input and output where x is
+// dense in the format it suggests and `direct` (the kernel reads each part of its input before
+// it writes over it); otherwise out of place, the result then copied into x.
+template <typename Run>
+void run_in_place(const at::Tensor& x, bool direct, Run&& run) {
+  const auto format = x.suggest_memory_format();
+  if (direct && x.is_contiguous(format)) return run(DenseIO{x, x, format == at::MemoryFormat::ChannelsLast});
+  const DenseIO io = dense_input_and_output(x);
+  run(io);
+  x.copy_(io.output);
+}
+
 }  // namespace efficientvit::cpu

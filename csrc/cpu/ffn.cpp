@@ -33,7 +33,7 @@ std::vector<at::Tensor> pack_ffn(const at::Tensor& w1, const at::Tensor& b1, con
 }
 
 template <typename T>
-void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
+void ffn_tiles(const DenseIO& io, at::TensorList packed, bool residual) {
   const int64_t C = io.input.size(1), M = packed[kW2].size(0);
   const int64_t MP = padded<T>(M), CP = padded<T>(C);
   const T *w1 = packed[kW1].data_ptr<T>(), *b1 = packed[kB1].data_ptr<T>();
@@ -46,22 +46,22 @@ void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
   });
 }
 
-at::Tensor run_ffn(const at::Tensor& x, at::TensorList packed, bool residual) {
-  const DenseIO io = dense_input_and_output(x);
-  if (io.output.numel() == 0) return io.output;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::ffn", [&] {
-    run_ffn<scalar_t>(io, packed, residual);
+void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
+  if (io.output.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(io.input.scalar_type(), "efficientvit::ffn", [&] {
+    ffn_tiles<scalar_t>(io, packed, residual);
   });
-  return io.output;
 }
 
-// The three entry points: the op (packs, then runs), the packing alone, and the op on packed
-// weights.
+// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights,
+// out of place and in place.
 
 at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                    const at::Tensor& w2, const at::Tensor& b2, bool residual) {
   check_ffn(x, w1, b1, w2, b2);
-  return run_ffn(x, pack_ffn(w1, b1, w2, b2), residual);
+  const DenseIO io = dense_input_and_output(x);
+  run_ffn(io, pack_ffn(w1, b1, w2, b2), residual);
+  return io.output;
 }
 
 std::vector<at::Tensor> ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1,
@@ -72,7 +72,7 @@ std::vector<at::Tensor> ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1,
   return pack_ffn(w1, b1, w2, b2);
 }
 
-at::Tensor ffn_packed_cpu(const at::Tensor& x, at::TensorList packed, bool residual) {
+void check_ffn_packed(const at::Tensor& x, at::TensorList packed) {
   check_input(x);
   TORCH_CHECK(packed.size() == kFfnPacked && packed[kW2].dim() == 2,
               "efficientvit: ffn_packed takes the ", int(kFfnPacked), " tensors of ffn_pack");
@@ -82,7 +82,22 @@ at::Tensor ffn_packed_cpu(const at::Tensor& x, at::TensorList packed, bool resid
   check_packed("ffn_packed", packed,
                {{"w1", {C, MP}, dtype}, {"b1", {MP}, dtype}, {"w2", {M, CP}, dtype},
                 {"b2", {CP}, dtype}});
-  return run_ffn(x, packed, residual);
+}
+
+at::Tensor ffn_packed_cpu(const at::Tensor& x, at::TensorList packed, bool residual) {
+  check_ffn_packed(x, packed);
+  const DenseIO io = dense_input_and_output(x);
+  run_ffn(io, packed, residual);
+  return io.output;
+}
+
+void ffn_packed_cpu_(const at::Tensor& x, at::TensorList packed, bool residual) {
+  check_ffn_packed(x, packed);
+  // In place where each token tile's output goes straight to the output (channels-last, whole
+  // vectors): a tile is read whole by the first GEMM before the second writes over it.
+  const bool direct = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
+                      x.size(1) == padded(x.size(1), x.scalar_type());
+  run_in_place(x, direct, [&](const DenseIO& io) { run_ffn(io, packed, residual); });
 }
 
 }  // namespace
@@ -92,4 +107,5 @@ TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
   m.impl("ffn", &efficientvit::cpu::ffn_cpu);
   m.impl("ffn_pack", &efficientvit::cpu::ffn_pack_cpu);
   m.impl("ffn_packed", &efficientvit::cpu::ffn_packed_cpu);
+  m.impl("ffn_packed_", &efficientvit::cpu::ffn_packed_cpu_);
 }
