@@ -157,7 +157,8 @@ def bench_models(models, batch, resolution, compile_reference, rates):
         if ort_run is not None:
             runners["onnxruntime"] = ort_run
         runners["fused"] = fused
-        t = median_times(runners, x, budget_s=20.0)
+        # A minute of rounds per model: with 20 s the ratios moved by 2-3% between runs here.
+        t = median_times(runners, x, budget_s=60.0, max_rounds=300)
         rows.append(dict(model=name.upper(), img_per_s={k: batch / v for k, v in t.items()}, error=err,
                          macs=macs, floor_img_per_s=batch / floor, floor_fraction=floor / t["fused"]))
         print(f"  {name}: " + ", ".join(f"{k} {batch / v:.1f} img/s" for k, v in t.items()), file=sys.stderr)
