@@ -11,8 +11,9 @@ have no autograd formula.
 On CPU, ``cga``, ``ffn`` and ``pointwise`` also come in two halves, so that the weights are
 packed once rather than on every call: ``X_pack`` returns the parameters in the layout the CPU
 kernel reads, ``X_packed`` computes the op from them (``cga_packed_`` and ``ffn_packed_``: into
-x itself). ``FusedCGA``, ``FusedFFN`` and ``FusedPointwise`` use them. ``pointwise`` (PatchMerging's convolutions) and ``stem_conv``
-(the patch embedding's convolutions) are CPU only.
+x itself). ``FusedCGA``, ``FusedFFN`` and ``FusedPointwise`` use them. ``pointwise``
+(PatchMerging's convolutions) and ``stem_conv`` (the patch embedding's convolutions) are CPU
+only.
 """
 import torch
 

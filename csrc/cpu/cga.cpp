@@ -385,8 +385,8 @@ void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool
   });
 }
 
-// The three entry points: the op (packs, then runs), the packing alone, and the op on packed
-// weights.
+// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights,
+// out of place and in place.
 
 at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
                    const at::Tensor& dw_weight, const at::Tensor& dw_bias,

@@ -374,7 +374,8 @@ inline DenseIO dense_input_and_output(const at::Tensor& x, int64_t out_channels 
 template <typename Run>
 void run_in_place(const at::Tensor& x, bool direct, Run&& run) {
   const auto format = x.suggest_memory_format();
-  if (direct && x.is_contiguous(format)) return run(DenseIO{x, x, format == at::MemoryFormat::ChannelsLast});
+  if (direct && x.is_contiguous(format))
+    return run(DenseIO{x, x, format == at::MemoryFormat::ChannelsLast});
   const DenseIO io = dense_input_and_output(x);
   run(io);
   x.copy_(io.output);
