@@ -254,6 +254,12 @@ void copy_tile(int64_t rows, int64_t cols, Tile<const T> src, Tile<const T> add,
 // tile's last block of 4 rows cost ~3%).
 constexpr int64_t kTileTokens = 96;
 
+// Whether for_each_token_tile has compute write its rows straight into out (rather than into a
+// tile buffer copied to out): channels-last, and Co a whole number of vectors (CoP).
+inline bool tiles_go_straight_to_out(bool channels_last, int64_t Co, int64_t CoP) {
+  return channels_last && Co == CoP;
+}
+
 // The loop of the per-pixel (1x1) ops: x (B, C, H, W) in tiles of kTileTokens tokens.
 // compute(x_tile, n, y, scratch, add) gets a tile as n rows of C channels (x_tile: in place for
 // channels-last x, where the tokens of all images are one run of rows; gathered from each image
@@ -294,7 +300,7 @@ void for_each_token_tile(const at::Tensor& x, bool channels_last, const at::Tens
         });
         x_tile = x_gathered;
       }
-      const bool straight_to_out = channels_last && Co == CoP;
+      const bool straight_to_out = tiles_go_straight_to_out(channels_last, Co, CoP);
       compute(x_tile, n, straight_to_out ? outp + t0 * Co : y, scratch,
               straight_to_out && residual ? x_tile : nullptr);
       if (straight_to_out) continue;

@@ -93,10 +93,11 @@ at::Tensor ffn_packed_cpu(const at::Tensor& x, at::TensorList packed, bool resid
 
 void ffn_packed_cpu_(const at::Tensor& x, at::TensorList packed, bool residual) {
   check_ffn_packed(x, packed);
-  // In place where each token tile's output goes straight to the output (channels-last, whole
-  // vectors): a tile is read whole by the first GEMM before the second writes over it.
-  const bool direct = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
-                      x.size(1) == padded(x.size(1), x.scalar_type());
+  // In place where each token tile's output goes straight to the output: a tile is read whole
+  // by the first GEMM before the second writes over it.
+  const bool direct =
+      tiles_go_straight_to_out(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast,
+                               x.size(1), padded(x.size(1), x.scalar_type()));
   run_in_place(x, direct, [&](const DenseIO& io) { run_ffn(io, packed, residual); });
 }
 
