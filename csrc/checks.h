@@ -103,12 +103,12 @@ inline void check_dwconv(const at::Tensor& x, const at::Tensor& weight, const at
   check_same({x, "x"}, bias, "bias");
 }
 
-inline void check_stem_conv(const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
-  check_input(x);
+// The parameters of stem_conv for an x of `channels` channels.
+inline void check_stem_conv_params(int64_t channels, Like like, at::TensorList weights,
+                                   at::TensorList biases) {
   TORCH_CHECK(!weights.empty(), "efficientvit: stem_conv needs at least one convolution");
   TORCH_CHECK(weights.size() == biases.size(), "efficientvit: stem_conv takes a bias per weight, got ",
               weights.size(), " weights and ", biases.size(), " biases");
-  int64_t channels = x.size(1);
   for (size_t l = 0; l < weights.size(); ++l) {
     const at::Tensor &weight = weights[l], &bias = biases[l];
     const std::string w = "weights[" + std::to_string(l) + "]", b = "biases[" + std::to_string(l) + "]";
@@ -116,10 +116,15 @@ inline void check_stem_conv(const at::Tensor& x, at::TensorList weights, at::Ten
                 " must be 4-D (Co, Ci, 3, 3), got ", weight.sizes());
     check_shape(weight, {weight.size(0), channels, 3, 3}, w.c_str());
     check_shape(bias, {weight.size(0)}, b.c_str());
-    check_same({x, "x"}, weight, w.c_str());
-    check_same({x, "x"}, bias, b.c_str());
+    check_same(like, weight, w.c_str());
+    check_same(like, bias, b.c_str());
     channels = weight.size(0);
   }
+}
+
+inline void check_stem_conv(const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
+  check_input(x);
+  check_stem_conv_params(x.size(1), {x, "x"}, weights, biases);
 }
 
 // The parameters of ffn for `channels` channels.

@@ -54,6 +54,9 @@ TORCH_LIBRARY(efficientvit, m) {
       "pointwise_pack(Tensor weight, Tensor bias, Tensor? dw_weight=None, Tensor? dw_bias=None) "
       "-> Tensor[]");
   m.def("pointwise_packed(Tensor x, Tensor[] packed, int out_channels, bool relu) -> Tensor");
+  m.def("stem_conv_pack(Tensor[] weights, Tensor[] biases) -> Tensor[]");
+  m.def(
+      "stem_conv_packed(Tensor x, Tensor[] packed, int out_channels, bool final_relu) -> Tensor");
 }
 
 #ifdef EFFICIENTVIT_PYTHON_MODULE

@@ -240,14 +240,20 @@ class FusedPointwise(_Fused):
 
 class FusedStemConv(_Fused):
     """The patch embedding's chain of 3x3 stride-2 convolutions (padding 1), each with its ReLU
-    (the last only with ``final_relu``), on CPU in one op (``stem_conv``; channels-last output).
-    The op is CPU only: on other devices the module runs the spec (``conv2d`` and ``relu``)."""
+    (the last only with ``final_relu``), on CPU in one op (``stem_conv``, on packed weights;
+    channels-last output). The op is CPU only: on other devices the module runs the spec (``conv2d`` and ``relu``)."""
+
+    @staticmethod
+    def _pack_op(*tensors):  # weight0, bias0, weight1, ...: the buffers in their order
+        return ops.stem_conv_pack(tensors[::2], tensors[1::2])
 
     def __init__(self, weights, biases, final_relu, backend="auto"):
         super().__init__(backend)
-        if len(weights) != len(biases):
-            raise ValueError(f"FusedStemConv takes a bias per weight, got {len(weights)} and {len(biases)}")
+        if not weights or len(weights) != len(biases):
+            raise ValueError(f"FusedStemConv takes one or more weights and a bias per weight, got "
+                             f"{len(weights)} and {len(biases)}")
         self.final_relu = bool(final_relu)
+        self.out_channels = weights[-1].shape[0]
         tensors = {}
         for i, (w, b) in enumerate(zip(weights, biases)):
             tensors[f"weight{i}"], tensors[f"bias{i}"] = w, b
@@ -256,6 +262,9 @@ class FusedStemConv(_Fused):
 
     def forward(self, x):
         self._check_device(x)
+        packed = self._cpu_packed(x)
+        if packed is not None:
+            return ops.stem_conv_packed(x, packed, self.out_channels, self.final_relu)
         tensors = self._weights()
         args = (x, tensors[::2], tensors[1::2], self.final_relu)
         if x.device.type == "cpu" and self.backend in ("auto", "cpu"):

@@ -8,10 +8,11 @@ way the C++ side does (for the fake implementation, so ``torch.compile`` and
 backends), and registers the fake implementations. The ops are inference-only: they
 have no autograd formula.
 
-On CPU, ``cga``, ``ffn`` and ``pointwise`` also come in two halves, so that the weights are
-packed once rather than on every call: ``X_pack`` returns the parameters in the layout the CPU
-kernel reads, ``X_packed`` computes the op from them (``cga_packed_`` and ``ffn_packed_``: into
-x itself). ``FusedCGA``, ``FusedFFN`` and ``FusedPointwise`` use them. ``pointwise``
+On CPU, ``cga``, ``ffn``, ``pointwise`` and ``stem_conv`` also come in two halves, so that the
+weights are packed once rather than on every call: ``X_pack`` returns the parameters in the
+layout the CPU kernel reads, ``X_packed`` computes the op from them (``cga_packed_`` and
+``ffn_packed_``: into x itself). ``FusedCGA``, ``FusedFFN``, ``FusedPointwise`` and
+``FusedStemConv`` use them. ``pointwise``
 (PatchMerging's convolutions) and ``stem_conv`` (the patch embedding's convolutions) are CPU
 only.
 """
@@ -21,6 +22,7 @@ from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
 
 __all__ = ["cga", "dwconv", "ffn", "pointwise", "stem_conv", "cga_pack", "cga_packed", "cga_packed_",
            "ffn_pack", "ffn_packed", "ffn_packed_", "pointwise_pack", "pointwise_packed",
+           "stem_conv_pack", "stem_conv_packed",
            "check_cga", "check_dwconv", "check_ffn", "check_pointwise", "check_stem_conv",
            "has_compiled_kernels"]
 
@@ -283,6 +285,19 @@ def pointwise_packed(x, packed, out_channels, relu=False):
     return torch.ops.efficientvit.pointwise_packed(x, packed, out_channels, relu)
 
 
+def stem_conv_pack(weights, biases):
+    """CPU: ``stem_conv``'s parameters packed for its CPU kernel (see ``cga_pack``)."""
+    if len(weights) == 0:  # the dispatcher finds no device to call with no tensor at all
+        _fail("stem_conv needs at least one convolution")
+    return torch.ops.efficientvit.stem_conv_pack(list(weights), list(biases))
+
+
+def stem_conv_packed(x, packed, out_channels, final_relu=False):
+    """CPU: ``stem_conv`` on weights packed by ``stem_conv_pack`` (``out_channels``: the last
+    weight's Co); the same result for the same x."""
+    return torch.ops.efficientvit.stem_conv_packed(x, packed, out_channels, final_relu)
+
+
 @torch.library.register_fake("efficientvit::cga")
 def _cga_fake(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
               proj_bias, window_size, scale, residual):
@@ -355,3 +370,12 @@ def _pointwise_packed_fake(x, packed, out_channels, relu):
     if len(packed) == 4:  # packed with the depthwise convolution, stride 2
         H, W = (H + 1) // 2, (W + 1) // 2
     return x.new_empty((B, out_channels, H, W)).contiguous(memory_format=_layout_of(x))
+
+
+@torch.library.register_fake("efficientvit::stem_conv_packed")
+def _stem_conv_packed_fake(x, packed, out_channels, final_relu):
+    _check_input(x)
+    B, _, H, W = x.shape
+    for _ in range(len(packed) // 2):  # each convolution halves H and W, rounding up
+        H, W = (H + 1) // 2, (W + 1) // 2
+    return x.new_empty((B, out_channels, H, W)).contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,7 @@
 """stem_conv (CPU only): the patch embedding's chain of 3x3 stride-2 convolutions and ReLUs (one
 to four of them, the last with or without its ReLU), against its spec,
-python_ref.functional.stem_conv, in float64."""
+python_ref.functional.stem_conv, in float64; and its packed halves (stem_conv_pack,
+stem_conv_packed), bit for bit against it."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ def check(x, layers, dtype, final_relu=False):
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(out, ref) < TOL[dtype]
+    packed = ops.stem_conv_pack([w.to(dtype) for w in weights], [b.to(dtype) for b in biases])
+    assert torch.equal(ops.stem_conv_packed(x.to(dtype), packed, weights[-1].shape[0], final_relu),
+                       out)
     return out
 
 
@@ -145,15 +149,42 @@ def test_stem_conv_bad_input():
             continue
         with pytest.raises((RuntimeError, ValueError), match=message):
             K.ops.check_stem_conv(*args)  # the fake's check
+        if args[0].shape[1] == 3 and args[0].dim() == 4:  # the same checks when packing
+            with pytest.raises((RuntimeError, ValueError), match=message):
+                K.ops.stem_conv_pack(*args[1:])
+
+
+def test_stem_conv_packed_bad_input():
+    """A packing that does not fit x, out_channels or x's dtype is rejected, not misread."""
+    (w0, w1), (b0, b1) = ([t.float() for t in ts] for ts in random_layers([3, 8, 20]))
+    x = torch.randn(1, 3, 8, 8)
+    packed = ops.stem_conv_pack([w0, w1], [b0, b1])
+    assert torch.equal(ops.stem_conv_packed(x, packed, 20, False), ops.stem_conv(x, [w0, w1], [b0, b1], False))
+    bad = [
+        ((torch.randn(1, 4, 8, 8), packed, 20), r"packed weights\[0\] must have shape"),
+        ((x, packed, 40), r"packed weights\[1\] must have shape"),
+        ((x, packed, 0), "out_channels must be positive"),
+        ((x, packed[:3], 20), "a weight and a bias per convolution"),
+        ((x, [], 20), "a weight and a bias per convolution"),
+        ((x, packed[:2], 20), r"packed weights\[0\] must have shape"),
+        ((x, [packed[0], packed[1], packed[2][:9], packed[3]], 20), r"packed weights\[1\] must have shape"),
+        ((x.double(), packed, 20), r"packed weights\[0\] has dtype"),
+        ((x[0], packed, 20), "4-D"),
+    ]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            ops.stem_conv_packed(*args, False)
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
 def test_stem_conv_opcheck(layers):
     weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM[:layers + 1]))
     x = random_input(2, 3, 11, 14).float()
-    torch.library.opcheck(ops.stem_conv.default, (x, weights, biases, layers == 2),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
-                                      "test_aot_dispatch_dynamic"))
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(ops.stem_conv.default, (x, weights, biases, layers == 2), test_utils=utils)
+    torch.library.opcheck(ops.stem_conv_packed.default,
+                          (x, ops.stem_conv_pack(weights, biases), STEM[layers], layers == 2),
+                          test_utils=utils)
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
@@ -169,3 +200,24 @@ def test_fused_stem_conv_module(layers):
         assert relative_error(K.FusedStemConv(weights, biases, False, backend="reference")(x), ref) < 1e-6
     with pytest.raises(ValueError, match="a bias per weight"):
         K.FusedStemConv(weights, biases[:-1], False)
+    with pytest.raises(ValueError, match="one or more weights"):
+        K.FusedStemConv([], [], False)
+
+
+def test_fused_stem_conv_module_packs_once(monkeypatch):
+    """The module packs at construction and calls the op on the packing; it packs again after
+    its weights change in place, and not under torch.compile (the traced graph calls the op on
+    the weights)."""
+    weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM))
+    module = K.FusedStemConv(weights, biases, final_relu=True)
+    x = random_input(2, 3, 16, 16).float()
+    packs = []
+    pack = K.ops.stem_conv_pack
+    monkeypatch.setattr(K.ops, "stem_conv_pack", lambda *a: packs.append(1) or pack(*a))
+    with torch.no_grad():
+        first = module(x)
+        assert torch.equal(module(x), first) and not packs
+        module.weight3.mul_(2)  # repacked: the version counter moved
+        assert relative_error(module(x), functional.stem_conv(
+            x, [*weights[:3], weights[3] * 2], biases, True)) < TOL[torch.float32]
+        assert len(packs) == 1

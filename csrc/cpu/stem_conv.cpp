@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 
@@ -120,29 +122,46 @@ void stem_row(const StemRow<T>& row, int64_t W, int64_t Wo, const T* w, int64_t 
     stem_row_block<T, 1>(row, W, Wo, co, w, CoP, bias, dst, pixel_stride, apply_relu);
 }
 
-// One convolution of the chain: its packed weights and its output's sizes (channels padded to
-// CP). The first's weights are (Ci * 9, CP), the weights of a tap a row of whole vectors (CP a
-// multiple of kLanes); a later one's are gemm's B, panel-major, rows (kx, ky, c) for the
-// previous convolution's CP channels c (CP a multiple of the vector width).
-struct StemLayer {
-  at::Tensor w, b;
-  int64_t C, CP, H, W;
-};
-
-StemLayer pack_first(const at::Tensor& weight, const at::Tensor& bias, int64_t H, int64_t W) {
-  const int64_t Co = weight.size(0), Ci = weight.size(1), CoP = round_up(Co, kLanes);
-  return {at::constant_pad_nd(weight.permute({1, 2, 3, 0}).reshape({Ci * 9, Co}), {0, CoP - Co})
-              .contiguous(),
-          at::constant_pad_nd(bias, {0, CoP - Co}).contiguous(), Co, CoP, (H + 1) / 2,
-          (W + 1) / 2};
+// The packed parameters (stem_conv_pack): per convolution, its weights and its bias padded to
+// CP output channels (zeros). The first's weights are (Ci * 9, CP), the weights of a tap a row of
+// whole vectors (CP a multiple of kLanes); a later one's are gemm's B, panel-major, rows
+// (kx, ky, c) for the previous convolution's CP channels c (CP a multiple of the vector width).
+std::vector<at::Tensor> pack_stem(at::TensorList weights, at::TensorList biases) {
+  std::vector<at::Tensor> packed;
+  int64_t CP_before = 0;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const at::Tensor& weight = weights[l];
+    const int64_t Co = weight.size(0), Ci = weight.size(1);
+    const int64_t CP = l == 0 ? round_up(Co, kLanes) : padded(Co, weight.scalar_type());
+    if (l == 0) {
+      packed.push_back(at::constant_pad_nd(weight.permute({1, 2, 3, 0}).reshape({Ci * 9, Co}),
+                                           {0, CP - Co}).contiguous());
+    } else {
+      const at::Tensor w =
+          at::constant_pad_nd(weight.permute({3, 2, 1, 0}), {0, CP - Co, 0, CP_before - Ci});
+      packed.push_back(pack_panels(w.reshape({9 * CP_before, CP})));
+    }
+    packed.push_back(at::constant_pad_nd(biases[l], {0, CP - Co}).contiguous());
+    CP_before = CP;
+  }
+  return packed;
 }
 
-StemLayer pack_next(const at::Tensor& weight, const at::Tensor& bias, const StemLayer& before) {
-  const int64_t Co = weight.size(0), Ci = weight.size(1), CoP = padded(Co, weight.scalar_type());
-  const at::Tensor w = at::constant_pad_nd(weight.permute({3, 2, 1, 0}), {0, CoP - Co, 0, before.CP - Ci});
-  return {pack_panels(w.reshape({9 * before.CP, CoP})),
-          at::constant_pad_nd(bias, {0, CoP - Co}).contiguous(), Co, CoP, (before.H + 1) / 2,
-          (before.W + 1) / 2};
+// One convolution of a call: its packed weights and bias, and its output's sizes (channels padded
+// to CP).
+struct StemLayer {
+  at::Tensor w, b;
+  int64_t CP, H, W;
+};
+
+std::vector<StemLayer> stem_layers(const at::Tensor& x, at::TensorList packed) {
+  std::vector<StemLayer> layers;
+  int64_t H = x.size(2), W = x.size(3);
+  for (size_t i = 0; i < packed.size(); i += 2) {
+    H = (H + 1) / 2, W = (W + 1) / 2;
+    layers.push_back({packed[i], packed[i + 1], packed[i + 1].size(0), H, W});
+  }
+  return layers;
 }
 
 // The chain of convolutions on one thread, computed a row at a time: a row of convolution l > 0
@@ -241,14 +260,11 @@ void run_stem_conv(const at::Tensor& x, const std::vector<StemLayer>& layers, bo
   });
 }
 
-at::Tensor stem_conv_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-                         bool final_relu) {
-  check_stem_conv(x, weights, biases);
+at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, int64_t out_channels,
+                    bool final_relu) {
   const at::Tensor input = x.contiguous();  // NCHW: a row of taps is a stride-2 run
-  std::vector<StemLayer> layers{pack_first(weights[0], biases[0], x.size(2), x.size(3))};
-  for (size_t l = 1; l < weights.size(); ++l)
-    layers.push_back(pack_next(weights[l], biases[l], layers.back()));
-  at::Tensor output = at::empty({x.size(0), layers.back().C, layers.back().H, layers.back().W},
+  const std::vector<StemLayer> layers = stem_layers(x, packed);
+  at::Tensor output = at::empty({x.size(0), out_channels, layers.back().H, layers.back().W},
                                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::stem_conv", [&] {
@@ -257,7 +273,56 @@ at::Tensor stem_conv_cpu(const at::Tensor& x, at::TensorList weights, at::Tensor
   return output;
 }
 
+// The three entry points: the op (packs, then runs), the packing alone, and the op on packed
+// weights.
+
+at::Tensor stem_conv_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                         bool final_relu) {
+  check_stem_conv(x, weights, biases);
+  return run_stem(x, pack_stem(weights, biases), weights.back().size(0), final_relu);
+}
+
+std::vector<at::Tensor> stem_conv_pack_cpu(at::TensorList weights, at::TensorList biases) {
+  TORCH_CHECK(!weights.empty() && at::isFloatingType(weights[0].scalar_type()),
+              "efficientvit: stem_conv_pack takes floating-point weights, at least one");
+  check_stem_conv_params(weights[0].dim() == 4 ? weights[0].size(1) : 0,
+                         {weights[0], "weights[0]"}, weights, biases);
+  return pack_stem(weights, biases);
+}
+
+at::Tensor stem_conv_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t out_channels,
+                                bool final_relu) {
+  check_input(x);
+  TORCH_CHECK(!packed.empty() && packed.size() % 2 == 0,
+              "efficientvit: stem_conv_packed takes the tensors of stem_conv_pack, a weight and a "
+              "bias per convolution, got ", packed.size());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(out_channels > 0, "efficientvit: stem_conv_packed: out_channels must be positive");
+  // The padded widths chain: each convolution's weights take the CP channels of the one before;
+  // the last's CP is out_channels padded.
+  std::vector<std::string> names;
+  for (size_t l = 0; l < packed.size() / 2; ++l)
+    for (const char* what : {"weights[", "biases["}) names.push_back(what + std::to_string(l) + "]");
+  std::vector<PackedTensor> expected;
+  int64_t CP_before = x.size(1);
+  for (size_t i = 0; i < packed.size(); i += 2) {
+    const int64_t lanes = i == 0 ? kLanes : padded(1, dtype);
+    const int64_t CP = i + 2 == packed.size() ? round_up(out_channels, lanes)
+                       : packed[i + 1].dim() == 1 ? round_up(packed[i + 1].size(0), lanes)
+                                                  : lanes;
+    expected.push_back({names[i].c_str(), {9 * CP_before, CP}, dtype});
+    expected.push_back({names[i + 1].c_str(), {CP}, dtype});
+    CP_before = CP;
+  }
+  check_packed("stem_conv_packed", packed, expected);
+  return run_stem(x, packed, out_channels, final_relu);
+}
+
 }  // namespace
 }  // namespace efficientvit::cpu
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("stem_conv", &efficientvit::cpu::stem_conv_cpu); }
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
+  m.impl("stem_conv", &efficientvit::cpu::stem_conv_cpu);
+  m.impl("stem_conv_pack", &efficientvit::cpu::stem_conv_pack_cpu);
+  m.impl("stem_conv_packed", &efficientvit::cpu::stem_conv_packed_cpu);
+}
