@@ -241,7 +241,8 @@ class FusedPointwise(_Fused):
 class FusedStemConv(_Fused):
     """The patch embedding's chain of 3x3 stride-2 convolutions (padding 1), each with its ReLU
     (the last only with ``final_relu``), on CPU in one op (``stem_conv``, on packed weights;
-    channels-last output). The op is CPU only: on other devices the module runs the spec (``conv2d`` and ``relu``)."""
+    channels-last output). The op is CPU only: on other devices the module runs the spec
+    (``conv2d`` and ``relu``)."""
 
     @staticmethod
     def _pack_op(*tensors):  # weight0, bias0, weight1, ...: the buffers in their order

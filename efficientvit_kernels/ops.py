@@ -12,9 +12,8 @@ On CPU, ``cga``, ``ffn``, ``pointwise`` and ``stem_conv`` also come in two halve
 weights are packed once rather than on every call: ``X_pack`` returns the parameters in the
 layout the CPU kernel reads, ``X_packed`` computes the op from them (``cga_packed_`` and
 ``ffn_packed_``: into x itself). ``FusedCGA``, ``FusedFFN``, ``FusedPointwise`` and
-``FusedStemConv`` use them. ``pointwise``
-(PatchMerging's convolutions) and ``stem_conv`` (the patch embedding's convolutions) are CPU
-only.
+``FusedStemConv`` use them. ``pointwise`` (PatchMerging's convolutions) and ``stem_conv`` (the
+patch embedding's convolutions) are CPU only.
 """
 import torch
 

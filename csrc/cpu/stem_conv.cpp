@@ -306,10 +306,13 @@ at::Tensor stem_conv_packed_cpu(const at::Tensor& x, at::TensorList packed, int6
   std::vector<PackedTensor> expected;
   int64_t CP_before = x.size(1);
   for (size_t i = 0; i < packed.size(); i += 2) {
+    // Its padded width: out_channels' for the last, else its bias's (a bias not 1-D, or not a
+    // whole number of vectors, then fails check_packed).
     const int64_t lanes = i == 0 ? kLanes : padded(1, dtype);
-    const int64_t CP = i + 2 == packed.size() ? round_up(out_channels, lanes)
-                       : packed[i + 1].dim() == 1 ? round_up(packed[i + 1].size(0), lanes)
-                                                  : lanes;
+    const int64_t width = i + 2 == packed.size() ? out_channels
+                          : packed[i + 1].dim() == 1 ? packed[i + 1].size(0)
+                                                     : 1;
+    const int64_t CP = round_up(width, lanes);
     expected.push_back({names[i].c_str(), {9 * CP_before, CP}, dtype});
     expected.push_back({names[i + 1].c_str(), {CP}, dtype});
     CP_before = CP;
