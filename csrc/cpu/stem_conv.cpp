@@ -126,13 +126,19 @@ void stem_row(const StemRow<T>& row, int64_t W, int64_t Wo, const T* w, int64_t 
 // CP output channels (zeros). The first's weights are (Ci * 9, CP), the weights of a tap a row of
 // whole vectors (CP a multiple of kLanes); a later one's are gemm's B, panel-major, rows
 // (kx, ky, c) for the previous convolution's CP channels c (CP a multiple of the vector width).
+// CP of convolution l with Co output channels: whole kLanes vectors for the first, whose taps
+// stem_pixels sums; whole SIMD vectors for the others, gemm's outputs.
+int64_t stem_padded(size_t l, int64_t Co, at::ScalarType dtype) {
+  return l == 0 ? round_up(Co, kLanes) : padded(Co, dtype);
+}
+
 std::vector<at::Tensor> pack_stem(at::TensorList weights, at::TensorList biases) {
   std::vector<at::Tensor> packed;
   int64_t CP_before = 0;
   for (size_t l = 0; l < weights.size(); ++l) {
     const at::Tensor& weight = weights[l];
     const int64_t Co = weight.size(0), Ci = weight.size(1);
-    const int64_t CP = l == 0 ? round_up(Co, kLanes) : padded(Co, weight.scalar_type());
+    const int64_t CP = stem_padded(l, Co, weight.scalar_type());
     if (l == 0) {
       packed.push_back(at::constant_pad_nd(weight.permute({1, 2, 3, 0}).reshape({Ci * 9, Co}),
                                            {0, CP - Co}).contiguous());
@@ -308,11 +314,10 @@ at::Tensor stem_conv_packed_cpu(const at::Tensor& x, at::TensorList packed, int6
   for (size_t i = 0; i < packed.size(); i += 2) {
     // Its padded width: out_channels' for the last, else its bias's (a bias not 1-D, or not a
     // whole number of vectors, then fails check_packed).
-    const int64_t lanes = i == 0 ? kLanes : padded(1, dtype);
     const int64_t width = i + 2 == packed.size() ? out_channels
                           : packed[i + 1].dim() == 1 ? packed[i + 1].size(0)
                                                      : 1;
-    const int64_t CP = round_up(width, lanes);
+    const int64_t CP = stem_padded(i / 2, width, dtype);
     expected.push_back({names[i].c_str(), {9 * CP_before, CP}, dtype});
     expected.push_back({names[i + 1].c_str(), {CP}, dtype});
     CP_before = CP;
