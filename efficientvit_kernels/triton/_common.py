@@ -5,6 +5,9 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Set by efficientvit_kernels.triton_static.recording(): launches on meta tensors are recorded
+# (to be compiled ahead of time for a GPU that need not be here), not run.
+recorder = None
 
 
 def check_device_dtype(x, kernel):
@@ -12,7 +15,7 @@ def check_device_dtype(x, kernel):
     if x.dtype not in _DTYPES:
         raise ValueError(f"efficientvit: the Triton kernels take float32, float16 or bfloat16, "
                          f"got {x.dtype}")
-    if x.device.type != "cuda" and not interpreted(kernel):
+    if x.device.type != "cuda" and not interpreted(kernel) and recorder is None:
         raise ValueError(f"efficientvit: the Triton kernels need a CUDA tensor (or "
                          f"TRITON_INTERPRET=1 set before triton is imported), got {x.device}")
 
@@ -79,7 +82,7 @@ def persistent_grid(kernel, n_items, args, **kwargs):
     threads, as in Triton's fused-softmax tutorial), at most ``n_items``. Each program loops
     over items, so per-program scratch stays small and hot in cache. The interpreter runs
     programs one by one: one item each."""
-    if interpreted(kernel):
+    if interpreted(kernel) or recorder is not None:
         return n_items
     device = args[0].device
     key = (device.index, args[0].dtype, tuple(sorted(kwargs.items())))

@@ -16,13 +16,16 @@ from .. import ops
 from ._common import check_device_dtype, empty_like_layout, mm, padded, persistent_grid, relu
 
 
-@triton.jit
-def _cga_kernel(x_ptr, out_ptr, q_scratch_ptr, cat_scratch_ptr, qkv_w_ptr, qkv_b_ptr, dw_w_ptr,
-                dw_b_ptr, ab_ptr, proj_w_ptr, proj_b_ptr, H, W, windows_h, windows_w, n_windows,
-                scale, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+# Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of 16):
+# one compiled kernel serves every batch and map size of a layer.
+@triton.jit(do_not_specialize=["H", "W", "windows_h", "windows_w", "n_windows"])
+def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
+                qkv_w_ptr, qkv_b_ptr, dw_w_ptr, dw_b_ptr, ab_ptr, proj_w_ptr, proj_b_ptr,
+                H, W, windows_h, windows_w, n_windows, scale,
+                sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 HEADS: tl.constexpr, KD: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
                 WS: tl.constexpr, NP: tl.constexpr, KDP: tl.constexpr, DP: tl.constexpr,
-                BC: tl.constexpr, RESIDUAL: tl.constexpr):
+                BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     N: tl.constexpr = WS * WS
     C: tl.constexpr = HEADS * D
@@ -32,17 +35,28 @@ def _cga_kernel(x_ptr, out_ptr, q_scratch_ptr, cat_scratch_ptr, qkv_w_ptr, qkv_b
     ty = n // WS
     tx = n % WS
     token = n < N
-    dc = tl.arange(0, DP)
-    dmask = dc < D
     kc = tl.arange(0, KDP)
     kmask = kc < KD
+    bd = tl.arange(0, BD)
     bc = tl.arange(0, BC)
-    # This program's scratch (reused for every window it runs, so it stays in L1/L2):
-    # q, for the depthwise conv, whose neighbours live in other threads' registers, and
-    # relu(concat(out_i)), the projection's input, so the projection can run in channel
-    # blocks instead of holding an (NP, C) accumulator across the heads.
-    q_scratch = q_scratch_ptr + pid.to(tl.int64) * (NP * KDP)
+    b16 = tl.arange(0, 16)
+    # This program's scratch, reused for every window it runs (so it stays in L1/L2). Every
+    # product over the value dim or the tokens runs in chunks read back from it, so the
+    # registers a program holds do not grow with them (an fp32 product takes whole rows of its
+    # operands into registers):
+    #   q     (NP, KDP) fp32: q, for the depthwise conv, whose neighbours live in other threads
+    #   feat  (NP, DP)  fp32: feat_i = x_i + out_{i-1}
+    #   prev  (NP, DP)  fp32: out_i, for the next head's cascade
+    #   attn  (NP, NP)  fp32: the attention weights
+    #   v     (NP, BD)  fp32: BD channels of v
+    #   cat   (NP, C)   DT:   relu(concat(out_i)), the output projection's input
+    q_scratch = scratch_ptr + pid.to(tl.int64) * (NP * (KDP + 2 * DP + NP + BD))
     q_tile = q_scratch + n[:, None] * KDP + kc[None, :]
+    feat = q_scratch + NP * KDP + n[:, None] * DP
+    prev = feat + NP * DP
+    attn_scratch = q_scratch + NP * (KDP + 2 * DP)
+    pair = n[:, None] * NP + n[None, :]  # token pair (n, m) of the scores
+    v_scratch = q_scratch + NP * (KDP + 2 * DP + NP)
     cat = cat_scratch_ptr + pid.to(tl.int64) * (NP * C) + n[:, None] * C
 
     for win in range(pid, n_windows, tl.num_programs(0)):
@@ -54,23 +68,32 @@ def _cga_kernel(x_ptr, out_ptr, q_scratch_ptr, cat_scratch_ptr, qkv_w_ptr, qkv_b
         inside = token & (gy < H) & (gx < W)  # a real pixel, not window padding
         x_tok = x_ptr + b * sxb + gy * sxh + gx * sxw
 
-        out = tl.zeros([NP, DP], dtype=tl.float32)
         for i in range(HEADS):
-            xi = tl.load(x_tok[:, None] + (i * D + dc)[None, :] * sxc,
-                         mask=inside[:, None] & dmask[None, :], other=0.0)
-            feat = xi.to(tl.float32) + out  # the cascade; out is 0 before head 0
+            # feat_i = x_i + out_{i-1} (the cascade), into scratch
+            for c0 in range(0, DP, BD):
+                c = c0 + bd
+                f = tl.load(x_tok[:, None] + (i * D + c)[None, :] * sxc,
+                            mask=inside[:, None] & (c < D)[None, :], other=0.0).to(tl.float32)
+                if i > 0:
+                    f += tl.load(prev + c[None, :])
+                tl.store(feat + c[None, :], f)
+            tl.debug_barrier()  # feat_i is whole before anyone reads it (and prev is free)
 
-            # qkv_weight[i] is (2KD + D, D): rows q | k | v; load them transposed (D, out).
-            w = qkv_w_ptr + i * (2 * KD + D) * D + dc[:, None]
-            wk_mask = dmask[:, None] & kmask[None, :]
+            # qkv_weight[i] is (2KD + D, D): rows q | k | v; chunks are loaded transposed.
+            w = qkv_w_ptr + i * (2 * KD + D) * D
             bias = qkv_b_ptr + i * (2 * KD + D)
-            q = mm(feat, tl.load(w + kc[None, :] * D, mask=wk_mask, other=0.0), DT)
+            q = tl.zeros([NP, KDP], dtype=tl.float32)
+            k = tl.zeros([NP, KDP], dtype=tl.float32)
+            for c0 in range(0, DP, BD):
+                c = c0 + bd
+                f = tl.load(feat + c[None, :])
+                wmask = (c < D)[:, None] & kmask[None, :]
+                wq = tl.load(w + kc[None, :] * D + c[:, None], mask=wmask, other=0.0)
+                wk = tl.load(w + (KD + kc[None, :]) * D + c[:, None], mask=wmask, other=0.0)
+                q += mm(f, wq, DT)
+                k += mm(f, wk, DT)
             q += tl.load(bias + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
-            k = mm(feat, tl.load(w + (KD + kc[None, :]) * D, mask=wk_mask, other=0.0), DT)
             k += tl.load(bias + KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
-            v = mm(feat, tl.load(w + (2 * KD + dc[None, :]) * D,
-                                 mask=dmask[:, None] & dmask[None, :], other=0.0), DT)
-            v += tl.load(bias + 2 * KD + dc, mask=dmask, other=0.0).to(tl.float32)[None, :]
 
             # q = dwconv_KxK(q) + c over the window grid, zero padding at the window edge.
             tl.store(q_tile, q)
@@ -87,19 +110,35 @@ def _cga_kernel(x_ptr, out_ptr, q_scratch_ptr, cat_scratch_ptr, qkv_w_ptr, qkv_b
                                  mask=ok[:, None], other=0.0)
                     tap = tl.load(dw + ky * K + kx, mask=kmask, other=0.0).to(tl.float32)
                     qc += nb * tap[None, :]
-            tl.debug_barrier()  # neighbour reads are done before q is overwritten
 
-            # Bias for token pair (n, m) sits at (|dy|, |dx|) of the head's (ws, ws) table.
-            ab = tl.load(ab_ptr + i * N + tl.abs(ty[:, None] - ty[None, :]) * WS
-                         + tl.abs(tx[:, None] - tx[None, :]),
-                         mask=token[:, None] & token[None, :], other=0.0)
-            s = mm(qc, tl.trans(k), DT) * scale + ab.to(tl.float32)
-            s = tl.where(token[None, :], s, float("-inf"))
+            # The bias table is laid out as the scores, -inf in the padded key columns.
+            s = mm(qc, tl.trans(k), DT) * scale + tl.load(ab_ptr + i * NP * NP + pair)
             p = tl.exp(s - tl.max(s, axis=1)[:, None])
-            attn = p / tl.sum(p, axis=1)[:, None]
-            out = mm(attn, v, DT)  # (NP, DP), zero in the padded value columns
-            tl.store(cat + (i * D + dc)[None, :], relu(out).to(DT), mask=dmask[None, :])
-        tl.debug_barrier()  # the whole concatenation is in scratch
+            tl.store(attn_scratch + pair, p / tl.sum(p, axis=1)[:, None])
+
+            # out_i = attn v, BD value channels at a time; v's chunk reduces feat in chunks.
+            for j0 in range(0, DP, BD):
+                j = j0 + bd
+                jmask = j < D
+                v = tl.zeros([NP, BD], dtype=tl.float32)
+                for c0 in range(0, DP, BD):
+                    c = c0 + bd
+                    wv = tl.load(w + (2 * KD + j[None, :]) * D + c[:, None],
+                                 mask=(c < D)[:, None] & jmask[None, :], other=0.0)
+                    v += mm(tl.load(feat + c[None, :]), wv, DT)
+                v += tl.load(bias + 2 * KD + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+                # out = attn v, reduced over tokens 16 at a time; zero in padded value columns
+                tl.store(v_scratch + n[:, None] * BD + bd[None, :], v)
+                tl.debug_barrier()  # v's chunk is whole before other tokens' rows are read
+                out = tl.zeros([NP, BD], dtype=tl.float32)
+                for m0 in range(0, NP, 16):
+                    m = m0 + b16
+                    vm = tl.load(v_scratch + m[:, None] * BD + bd[None, :])
+                    out += mm(tl.load(attn_scratch + n[:, None] * NP + m[None, :]), vm, DT)
+                tl.debug_barrier()  # v's chunk is read before the next one overwrites it
+                tl.store(prev + j[None, :], out)
+                tl.store(cat + (i * D + j)[None, :], relu(out).to(DT), mask=jmask[None, :])
+            tl.debug_barrier()  # out_i is whole, q's neighbours read, before the next head
 
         # y = P relu(concat) + p (+ x), in blocks of BC output channels.
         o_tok = out_ptr + b * sob + gy * soh + gx * sow
@@ -122,6 +161,19 @@ def _cga_kernel(x_ptr, out_ptr, q_scratch_ptr, cat_scratch_ptr, qkv_w_ptr, qkv_b
             tl.store(o_tok[:, None] + oc[None, :] * soc, y.to(DT), mask=io_mask)
 
 
+def _score_bias(attention_bias, ws, NP):
+    """(heads, NP, NP) fp32: what each head adds to its scores, the bias of token pair (n, m)
+    (attention_bias[i, |dy|, |dx|]), and -inf in the key columns of the padding to NP, which
+    then take no part in the softmax."""
+    t = torch.arange(NP, device=attention_bias.device)
+    token = t < ws * ws
+    ty, tx = t // ws, t % ws
+    pair = (ty[:, None] - ty[None, :]).abs() * ws + (tx[:, None] - tx[None, :]).abs()
+    pair = pair.where(token[:, None] & token[None, :], 0)
+    table = attention_bias.float().flatten(1)[:, pair]
+    return table.masked_fill_(~token, float("-inf"))
+
+
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
         window_size, scale, residual=True):
     """Triton implementation of :func:`efficientvit_kernels.ops.cga` (same arguments)."""
@@ -136,19 +188,26 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     if n_windows == 0:
         return out
     NP = padded(ws * ws)
-    meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, KDP=padded(kd), DP=padded(d),
-                BC=32, RESIDUAL=bool(residual), num_warps=4 if NP <= 16 else 8)
-    params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
-                                       proj_weight, proj_bias)]
+    # Value channels go in chunks of BD (16 or 32, whichever wastes less); DP is d padded to them.
+    BD = 32 if d % 32 == 0 else 16
+    DP = triton.cdiv(d, BD) * BD
+    meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, KDP=padded(kd), DP=DP, BD=BD,
+                BC=16 if x.dtype == torch.float32 else 32, RESIDUAL=bool(residual),
+                num_warps=4 if NP <= 16 else 8)
+    params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
+    params += [_score_bias(attention_bias, ws, NP), proj_weight.contiguous(),
+               proj_bias.contiguous()]
 
-    def args(q_scratch, cat_scratch):
-        return (x, out, q_scratch, cat_scratch, *params, H, W, windows_h, windows_w, n_windows,
+    def args(*scratch):
+        return (x, out, *scratch, *params, H, W, windows_h, windows_w, n_windows,
                 float(scale), *x.stride(), *out.stride())
 
     # The grid depends on the compiled kernel (dtypes stand in for the scratch there), and
     # the scratch on the grid.
-    programs = persistent_grid(_cga_kernel, n_windows, args(torch.float32, x.dtype), **meta)
-    q_scratch = torch.empty(programs * NP * meta["KDP"], dtype=torch.float32, device=x.device)
-    cat_scratch = torch.empty(programs * NP * C, dtype=x.dtype, device=x.device)
-    _cga_kernel[(programs,)](*args(q_scratch, cat_scratch), **meta)
+    scratch_dtypes = (torch.float32, x.dtype)
+    programs = persistent_grid(_cga_kernel, n_windows, args(*scratch_dtypes), **meta)
+    scratch_columns = (meta["KDP"] + 2 * DP + NP + meta["BD"], C)  # see the kernel
+    scratch = [torch.empty(programs * NP * cols, dtype=dtype, device=x.device)
+               for cols, dtype in zip(scratch_columns, scratch_dtypes)]
+    _cga_kernel[(programs,)](*args(*scratch), **meta)
     return out

@@ -11,7 +11,9 @@ from ._common import (check_device_dtype, empty_like_layout, flat_pixels, interp
                       pixel_offsets, relu)
 
 
-@triton.jit
+# Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of
+# 16): one compiled kernel serves every batch and map size of a layer.
+@triton.jit(do_not_specialize=["C", "H", "W", "pixel_tiles"])
 def _dwconv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, pixel_tiles,
                    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                    K: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, FLAT: tl.constexpr,

@@ -4,6 +4,7 @@ Each program takes a tile of tokens (pixels of one image, either layout through 
 with all C channels, and walks the hidden width in chunks: the hidden activation never
 leaves the chip.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -12,52 +13,63 @@ from ._common import (check_device_dtype, empty_like_layout, flat_pixels, interp
                       pixel_offsets, relu)
 
 
-@triton.jit
+# Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of
+# 16): one compiled kernel serves every batch and map size of a layer.
+@triton.jit(do_not_specialize=["HW", "W"])
 def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, HW, W,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 C: tl.constexpr, M: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
-                BM: tl.constexpr, FLAT: tl.constexpr, RESIDUAL: tl.constexpr):
+                BM: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
+                RESIDUAL: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1) * BT + tl.arange(0, BT)  # tokens: pixels of one image
     c = tl.arange(0, CP)
     cmask = c < C
     io_mask = (p < HW)[:, None] & cmask[None, :]
-    x_tok = x_ptr + b * sxb + pixel_offsets(p, W, sxh, sxw, FLAT)
-    xt = tl.load(x_tok[:, None] + c[None, :] * sxc, mask=io_mask, other=0.0)
+    x_tok = (x_ptr + b * sxb + pixel_offsets(p, W, sxh, sxw, FLAT))[:, None]
+    token = (p < HW)[:, None]
 
     acc = tl.zeros([BT, CP], dtype=tl.float32)
     for m0 in range(0, M, BM):
         m = m0 + tl.arange(0, BM)
         mmask = m < M
-        # w1 chunk as (C, BM) and w2 chunk as (BM, C); masked rows/columns load zeros.
-        w1 = tl.load(w1_ptr + m[None, :] * C + c[:, None], mask=cmask[:, None] & mmask[None, :],
-                     other=0.0)
-        h = mm(xt, w1, DT) + tl.load(b1_ptr + m, mask=mmask, other=0.0).to(tl.float32)[None, :]
+        # h = x w1 chunk + b1, reduced over the channels BK at a time (all CP at once on
+        # tensor cores; fp32 products take whole operand rows into registers); masked rows
+        # and columns load zeros.
+        h = tl.zeros([BT, BM], dtype=tl.float32)
+        for k0 in range(0, CP, BK):
+            k = k0 + tl.arange(0, BK)
+            xk = tl.load(x_tok + k[None, :] * sxc, mask=token & (k < C)[None, :], other=0.0)
+            w1 = tl.load(w1_ptr + m[None, :] * C + k[:, None],
+                         mask=(k < C)[:, None] & mmask[None, :], other=0.0)
+            h += mm(xk, w1, DT)
+        h += tl.load(b1_ptr + m, mask=mmask, other=0.0).to(tl.float32)[None, :]
         w2 = tl.load(w2_ptr + c[None, :] * M + m[:, None], mask=mmask[:, None] & cmask[None, :],
                      other=0.0)
         acc += mm(relu(h), w2, DT)
     acc += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if RESIDUAL:
-        acc += xt.to(tl.float32)
+        acc += tl.load(x_tok + c[None, :] * sxc, mask=io_mask, other=0.0).to(tl.float32)
     o = out_ptr + b * sob + pixel_offsets(p, W, soh, sow, True)[:, None] + c[None, :] * soc
     tl.store(o, acc.to(DT), mask=io_mask)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drops token tiles whose (tokens, C) input and fp32 accumulator spill registers badly
-    (sm_90 builds: beyond 16K elements); the smallest tiles always stay."""
-    kept = [c for c in configs if c.kwargs["BT"] * kwargs["CP"] <= 16384]
-    return kept or [c for c in configs if c.kwargs["BT"] == 16]
+    """Keeps the token tiles whose fp32 accumulator, (BT, CP), holds at most 8K elements (32
+    registers a thread): larger ones spill registers in some dtype on sm_80 or sm_90
+    (tests/test_triton_compile.py holds every kept config to that). The smallest always stays."""
+    kept = [c for c in configs if c.kwargs["BT"] * kwargs["CP"] <= 8192]
+    return kept or configs[:1]
 
 
-# Larger token tiles re-read the weights less, smaller ones spill less: measured per shape
-# and layout (sxc is 1 in channels-last).
+# Larger token tiles re-read the weights less: the best is measured per shape, dtype and layout
+# (sxc is 1 in channels-last).
 # One config in the interpreter (no benchmarking): few, large programs, as it pays per op.
 _ffn = triton.autotune(
     configs=[triton.Config({"BT": 128, "BM": 128}, num_warps=1)] if interpreted(_ffn_kernel) else
-    [triton.Config({"BT": bt, "BM": bm}, num_warps=8)
-     for bt, bm in ((16, 16), (16, 32), (32, 32), (64, 32), (128, 32))],
+    [triton.Config({"BT": bt, "BM": bm}, num_warps=8, num_stages=2)
+     for bt, bm in ((16, 16), (32, 32), (64, 32), (128, 32))],
     key=["C", "M", "sxc"], prune_configs_by={"early_config_prune": _prune})(_ffn_kernel)
 
 
@@ -69,8 +81,10 @@ def ffn(x, w1, b1, w2, b2, residual=True):
     out = empty_like_layout(x)  # first, so a just-freed block (a test's poison) goes to the output
     if out.numel() == 0:
         return out
+    CP = padded(C)
     _ffn[lambda meta: (B, triton.cdiv(H * W, meta["BT"]))](
         x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out, H * W, W,
-        *x.stride(), *out.stride(), C=C, M=M, CP=padded(C), FLAT=flat_pixels(x),
+        *x.stride(), *out.stride(), C=C, M=M, CP=CP, BK=32 if x.dtype == torch.float32 else CP,
+        FLAT=flat_pixels(x),
         RESIDUAL=bool(residual))
     return out
