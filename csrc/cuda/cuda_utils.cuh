@@ -4,16 +4,27 @@
 // Only c10/ATen core headers are included (not ATen/cuda/CUDAContext.h, which pulls in
 // cuBLAS and cuSPARSE headers): that keeps compile times down and lets the sources compile
 // with a bare CUDA toolkit (tests/test_cuda_compile.py).
+//
+// The kernel headers (cga.cuh, dwconv.cuh, ffn.cuh) also compile as host C++ with
+// EFFICIENTVIT_EMULATION defined: tests/emulation/emulation.h then stands in for the CUDA
+// built-ins, global memory is reached through bounds-checked pointers (global_ptr) and the
+// tensor-core product through a C++ implementation (Mma<T>::run), so tests run the same kernel
+// code on CPU (tests/test_cuda_emul.py).
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+
+#ifdef EFFICIENTVIT_EMULATION
+#include "emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -59,6 +70,38 @@ inline Strides strides_of(const at::Tensor& x, at::MemoryFormat format) {
   return {C * H * W, H * W, W, 1};
 }
 
+// A kernel's pointer to global memory: plain in the CUDA build, bounds-checked against the
+// tensor it was made from in the emulation. in_ptr / out_ptr make one from a dense tensor.
+#ifdef EFFICIENTVIT_EMULATION
+template <class T>
+using global_ptr = emulation::Checked<T>;
+
+template <class T>
+global_ptr<const T> in_ptr(const at::Tensor& t, const char* name) {
+  return emulation::Checked<const T>(t.const_data_ptr<T>(), t.numel(), name);
+}
+
+template <class T>
+global_ptr<T> out_ptr(at::Tensor& t, const char* name) {
+  return emulation::Checked<T>(t.mutable_data_ptr<T>(), t.numel(), name);
+}
+#else
+template <class T>
+using global_ptr = T*;
+
+template <class T>
+const T* in_ptr(const at::Tensor& t, const char*) {
+  return t.const_data_ptr<T>();
+}
+
+template <class T>
+T* out_ptr(at::Tensor& t, const char*) {
+  return t.mutable_data_ptr<T>();
+}
+#endif
+
+// The CUDA runtime calls of the launchers (csrc/cuda/*.cu), absent from the emulation.
+#ifndef EFFICIENTVIT_EMULATION
 // Largest dynamic shared memory one block of the current device may use.
 inline int64_t smem_limit() {
   int device = 0, limit = 0;
@@ -77,6 +120,7 @@ void allow_smem(Kernel* kernel, int64_t bytes) {
                                         static_cast<int>(bytes)));
   }
 }
+#endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -87,8 +131,12 @@ __host__ __device__ inline int64_t padded(int64_t n) { return n + (36 - n % 32) 
 __host__ __device__ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 __device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef EFFICIENTVIT_EMULATION
+  return emulation::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem[];
   return smem;
+#endif
 }
 
 template <class T>
@@ -124,11 +172,15 @@ struct Mma<c10::Half> {
   }
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
+#ifdef EFFICIENTVIT_EMULATION
+    emulation::mma_m16n8k16<c10::Half>(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
@@ -140,11 +192,15 @@ struct Mma<c10::BFloat16> {
   }
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
+#ifdef EFFICIENTVIT_EMULATION
+    emulation::mma_m16n8k16<c10::BFloat16>(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 

@@ -1,67 +1,11 @@
-// Depthwise KxK convolution, zero padding K/2: out = [x +] [relu](dwconv(x) + bias).
-//
-// One thread per output element, walking the tensor in memory order so that a warp reads
-// and writes consecutive addresses; the K*K neighbours it reads were loaded by nearby
-// threads and come from L1/L2, so device memory sees x once and out once.
+// Depthwise KxK convolution: the torch-facing launcher of dwconv_kernel (dwconv.cuh).
 #include <torch/library.h>
 
-#include <algorithm>
-#include <climits>
-
-#include "checks.h"
-#include "cuda_utils.cuh"
+#include "dwconv.cuh"
 
 namespace efficientvit {
 namespace gpu {
 namespace {
-
-template <class T>
-struct DwconvArgs {
-  const T* x;
-  const T* weight;
-  const T* bias;
-  T* out;
-  int64_t total;
-  int C, H, W, K;
-  bool channels_last, relu, residual;
-};
-
-// I: the index type, 32-bit where the tensor allows (64-bit division is several times slower).
-template <class T, class I>
-__global__ void __launch_bounds__(kThreads) dwconv_kernel(const DwconvArgs<T> p) {
-  const I C = p.C, H = p.H, W = p.W, total = static_cast<I>(p.total);
-  const I sh = p.channels_last ? W * C : W, sw = p.channels_last ? C : 1;
-  const int K = p.K, pad = p.K / 2;
-  for (I e = blockIdx.x * static_cast<I>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<I>(gridDim.x) * blockDim.x) {
-    // e walks memory order, so it is also the element's offset in x and out
-    I c, y, x;
-    if (p.channels_last) {
-      c = e % C;
-      x = e / C % W;
-      y = e / (C * W) % H;
-    } else {
-      x = e % W;
-      y = e / W % H;
-      c = e / (W * H) % C;
-    }
-    const T* plane = p.x + (e - y * sh - x * sw);  // (b, c, 0, 0)
-    const T* wc = p.weight + c * K * K;
-    float acc = to_float(p.bias[c]);
-    for (int ky = 0; ky < K; ++ky) {
-      const I yy = y + ky - pad;
-      if (yy < 0 || yy >= H) continue;
-      for (int kx = 0; kx < K; ++kx) {
-        const I xx = x + kx - pad;
-        if (xx < 0 || xx >= W) continue;
-        acc += to_float(wc[ky * K + kx]) * to_float(plane[yy * sh + xx * sw]);
-      }
-    }
-    if (p.relu) acc = relu(acc);
-    if (p.residual) acc += to_float(p.x[e]);
-    p.out[e] = T(acc);
-  }
-}
 
 at::Tensor dwconv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        bool relu, bool residual) {
@@ -73,29 +17,16 @@ at::Tensor dwconv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   if (out.numel() == 0) return out;
 
   const at::Tensor xc = x.contiguous(format), wc = weight.contiguous(), bc = bias.contiguous();
-  const int64_t total = x.numel();
-  // grid-stride loop: a few waves' worth of blocks covers any size
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 1 << 20);
+  const DwconvLaunch plan = plan_dwconv(xc);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   EFFICIENTVIT_DISPATCH(x.scalar_type(), "efficientvit_dwconv_cuda", [&] {
     using T = scalar_t;
-    const DwconvArgs<T> args{xc.const_data_ptr<T>(),
-                             wc.const_data_ptr<T>(),
-                             bc.const_data_ptr<T>(),
-                             out.mutable_data_ptr<T>(),
-                             total,
-                             static_cast<int>(x.size(1)),
-                             static_cast<int>(x.size(2)),
-                             static_cast<int>(x.size(3)),
-                             static_cast<int>(weight.size(1)),
-                             format == at::MemoryFormat::ChannelsLast,
-                             relu,
-                             residual};
-    // the loop index reaches total + one grid's worth of threads
-    if (total + blocks * kThreads <= INT32_MAX) {
-      dwconv_kernel<T, int32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+    const DwconvArgs<T> args = dwconv_args<T>(plan, xc, format, out, wc, bc, relu, residual);
+    const unsigned blocks = static_cast<unsigned>(plan.blocks);
+    if (!plan.wide) {
+      dwconv_kernel<T, int32_t><<<blocks, kThreads, 0, stream>>>(args);
     } else {
-      dwconv_kernel<T, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+      dwconv_kernel<T, int64_t><<<blocks, kThreads, 0, stream>>>(args);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,0 +1,226 @@
+"""The CUDA kernels (csrc/cuda/*.cuh) run on CPU under the emulation in tests/emulation, against
+python_ref.functional, without a GPU.
+
+The kernel headers compile as host C++ (tests/emulation/emulation.h says what is emulated):
+threads are fibers run one after another between barriers, in forward, reverse or shuffled
+order, shared memory starts as NaN, global memory accesses are bounds-checked and mma.sync is
+computed from the fragments the lanes hold. tests/emulation/emulated_ops.cpp exposes the ops
+through the real launchers' checks and plans. The build is cached in build/emulation (or
+$EFFICIENTVIT_EMUL_BUILD); the mutant builds go to a temporary directory.
+"""
+import concurrent.futures
+import os
+import shutil
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from cases import (cga_args, random_cga_params, random_dwconv_params, random_ffn_params,
+                   random_input, reference_cga, relative_error)
+from python_ref import functional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORWARD, REVERSE, SHUFFLED = 0, 1, 2  # emulation::Order
+ORDERS = {"forward": FORWARD, "reverse": REVERSE, "shuffled": SHUFFLED}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = pytest.mark.parametrize("dtype", list(TOL), ids=lambda t: str(t).split(".")[1])
+
+
+def build(name, root, build_dir):
+    """Compiles the emulated ops from ``root``'s csrc/ and tests/emulation/ into ``build_dir``
+    and returns their torch.ops namespace (named ``name``)."""
+    os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(
+        name=name, sources=[os.path.join(root, "tests", "emulation", "emulated_ops.cpp")],
+        extra_include_paths=[os.path.join(root, p)
+                             for p in ("csrc", "csrc/cuda", "tests/emulation")],
+        # the kernels pun packed 16-bit pairs through uint32_t, which nvcc allows
+        extra_cflags=["-O1", "-fno-strict-aliasing", "-DEFFICIENTVIT_EMULATION"],
+        build_directory=build_dir, is_python_module=False)
+    return getattr(torch.ops, name)
+
+
+@pytest.fixture(scope="session")
+def emul():
+    build_dir = os.environ.get("EFFICIENTVIT_EMUL_BUILD", os.path.join(ROOT, "build", "emulation"))
+    return build("efficientvit_emul", ROOT, build_dir)
+
+
+# cga cases: (C, heads, kernels, window, B, H, W, channels_last, smem_target or None)
+CGA_CASES = {
+    # one whole-map window of 49 tokens, one head, 7x7 queries: four 16-row tiles, the last partial
+    "whole_map": (16, 1, (7,), 7, 1, 7, 7, False, None),
+    # padded 4x4 windows, four per block, value dim 10, kernels 5/3/3/1, two images
+    "padded": (40, 4, (5, 3, 3, 1), 4, 2, 6, 5, True, None),
+    # eight heads of value dim 3; 7 windows per block, the second block has 2 (rows past the end)
+    "heads8": (24, 8, (3,) * 8, 3, 1, 7, 8, False, None),
+    # as "padded" but a tiny shared-memory target: one window per block
+    "one_window_per_block": (40, 4, (5, 3, 3, 1), 4, 2, 6, 5, False, 1),
+    "batch0": (16, 2, (3, 3), 4, 0, 4, 4, False, None),
+}
+
+
+def run_cga(ops, case, dtype, order=FORWARD, seed=0, residual=True):
+    C, heads, kernels, ws, B, H, W, cl, target = case
+    params = random_cga_params(C, heads, kernels, ws, dtype=dtype)
+    x = random_input(B, C, H, W, dtype=dtype, channels_last=cl)
+    out = ops.cga(x, *cga_args(params), residual, order, seed, target or ops.smem_target())
+    assert out.shape == x.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return out, reference_cga(x, params, residual=residual)
+
+
+def check(out, ref, dtype):
+    if out.numel() == 0:
+        return
+    err = relative_error(out, ref)
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+
+
+@DTYPES
+@pytest.mark.parametrize("case", list(CGA_CASES))
+def test_cga_emul(emul, case, dtype):
+    check(*run_cga(emul, CGA_CASES[case], dtype, residual=case != "heads8"), dtype)
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_cga_emul_thread_orders(emul, order, dtype):
+    check(*run_cga(emul, CGA_CASES["padded"], dtype, ORDERS[order], seed=3), dtype)
+
+
+def test_cga_emul_plans(emul):
+    """The cases reach several windows per block, and one where the target says so."""
+    def wpb(case):
+        C, heads, kernels, ws, B, H, W, _, target = CGA_CASES[case]
+        p = random_cga_params(C, heads, kernels, ws)
+        return emul.cga_windows_per_block(random_input(B, C, H, W), p["qkv_weight"],
+                                          p["dw_weight"], ws, target or emul.smem_target())
+    assert (wpb("whole_map"), wpb("padded"), wpb("heads8"), wpb("one_window_per_block")) == (
+        1, 4, 7, 1)
+
+
+# dwconv cases: (C, K, B, H, W, channels_last, relu, residual)
+DWCONV_CASES = {
+    "k1": (5, 1, 1, 3, 4, False, False, False),
+    "k3_cl": (6, 3, 1, 5, 7, True, True, True),
+    "k5_two_images": (3, 5, 2, 4, 6, False, True, False),
+    # 7x7 kernel wider than the map; 2 blocks, the second partial
+    "k7_cl": (4, 7, 1, 3, 9, True, False, True),
+    "batch0": (4, 3, 0, 3, 3, False, False, True),
+}
+
+
+def run_dwconv(ops, case, dtype, order=FORWARD, seed=0):
+    C, K, B, H, W, cl, relu, residual = case
+    weight, bias = random_dwconv_params(C, K, dtype=dtype)
+    x = random_input(B, C, H, W, dtype=dtype, channels_last=cl)
+    out = ops.dwconv(x, weight, bias, relu, residual, order, seed)
+    assert out.shape == x.shape
+    return out, functional.dwconv(x.double(), weight.double(), bias.double(), relu, residual)
+
+
+@DTYPES
+@pytest.mark.parametrize("case", list(DWCONV_CASES))
+def test_dwconv_emul(emul, case, dtype):
+    check(*run_dwconv(emul, DWCONV_CASES[case], dtype), dtype)
+
+
+# ffn cases: (C, M, B, H, W, channels_last, residual, smem_target or None)
+FFN_CASES = {
+    # 35 pixels: one block of 48 rows, the last 13 past the end; hidden 40 < one chunk
+    "partial_rows": (24, 40, 1, 5, 7, False, True, None),
+    # 81 pixels in two blocks of 64; hidden 300 = chunks of 128, 128, 44; 20 channels
+    "chunks_cl": (20, 300, 1, 9, 9, True, False, None),
+    # a tiny shared-memory target: 16 rows per block, two images
+    "rows16": (8, 24, 2, 3, 5, False, True, 1),
+    "batch0": (8, 16, 0, 2, 2, False, True, None),
+}
+
+
+def run_ffn(ops, case, dtype, order=FORWARD, seed=0):
+    C, M, B, H, W, cl, residual, target = case
+    w = random_ffn_params(C, M, dtype=dtype)
+    x = random_input(B, C, H, W, dtype=dtype, channels_last=cl)
+    out = ops.ffn(x, *w, residual, order, seed, target or ops.smem_target())
+    assert out.shape == x.shape
+    return out, functional.ffn(x.double(), *(t.double() for t in w), residual)
+
+
+@DTYPES
+@pytest.mark.parametrize("case", list(FFN_CASES))
+def test_ffn_emul(emul, case, dtype):
+    check(*run_ffn(emul, FFN_CASES[case], dtype), dtype)
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_ffn_dwconv_emul_thread_orders(emul, order):
+    check(*run_ffn(emul, FFN_CASES["chunks_cl"], torch.bfloat16, ORDERS[order], 5), torch.bfloat16)
+    check(*run_dwconv(emul, DWCONV_CASES["k3_cl"], torch.float32, ORDERS[order], 5), torch.float32)
+
+
+# Planted bugs: (file under csrc/cuda, the text, its replacement, what the failure says)
+MUTANTS = {
+    # the barrier between the query dwconv (writes Q2) and the scores product (reads it): the
+    # scores read shared memory still NaN
+    "cga_missing_syncthreads": ("cga.cuh",
+                                "      Q2[r * ldq2 + c] = acc;\n    }\n    __syncthreads();\n",
+                                "      Q2[r * ldq2 + c] = acc;\n    }\n", "relative error inf"),
+    # B fragments built from the next column: n = g + 1 instead of g
+    "mma_fragment_off_by_one": ("cuda_utils.cuh", "const int n = n0 + 8 * j + g;",
+                                "const int n = n0 + 8 * j + g + 1;", "relative error"),
+    # padding rows of a window past the map's bottom edge read as tokens, past the end of x
+    "cga_padding_bound": ("cga.cuh", "if (y < p.H && x < p.W)", "if (y <= p.H && x < p.W)",
+                          "global memory: x[2400] is out of bounds (2400 elements)"),
+}
+
+
+def mutant_root(name, directory):
+    """A copy of the kernel headers and the emulation sources with mutant ``name`` planted."""
+    shutil.copytree(os.path.join(ROOT, "tests", "emulation"),
+                    os.path.join(directory, "tests", "emulation"))
+    os.makedirs(os.path.join(directory, "csrc", "cuda"))
+    shutil.copy(os.path.join(ROOT, "csrc", "checks.h"), os.path.join(directory, "csrc"))
+    for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")):
+        if f.endswith(".cuh"):
+            shutil.copy(os.path.join(ROOT, "csrc", "cuda", f),
+                        os.path.join(directory, "csrc", "cuda"))
+    source, old, new, _ = MUTANTS[name]
+    path = os.path.join(directory, "csrc", "cuda", source)
+    with open(path) as f:
+        text = f.read()
+    assert text.count(old) == 1, f"mutant {name}: the text to replace is not in {source} once"
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mutants(tmp_path_factory):
+    """The mutants' ops, built two at a time (CI has two cores)."""
+    def one(name):
+        directory = str(tmp_path_factory.mktemp(name))
+        root = mutant_root(name, os.path.join(directory, "src"))
+        return build(f"efficientvit_emul_{name}", root, os.path.join(directory, "build"))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(zip(MUTANTS, pool.map(one, MUTANTS)))
+
+
+def emulated_checks(ops):
+    """The failures of a few emulated checks (test_cga_emul's) that reach every planted bug."""
+    failures = []
+    for case, dtype in (("padded", torch.float32), ("padded", torch.float16)):
+        try:
+            check(*run_cga(ops, CGA_CASES[case], dtype), dtype)
+        except (AssertionError, RuntimeError) as e:
+            failures.append(f"cga {case} {dtype}: {str(e).splitlines()[0]}")
+    return failures
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_emul_catches_mutant(mutants, name):
+    failures = emulated_checks(mutants[name])
+    print(f"{name}: " + "; ".join(failures))
+    assert failures, f"mutant {name} passed the emulated checks"
+    assert all(MUTANTS[name][3] in f for f in failures), failures
