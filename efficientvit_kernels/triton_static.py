@@ -1,0 +1,242 @@
+"""Static resource profile of the Triton kernels, without a GPU: every specialization the
+launchers produce, compiled ahead of time for sm_80 / sm_90, and what its cubin holds.
+
+``recording()`` makes the launchers (``efficientvit_kernels.triton``) record their launches on
+meta tensors instead of running them; an autotuned kernel records one launch per config that
+survives its pruning. ``model_launches`` runs converted M0-M5 models through them, so the
+specializations are the ones real inputs produce. ``compile_launch`` builds one for a target
+with Triton's own binder (the same specialization of arguments as a launch on a GPU) and
+``profile`` reads registers and stack from ``cuobjdump -res-usage``, shared memory from Triton's
+metadata, and the instruction mix from the SASS (``cuda_static.sass_stats``). The rows have the
+columns of ``cuda_static``'s, so one gate (``cuda_static.resource_violations``) and one table
+serve both backends. cuobjdump does not report spills as such; a Triton kernel has no arrays
+of its own in local memory, so its stack frame (``stack_bytes``) is its spilled registers.
+
+Needs Triton's compiler, not its interpreter: run it where ``TRITON_INTERPRET`` is unset (the
+command line below; the tests start it in a subprocess).
+
+    python -m efficientvit_kernels.triton_static --arch 90 80 --json out.json
+"""
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+__all__ = ["recording", "model_launches", "unique_launches", "compile_launch", "profile",
+           "profiles"]
+
+MODELS = ("m0", "m1", "m2", "m3", "m4", "m5")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (batch, image size): batch 1 and the paper's 2048 at 224x224, and 288x288, where every stage
+# has windows cut by the map's edge (18 and 9 pixels in 7-pixel windows, 5 in 4-pixel ones).
+INPUTS = ((1, 224), (2048, 224), (2, 288))
+
+Launch = collections.namedtuple("Launch", "kernel args kwargs")
+
+
+def _triton():
+    from . import triton as kernels
+    if not kernels.available():
+        raise RuntimeError("compiling the Triton kernels needs triton, which is not installed")
+    from .triton import _common
+    if _common.interpreted(sys.modules[kernels.cga.__module__]._cga_kernel):
+        raise RuntimeError("the Triton kernels were built for the interpreter (TRITON_INTERPRET "
+                           "is set): compile them in a process without it")
+    return _common
+
+
+@contextlib.contextmanager
+def recording():
+    """Within: launches of the library's Triton kernels append a ``Launch`` to the yielded
+    list instead of running (tensors may be on the meta device; outputs stay unwritten)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    common = _triton()
+    launches = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs))
+
+    def run_configs(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        for config in self.prune_configs(kwargs):
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+    saved = JITFunction.run, Autotuner.run, common.recorder
+    JITFunction.run, Autotuner.run, common.recorder = run, run_configs, launches
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run, common.recorder = saved
+
+
+def model_launches(models=MODELS, dtypes=DTYPES, inputs=INPUTS):
+    """The launches of the Triton-converted python_ref models on meta tensors, for every
+    model, dtype, (batch, size) and both memory formats (contiguous and channels-last)."""
+    import python_ref
+    from .convert import convert
+    launches = []
+    for name in models:
+        fused = convert(getattr(python_ref, f"efficientvit_{name}")().eval(), backend="triton")
+        for dtype in dtypes:
+            model = fused.to(device="meta", dtype=dtype)
+            for batch, size in inputs:
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    x = torch.empty(batch, 3, size, size, device="meta", dtype=dtype,
+                                    memory_format=fmt)
+                    with recording() as recorded, torch.no_grad():
+                        model(x)
+                    launches += recorded
+    return launches
+
+
+def _target(arch):
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", arch, 32)
+
+
+def _specialize(launch, arch, _binders={}):
+    """(binder's bound args, specialization, options) of a launch, as Triton's launcher
+    computes them on a GPU of sm_``arch``."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    key = (launch.kernel, arch)
+    if key not in _binders:
+        backend = make_backend(_target(arch))
+        _binders[key] = backend, create_function_from_signature(
+            launch.kernel.signature, launch.kernel.params, backend)
+    backend, binder = _binders[key]
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    return backend, kwargs, binder(*launch.args, **kwargs)
+
+
+def unique_launches(launches, arch=90):
+    """One launch per distinct compiled kernel (what Triton's cache keys a compilation on)."""
+    seen = {}
+    for launch in launches:
+        _, _, (_, specialization, options) = _specialize(launch, arch)
+        key = (launch.kernel.fn.__qualname__, str(specialization),
+               str(sorted(options.items())) if isinstance(options, dict) else str(options))
+        seen.setdefault(key, launch)
+    return list(seen.values())
+
+
+def compile_launch(launch, arch):
+    """The launch's kernel compiled for sm_``arch`` (a triton CompiledKernel)."""
+    import triton
+    from triton.compiler import ASTSource
+    backend, kwargs, (bound_args, specialization, options) = _specialize(launch, arch)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(launch.kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=_target(arch), options=options.__dict__)
+
+
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def variant(launch):
+    """A short name for a launch's specialization: its dtype and constexpr values."""
+    kernel = launch.kernel
+    names = [p.name for p in kernel.params]
+    dtype = next(str(a.dtype).split(".")[-1] for a in launch.args if isinstance(a, torch.Tensor))
+    consts = {**dict(zip(names, launch.args)), **launch.kwargs}
+    shown = [f"{p.name}={consts[p.name]}" for p in kernel.params
+             if p.is_constexpr and p.name in consts]
+    shown += [f"{k}={v}" for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")]
+    strides = [f"{n}={consts[n]}" for n in names if re.fullmatch(r"s[xo][bchw]", n)
+               and consts.get(n) == 1]
+    return " ".join([dtype] + shown + strides)
+
+
+def profile(launch, arch):
+    """One profile row (cuda_static's columns) of a launch compiled for sm_``arch``."""
+    from .cuda_static import cuobjdump_path, occupancy, sass_stats
+    start = time.perf_counter()
+    compiled = compile_launch(launch, arch)
+    seconds = time.perf_counter() - start
+    tool = cuobjdump_path()
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    registers, stack, static_shared, _ = map(int, _RES_USAGE.search(usage).groups())
+    (stats,) = sass_stats(sass).values()
+    threads = compiled.metadata.num_warps * 32
+    shared = compiled.metadata.shared  # what the launch asks for: static and dynamic
+    return {
+        "backend": "triton", "source": launch.kernel.fn.__module__,
+        "kernel": launch.kernel.fn.__name__, "variant": variant(launch), "arch": arch,
+        "registers": registers, "stack_bytes": stack, "spill_store_bytes": None,
+        "spill_load_bytes": None, "static_shared_bytes": static_shared,
+        "dynamic_shared_bytes": max(shared - static_shared, 0), "threads": threads,
+        "blocks_per_sm": occupancy(registers, threads, max(shared, static_shared), arch),
+        "sass_instructions": stats["instructions"],
+        "tensor_core_instructions": stats["tensor_core"],
+        "local_memory_instructions": stats["local_memory"],
+        "widest_global_load_bits": stats["widest_global_load_bits"],
+        "widest_global_store_bits": stats["widest_global_store_bits"],
+        "cp_async": stats["cp_async"], "ldmatrix": stats["ldmatrix"],
+        "compile_seconds": round(seconds, 2),
+    }
+
+
+_WORK = []  # (launch, arch) per task, inherited by the forked workers
+
+
+def _profile_task(i):
+    launch, arch = _WORK[i]
+    try:
+        return profile(launch, arch)
+    except Exception as e:  # a compile error is a finding, reported in its row
+        return {"backend": "triton", "source": launch.kernel.fn.__module__,
+                "kernel": launch.kernel.fn.__name__, "variant": variant(launch), "arch": arch,
+                "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
+
+
+def profiles(launches, archs=(90, 80), jobs=None):
+    """Profile rows of every distinct launch for each arch, compiled in ``jobs`` processes."""
+    _WORK[:] = [(launch, arch) for arch in archs for launch in unique_launches(launches, arch)]
+    jobs = jobs or os.cpu_count()
+    if jobs == 1:
+        return [_profile_task(i) for i in range(len(_WORK))]
+    with concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_profile_task, range(len(_WORK))))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--json", help="write the rows here (else a table to stdout)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    rows = profiles(model_launches(args.models), args.arch, args.jobs)
+    if args.json:
+        import triton
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "seconds": time.perf_counter() - start,
+                       "rows": rows}, f, indent=1)
+    else:
+        from .cuda_static import format_profiles
+        print(format_profiles(rows))
+
+
+if __name__ == "__main__":
+    main()
