@@ -3,7 +3,9 @@
 CPU kernels always; CUDA kernels (csrc/cuda/*.cu) where torch has CUDA and nvcc is found.
 Install with ``pip install --no-build-isolation -e .`` so the build reuses the installed torch.
 Environment: EFFICIENTVIT_CUDA=0 skips the CUDA kernels, EFFICIENTVIT_PORTABLE=1 builds
-the CPU kernels without -march=native.
+the CPU kernels without -march=native. The CUDA kernels are built for sm_80 and sm_90 unless
+TORCH_CUDA_ARCH_LIST is set (e.g. "9.0" for an H100/H200): then for exactly that list, as
+torch's CUDAExtension builds it (one architecture builds faster).
 """
 import glob
 import os
@@ -42,10 +44,11 @@ def _extension():
     if not with_cuda:
         return cpp_extension.CppExtension(**args)
     args["sources"] = sources + _sources("csrc/cuda/*.cu")
-    args["extra_compile_args"]["nvcc"] = [
-        "-O3", "--use_fast_math", "-std=c++17",
-        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-    ]
+    nvcc = ["-O3", "--use_fast_math", "-std=c++17"]
+    # torch adds -gencode flags for TORCH_CUDA_ARCH_LIST only where none are given here
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    args["extra_compile_args"]["nvcc"] = nvcc
     return cpp_extension.CUDAExtension(**args)
 
 

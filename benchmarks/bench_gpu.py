@@ -6,6 +6,7 @@ reference module in eager mode and torch.compile(mode="max-autotune") of it. Nex
 floor: max(bytes that must move / measured copy bandwidth, FLOPs / measured matrix rate),
 bytes = x read once + y written once + weights once.
 
+Rows are also appended to <out>.jsonl as they are measured, so a run cut short still reports.
 Times are medians of triton.testing.do_bench (CUDA events; it also clears L2 before each
 call), cycling through several input buffers. Batch 1 is latency: its calls are replayed from
 a CUDA graph (torch.compile's max-autotune mode graphs its own calls). max-autotune compiles
@@ -13,7 +14,8 @@ are slow, so they run within --compile-budget seconds, fp16 first, and not above
 --compile-max-batch; what is skipped is listed.
 
     python benchmarks/bench_gpu.py --out benchmarks/results/bench_gpu.json
-    python benchmarks/bench_gpu.py --smoke      # each op once, small (for compute-sanitizer)
+    python benchmarks/bench_gpu.py --smoke      # each op of each backend once, small (for
+                                                # compute-sanitizer)
 """
 import argparse
 import datetime
@@ -127,19 +129,25 @@ def time_backend(fn, xs, graph):
     return do_bench(step) * 1e3
 
 
-def backends(layer, params, compile_ok):
-    """name -> callable(x) for every backend that can run here."""
-    ops = torch.ops.efficientvit
-    args = cga_args(params)
+def gpu_ops():
+    """name -> namespace with cga, dwconv and ffn, for each GPU backend that can run here: the
+    CUDA kernels where they were built, the Triton kernels where triton imports."""
     out = {}
     if has_compiled_kernels("cuda"):
-        out["cuda"] = lambda x: ops.cga(x, *args, True)
+        out["cuda"] = torch.ops.efficientvit
     try:
         import efficientvit_kernels.triton as tk
-        if getattr(tk, "available", lambda: True)():
-            out["triton"] = lambda x: tk.cga(x, *args, True)
+        if tk.available():
+            out["triton"] = tk
     except ImportError:
         pass
+    return out
+
+
+def backends(layer, params, compile_ok):
+    """name -> callable(x) for every backend that can run here."""
+    args = cga_args(params)
+    out = {name: (lambda x, ops=ops: ops.cga(x, *args, True)) for name, ops in gpu_ops().items()}
     out["eager"] = layer
     if compile_ok:
         out["compile"] = torch.compile(layer, mode="max-autotune", dynamic=False)
@@ -158,6 +166,10 @@ def run(args):
         notes.append(f"torch.compile max-autotune skipped above batch {args.compile_max_batch} "
                      "(its autotuning takes minutes there; --compile-max-batch)")
     rows, compile_spent, checked = [], 0.0, set()
+    jsonl = os.path.splitext(args.out)[0] + ".jsonl" if args.out else None
+    if jsonl:
+        os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
+        open(jsonl, "w").close()
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for batch in args.batches:
@@ -203,6 +215,9 @@ def run(args):
                                      bytes=bytes_, flops=flops, bytes_floor_us=bytes_ / bandwidth * 1e6,
                                      flop_floor_us=flops / rates[dtype_name] * 1e6, floor_us=floor_us,
                                      time_over_floor=us / floor_us))
+                    if jsonl:
+                        with open(jsonl, "a") as f:
+                            f.write(json.dumps(rows[-1]) + "\n")
                     print(f"{model}.stage{stage} {dtype_name} b{batch} {name}: {us:.1f} us "
                           f"(floor {floor_us:.1f})", flush=True)
                 del layer, xs, fns
@@ -259,35 +274,43 @@ def markdown(rows):
 
 @torch.inference_mode()
 def smoke():
-    """Each CUDA op once on small inputs, every dtype path and both layouts (a short run for
-    compute-sanitizer); fails on a launch error or a wrong result."""
+    """Each op of each GPU backend (gpu_ops) once on small inputs, every dtype path and both
+    layouts: a short run for compute-sanitizer, which names the kernels it checks. Fails on a
+    launch error, a wrong result, or no backend."""
     from cases import cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input
     from python_ref import functional
-    ops = torch.ops.efficientvit
     cases = [(torch.float16, 64, 4, (7, 5, 3, 3), 7, (2, 14, 14), False),
              (torch.float32, 64, 4, (7, 5, 3, 3), 4, (1, 3, 5), True),  # several windows per block
-             (torch.bfloat16, 384, 4, (7, 5, 3, 3), 8, (1, 8, 8), True)]  # the largest plan
-    worst = 0.0
-    for dtype, C, heads, kernels, ws, (B, H, W), cl in cases:
-        p = cast(random_cga_params(C, heads, kernels, ws), dtype, "cuda")
-        x = random_input(B, C, H, W, channels_last=cl).to(device="cuda", dtype=dtype)
-        out = ops.cga(x, *cga_args(p), True)
-        ref = functional.cga(x.double(), **cast(p, torch.float64, "cuda"), residual=True)
-        worst = max(worst, relative_error(out, ref) / {torch.float32: 1e-5, **TOL}[dtype])
-    for dtype, cl in ((torch.float16, True), (torch.float32, False)):
-        x = random_input(2, 20, 5, 6, channels_last=cl).to(device="cuda", dtype=dtype)
-        w, b = (t.to(device="cuda", dtype=dtype) for t in random_dwconv_params(20, 3))
-        out = ops.dwconv(x, w, b, True, True)
-        ref = functional.dwconv(x.double(), w.double(), b.double(), True, True)
-        worst = max(worst, relative_error(out, ref) / {torch.float32: 1e-5, **TOL}[dtype])
-        f = [t.to(device="cuda", dtype=dtype) for t in random_ffn_params(20, 7)]
-        out = ops.ffn(x, *f, True)
-        ref = functional.ffn(x.double(), *[t.double() for t in f], True)
-        worst = max(worst, relative_error(out, ref) / {torch.float32: 1e-5, **TOL}[dtype])
-    torch.cuda.synchronize()
-    print(f"smoke: every op ran; worst error {worst:.2f} x tolerance")
-    if not worst < 1:
-        sys.exit(1)
+             (torch.bfloat16, 384, 4, (7, 5, 3, 3), 8, (1, 8, 8), True)]  # CUDA's largest plan
+    tol = {torch.float32: 1e-5, **TOL}
+    backends_run, failed = gpu_ops(), []
+    for name, ops in backends_run.items():
+        worst = 0.0
+        for dtype, C, heads, kernels, ws, (B, H, W), cl in cases:
+            p = cast(random_cga_params(C, heads, kernels, ws), dtype, "cuda")
+            x = random_input(B, C, H, W, channels_last=cl).to(device="cuda", dtype=dtype)
+            out = ops.cga(x, *cga_args(p), True)
+            ref = functional.cga(x.double(), **cast(p, torch.float64, "cuda"), residual=True)
+            worst = max(worst, relative_error(out, ref) / tol[dtype])
+        for dtype, cl in ((torch.float16, True), (torch.float32, False)):
+            x = random_input(2, 20, 5, 6, channels_last=cl).to(device="cuda", dtype=dtype)
+            w, b = (t.to(device="cuda", dtype=dtype) for t in random_dwconv_params(20, 3))
+            out = ops.dwconv(x, w, b, True, True)
+            ref = functional.dwconv(x.double(), w.double(), b.double(), True, True)
+            worst = max(worst, relative_error(out, ref) / tol[dtype])
+            f = [t.to(device="cuda", dtype=dtype) for t in random_ffn_params(20, 7)]
+            out = ops.ffn(x, *f, True)
+            ref = functional.ffn(x.double(), *[t.double() for t in f], True)
+            worst = max(worst, relative_error(out, ref) / tol[dtype])
+        torch.cuda.synchronize()
+        print(f"smoke {name}: every op ran; worst error {worst:.2f} x tolerance", flush=True)
+        if not worst < 1:  # the other backend still runs: under compute-sanitizer it is checked too
+            failed.append(name)
+    for name in sorted({"cuda", "triton"} - set(backends_run)):
+        print(f"smoke {name}: not available here (skipped)")
+    if failed or not backends_run:
+        sys.exit(f"smoke: wrong results from {', '.join(failed)}" if failed
+                 else "smoke: no GPU backend to run")
 
 
 def main():

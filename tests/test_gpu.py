@@ -4,19 +4,24 @@ Backends: "cuda" (torch.ops.efficientvit.* with the kernels of csrc/cuda) and "t
 (efficientvit_kernels.triton), each in fp32, fp16 and bf16 over the cases of test_ops.py.
 The reference runs on the inputs already rounded to the dtype, so the error measured is the
 kernel's alone. Every output is poisoned with NaN first, so an element a kernel skips fails.
+
+The quick GPU check (benchmarks/gpu_check.sh) runs ``-m "not gpu_full"``: every code path
+(each model stage, padded and whole-map windows, batch 1 and 16, both layouts, every dtype) on
+fewer sizes; ``gpu_full`` marks the rest. The module imports without a GPU, so that
+tests/test_gpu_budget.py can count the Triton compilations the quick cases cause.
 """
 import contextlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
-
-import efficientvit_kernels  # noqa: E402,F401  (registers the ops)
-from cases import (cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params,  # noqa: E402
+import efficientvit_kernels
+from cases import (cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params,
                    random_input, reference_cga, relative_error, stage_shapes)
-from python_ref import functional  # noqa: E402
+from python_ref import functional
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 DEVICE = "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -44,8 +49,28 @@ def backend(request):
     return request.param, ops
 
 
-dtypes = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                                 ids=lambda t: str(t).split(".")[-1])
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+
+
+def full(*values):
+    """A parameter set that only the full GPU check runs."""
+    return pytest.param(*values, marks=pytest.mark.gpu_full)
+
+
+def quick(params):
+    """The values of the parameter sets the quick GPU check runs."""
+    return [p for p in params if not (hasattr(p, "marks") and p.marks)]
+
+
+# (window, H, W): padded windows on both sides, whole-map windows, a map smaller than a window
+CGA_PADDED = [(7, 10, 13), full(7, 17, 9), (7, 7, 7), (7, 1, 1), full(7, 8, 15),
+              (4, 3, 5), (4, 4, 4), full(4, 5, 3), full(4, 9, 2)]
+CGA_HEADS = [(1, (1,), 16), (2, (3, 1), 8), full(8, (7,) * 8, 16), (5, (5, 3, 3, 1, 1), 4)]
+DWCONV_CHANNELS = [(64, 3), full(144, 3), (240, 5), (17, 1)]
+DWCONV_SIZES = [(14, 14), full(7, 5), (1, 1), full(4, 9)]
+FFN_CHANNELS = [(64, 128), full(144, 288), (384, 768), (20, 7)]
+FFN_SIZES = [(2, 14, 14), full(1, 5, 3), full(16, 4, 4)]
 layouts = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 
 
@@ -83,7 +108,12 @@ def check_cga(backend, x, params, dtype, residual=True):
     assert err < TOL[dtype], err
 
 
-@dtypes
+# Every model stage in fp16 (the speed target); in fp32 and bf16, whose code paths the other
+# tests reach, only in the full check.
+STAGE_DTYPES = [full(torch.float32), torch.float16, full(torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", STAGE_DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("name,C,heads,kernels,window", stage_shapes(), ids=lambda v: str(v))
 def test_cga_every_model_stage(backend, dtype, name, C, heads, kernels, window):
     size = {7: (14, 14), 4: (4, 4)}[window]
@@ -92,8 +122,7 @@ def test_cga_every_model_stage(backend, dtype, name, C, heads, kernels, window):
 
 @dtypes
 @layouts
-@pytest.mark.parametrize("window,H,W", [(7, 10, 13), (7, 17, 9), (7, 7, 7), (7, 1, 1), (7, 8, 15),
-                                        (4, 3, 5), (4, 4, 4), (4, 5, 3), (4, 9, 2)])
+@pytest.mark.parametrize("window,H,W", CGA_PADDED)
 def test_cga_padded_windows(backend, dtype, window, H, W, channels_last):
     params = random_cga_params(64, 4, (7, 5, 3, 3), window, seed=H * 31 + W)
     check_cga(backend, random_input(3, 64, H, W, channels_last=channels_last), params, dtype)
@@ -108,8 +137,7 @@ def test_cga_batch_residual(backend, dtype, batch, residual):
 
 
 @dtypes
-@pytest.mark.parametrize("heads,kernels,key_dim", [(1, (1,), 16), (2, (3, 1), 8), (8, (7,) * 8, 16),
-                                                   (5, (5, 3, 3, 1, 1), 4)])
+@pytest.mark.parametrize("heads,kernels,key_dim", CGA_HEADS)
 def test_cga_heads_kernels_key_dims(backend, dtype, heads, kernels, key_dim):
     C = heads * 12
     check_cga(backend, random_input(2, C, 7, 9), random_cga_params(C, heads, kernels, 7, key_dim=key_dim),
@@ -157,8 +185,8 @@ def test_cuda_cga_rejects_what_it_cannot_hold():
 
 @dtypes
 @layouts
-@pytest.mark.parametrize("C,K", [(64, 3), (144, 3), (240, 5), (17, 1)])
-@pytest.mark.parametrize("H,W", [(14, 14), (7, 5), (1, 1), (4, 9)])
+@pytest.mark.parametrize("C,K", DWCONV_CHANNELS)
+@pytest.mark.parametrize("H,W", DWCONV_SIZES)
 def test_dwconv(backend, dtype, C, K, H, W, channels_last):
     weight, bias = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(C, K, seed=C + K))
     x = random_input(2, C, H, W, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
@@ -173,8 +201,8 @@ def test_dwconv(backend, dtype, C, K, H, W, channels_last):
 
 @dtypes
 @layouts
-@pytest.mark.parametrize("C,M", [(64, 128), (144, 288), (384, 768), (20, 7)])
-@pytest.mark.parametrize("B,H,W", [(2, 14, 14), (1, 5, 3), (16, 4, 4)])
+@pytest.mark.parametrize("C,M", FFN_CHANNELS)
+@pytest.mark.parametrize("B,H,W", FFN_SIZES)
 def test_ffn(backend, dtype, C, M, B, H, W, channels_last):
     w1, b1, w2, b2 = (t.to(device=DEVICE, dtype=dtype) for t in random_ffn_params(C, M, seed=C))
     x = random_input(B, C, H, W, channels_last=channels_last).to(device=DEVICE, dtype=dtype)

@@ -1,0 +1,75 @@
+"""The pure helpers of benchmarks/bench_models_gpu.py (floor, traffic count, report), on CPU."""
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import bench_models_gpu as B  # noqa: E402
+import python_ref  # noqa: E402
+from efficientvit_kernels import convert  # noqa: E402
+from efficientvit_kernels.modules import LinearSqueezeExcite  # noqa: E402
+
+
+def test_floor_is_the_slower_ceiling():
+    assert B.floor_seconds(4e9, 1e12, 2e12, 1e15) == pytest.approx(2e-3)  # bytes bound
+    assert B.floor_seconds(4e6, 1e12, 2e12, 1e14) == pytest.approx(1e-2)  # FLOPs bound
+
+
+def test_traffic_counts_each_op_once():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(inplace=True), nn.Identity(),
+                          LinearSqueezeExcite(nn.Linear(4, 2), nn.Linear(2, 4)))
+    activations, weights = B.model_traffic(model, torch.randn(1, 3, 2, 2))
+    x, y = 3 * 4 * 4, 4 * 4 * 4  # bytes of the input and of every later activation
+    # conv: x in, y out; ReLU and squeeze-excite: y in, y out; Identity and the squeeze-excite's
+    # inner Linear layers: nothing
+    assert activations == x + y + 2 * y + 2 * y
+    assert weights == 4 * (4 * 3 + 4 + 4 * 2 + 2 + 2 * 4 + 4)
+
+
+def test_traffic_of_a_converted_model_scales_with_batch():
+    fused = convert(python_ref.build("m0"), backend="reference")
+    one, weights = B.model_traffic(fused, torch.randn(1, 3, 32, 32))
+    two, _ = B.model_traffic(fused, torch.randn(2, 3, 32, 32))
+    assert two == 2 * one and one > 0
+    assert weights == 4 * sum(t.numel() for t in (*fused.parameters(), *fused.buffers()))
+
+
+def _lines():
+    meta = dict(kind="meta", device="H200", torch="2.11", cuda="13.0", triton="3.6",
+                date="2026-01-01T00:00:00", copy_bandwidth_bytes_per_s=4e12,
+                matmul_flops_per_s=5e14, dtype="float16", resolution=224, layout="NCHW",
+                compile_mode="default")
+    work = dict(bytes=8e12, flops=1e15)  # floor: max(2 s, 2 s) = 2 s: 1024 img/s at batch 2048
+
+    def time(backend, img_per_s, batch=2048):
+        return dict(kind="time", model="m4", batch=batch, backend=backend, img_per_s=img_per_s,
+                    us=batch / img_per_s * 1e6, **work)
+    return [meta, time("eager", 100), time("cuda", 400), time("triton", 200),
+            time("compile", 200),
+            dict(kind="time", model="m4", batch=1, backend="eager", img_per_s=1000, **work),
+            dict(kind="time", model="m4", batch=1, backend="compile", status="timeout"),
+            dict(kind="check", model="m4", batch=2048, backend="eager", error=3e-3, ok=True),
+            dict(kind="check", model="m4", batch=2048, backend="cuda", error=4e-3, ok=True),
+            dict(kind="check", model="m4", batch=2048, backend="triton", error=2e-2, ok=False),
+            dict(kind="note", text="m4: something to say")]
+
+
+def test_report_rows_ratios_floor_and_failures():
+    text = B.render(_lines())
+    rows = [line for line in text.splitlines() if line.startswith("| m4 |")]
+    assert rows[0].startswith("| m4 | 1 | 1000 | timeout | - | - |")  # batch 1 first
+    assert rows[1] == ("| m4 | 2048 | 100 | 200 | 400 | 200 | 4.00x | 2.00x | 2.00x | 1.00x | 1024 "
+                       "| 39% | 20% |")
+    assert "| m4 | 2048 | 3.0e-03 | 4.0e-03 | 2.0e-02 FAIL |" in text
+    assert "- m4: something to say" in text
+    assert "4.00 TB/s" in text and "500 TFLOP/s" in text
+    assert B.failures(_lines()) == ["m4 batch 2048 triton: error 2.0e-02"]
+
+
+def test_report_without_meta_has_no_floor():
+    rows = [line for line in B.render(_lines()[1:]).splitlines() if line.startswith("| m4 | 2048")]
+    assert rows[0].endswith("| - | - | - |") and "1.00x" in rows[0]
