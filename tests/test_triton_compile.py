@@ -22,12 +22,14 @@ from efficientvit_kernels.cuda_static import format_profiles, resource_violation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Known and not yet fixed: some attention variants still spill a little (fp32 on 7x7 windows,
-# 64 token rows, up to 176 bytes a thread; fp16/bf16 with value dim 80 and fp32 with 112, 8
-# bytes). They spilled up to 25 KB before the value dim and the tokens were chunked and the
-# bias table laid out as the scores. The gate holds them to that ceiling, so any growth fails,
-# and every other kernel to none; test_attention_does_not_spill says when they are fixed.
-KNOWN_SPILLER, SPILL_CEILING = "_cga_kernel", 176
+# Known and not yet fixed: the attention with 7x7 query kernels on 7x7 windows (64 token rows)
+# still spills in 8 of its 294 variants, where ptxas keeps to 128 registers: 16-32 bytes a
+# thread on sm_90 (fp32), 88-120 on sm_80 (fp32, and fp16/bf16 with value dim 48). They spilled
+# up to 25 KB before the value dim and the tokens were chunked, the bias table laid out as the
+# scores and q's depthwise conv read from a zero-bordered grid. The gate holds them to that
+# ceiling, so any growth fails, and every other variant to none; test_attention_does_not_spill
+# turns red when they are fixed.
+KNOWN_SPILLER, SPILL_CEILING = "_cga_kernel", 120
 
 
 @pytest.fixture(scope="module")

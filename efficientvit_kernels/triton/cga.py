@@ -25,7 +25,8 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 HEADS: tl.constexpr, KD: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
                 WS: tl.constexpr, NP: tl.constexpr, KDP: tl.constexpr, DP: tl.constexpr,
-                BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
+                BD: tl.constexpr, BC: tl.constexpr, GW: tl.constexpr, QG: tl.constexpr,
+                RESIDUAL: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     N: tl.constexpr = WS * WS
     C: tl.constexpr = HEADS * D
@@ -44,19 +45,27 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     # product over the value dim or the tokens runs in chunks read back from it, so the
     # registers a program holds do not grow with them (an fp32 product takes whole rows of its
     # operands into registers):
-    #   q     (NP, KDP) fp32: q, for the depthwise conv, whose neighbours live in other threads
+    #   q     (QG, KDP) fp32: q, for the depthwise conv, whose neighbours live in other
+    #                         threads: token (ty, tx) at cell (ty + K//2) * GW + tx + K//2 of a
+    #                         grid GW = WS + K - 1 wide, whose border of K//2 cells stays zero
+    #                         (the conv's zero padding: no mask per tap), QG cells in all
     #   feat  (NP, DP)  fp32: feat_i = x_i + out_{i-1}
     #   prev  (NP, DP)  fp32: out_i, for the next head's cascade
     #   attn  (NP, NP)  fp32: the attention weights
     #   v     (NP, BD)  fp32: BD channels of v
     #   cat   (NP, C)   DT:   relu(concat(out_i)), the output projection's input
-    q_scratch = scratch_ptr + pid.to(tl.int64) * (NP * (KDP + 2 * DP + NP + BD))
-    q_tile = q_scratch + n[:, None] * KDP + kc[None, :]
-    feat = q_scratch + NP * KDP + n[:, None] * DP
+    q_scratch = scratch_ptr + pid.to(tl.int64) * (QG * KDP + NP * (2 * DP + NP + BD))
+    q_tile = q_scratch + ((ty + K // 2) * GW + tx + K // 2)[:, None] * KDP + kc[None, :]
+    feat = q_scratch + QG * KDP + n[:, None] * DP
     prev = feat + NP * DP
-    attn_scratch = q_scratch + NP * (KDP + 2 * DP)
+    attn_scratch = q_scratch + QG * KDP + NP * 2 * DP
     pair = n[:, None] * NP + n[None, :]  # token pair (n, m) of the scores
-    v_scratch = q_scratch + NP * (KDP + 2 * DP + NP)
+    v_scratch = attn_scratch + NP * NP
+    for z0 in range(0, QG, NP):  # the q grid's border
+        cell = z0 + n
+        tl.store(q_scratch + cell[:, None] * KDP + kc[None, :], tl.zeros([NP, KDP], tl.float32),
+                 mask=(cell < QG)[:, None])
+    tl.debug_barrier()  # zeros before any q
     cat = cat_scratch_ptr + pid.to(tl.int64) * (NP * C) + n[:, None] * C
 
     for win in range(pid, n_windows, tl.num_programs(0)):
@@ -96,18 +105,18 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             k += tl.load(bias + KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
 
             # q = dwconv_KxK(q) + c over the window grid, zero padding at the window edge.
-            tl.store(q_tile, q)
+            tl.store(q_tile, q, mask=token[:, None])  # padding rows would hit the border
             tl.debug_barrier()  # all of q is in scratch before anyone reads neighbours
             qc = tl.zeros([NP, KDP], dtype=tl.float32)
             qc += tl.load(dw_b_ptr + i * KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
             dw = dw_w_ptr + (i * KD + kc) * (K * K)
             for ky in range(K):
-                sy = ty + (ky - K // 2)
+                dy = ky - K // 2
                 for kx in range(K):
-                    sx = tx + (kx - K // 2)
-                    ok = token & (sy >= 0) & (sy < WS) & (sx >= 0) & (sx < WS)
-                    nb = tl.load(q_scratch + (sy * WS + sx)[:, None] * KDP + kc[None, :],
-                                 mask=ok[:, None], other=0.0)
+                    dx = kx - K // 2
+                    # one scalar offset per tap: per-tap offsets or masks, loop invariants the
+                    # compiler hoists, filled the registers
+                    nb = tl.load(q_tile + (dy * GW + dx) * KDP)
                     tap = tl.load(dw + ky * K + kx, mask=kmask, other=0.0).to(tl.float32)
                     qc += nb * tap[None, :]
 
@@ -191,8 +200,12 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     # Value channels go in chunks of BD (16 or 32, whichever wastes less); DP is d padded to them.
     BD = 32 if d % 32 == 0 else 16
     DP = triton.cdiv(d, BD) * BD
+    # The q grid (see the kernel): padding rows of NP read below the window, up to row
+    # (NP - 1) // ws + K - 1.
+    GW = ws + K - 1
     meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, KDP=padded(kd), DP=DP, BD=BD,
-                BC=16 if x.dtype == torch.float32 else 32, RESIDUAL=bool(residual),
+                BC=16 if x.dtype == torch.float32 else 32, GW=GW,
+                QG=((NP - 1) // ws + K) * GW, RESIDUAL=bool(residual),
                 num_warps=4 if NP <= 16 else 8)
     params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
     params += [_score_bias(attention_bias, ws, NP), proj_weight.contiguous(),
@@ -206,8 +219,8 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     # the scratch on the grid.
     scratch_dtypes = (torch.float32, x.dtype)
     programs = persistent_grid(_cga_kernel, n_windows, args(*scratch_dtypes), **meta)
-    scratch_columns = (meta["KDP"] + 2 * DP + NP + meta["BD"], C)  # see the kernel
-    scratch = [torch.empty(programs * NP * cols, dtype=dtype, device=x.device)
-               for cols, dtype in zip(scratch_columns, scratch_dtypes)]
+    per_program = (meta["QG"] * meta["KDP"] + NP * (2 * DP + NP + BD), NP * C)  # see the kernel
+    scratch = [torch.empty(programs * size, dtype=dtype, device=x.device)
+               for size, dtype in zip(per_program, scratch_dtypes)]
     _cga_kernel[(programs,)](*args(*scratch), **meta)
     return out
