@@ -1,5 +1,5 @@
 """Whole-model GPU benchmark, fp16 at 224x224: eager, torch.compile and the fused models
-(DESIGN.md, "Speed").
+(timed as bench_gpu.py times the layers).
 
 For each model (--models; random weights and batch-norm statistics from python_ref.randomize_)
 at batch 1 and at the largest power of two up to 2048 that fits (--batches), img/s of
@@ -21,7 +21,7 @@ no module, is left out.
 
 Correctness: at each batch, every model's output on the first input buffer against the fp32
 eager model (TF32 off) on the same input, as relative error. A fused model passes below 1e-2:
-the fp16 tolerance of one layer is 2e-3 (DESIGN.md), and a model rounds through about twenty
+the fp16 tolerance of one layer is 2e-3 (tests/test_gpu.py), and a model rounds through about twenty
 fused layers and the convolutions between them. Eager fp16's error is shown as the yardstick.
 
 A supervisor runs the measurements in a worker process, which appends each result to
