@@ -1,4 +1,4 @@
-"""GPU benchmark of the fused cascaded-group-attention layer (DESIGN.md, "Speed").
+"""GPU benchmark of the fused cascaded-group-attention layer (docs/design.md, "Speed").
 
 For the attention layers of M4, M0 and M5 (the residual included) at batch 1, 64, 256 and
 2048, fp16 and bf16, times in one process: the CUDA op, the Triton op (if importable), the

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(efficientvit, m) {
-  // Local-window cascaded group attention on folded parameters (see DESIGN.md):
+  // Local-window cascaded group attention on folded parameters (see docs/design.md):
   // x (B, C, H, W); qkv_weight (h, 2kd+d, d), qkv_bias (h, 2kd+d), d = C/h;
   // dw_weight (h, kd, K, K), dw_bias (h, kd); attention_bias (h, ws, ws);
   // proj_weight (C, C), proj_bias (C). Returns [x +] attention(x), shaped and laid out like x.

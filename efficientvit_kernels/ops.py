@@ -156,7 +156,7 @@ def check_pointwise(x, weight, bias, dw_weight=None, dw_bias=None):
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
         window_size, scale, residual=True):
-    """Local-window cascaded group attention, fused (DESIGN.md), on folded parameters.
+    """Local-window cascaded group attention, fused (docs/design.md), on folded parameters.
 
     Args:
         x: (B, C, H, W), contiguous or channels-last; fp32 on CPU.

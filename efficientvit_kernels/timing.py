@@ -1,4 +1,4 @@
-"""Timing helpers shared by the main job and benchmarks/ (DESIGN.md: how speed is measured)."""
+"""Timing helpers shared by the main job and benchmarks/ (docs/design.md: how speed is measured)."""
 import platform
 import statistics
 import time
@@ -7,7 +7,7 @@ import torch
 
 __all__ = ["device_name", "median_time", "median_times", "tolerance"]
 
-# DESIGN.md: relative error of a fused result against the fp64 reference
+# docs/design.md: relative error of a fused result against the fp64 reference
 _TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 

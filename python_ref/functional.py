@@ -24,7 +24,8 @@ __all__ = ["cga", "dwconv", "ffn", "stem_conv"]
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
         window_size, scale, residual):
-    """Local-window cascaded group attention (DESIGN.md), optionally plus the residual ``x``."""
+    """Local-window cascaded group attention (docs/design.md), optionally plus the residual
+    ``x``."""
     B, C, H, W = x.shape
     heads, kd, K = dw_weight.shape[0], dw_weight.shape[1], dw_weight.shape[-1]
     d = C // heads

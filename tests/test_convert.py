@@ -9,7 +9,7 @@ from timm_stub import import_timm
 
 MODELS = ["m0", "m1", "m2", "m3", "m4", "m5"]
 BACKENDS = ["cpu", "reference"]
-# fp32 fused model against the fp64 reference model: DESIGN.md's fp32 tolerance
+# fp32 fused model against the fp64 reference model: docs/design.md's fp32 tolerance
 TOL = 1e-5
 
 

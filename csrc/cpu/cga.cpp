@@ -1,4 +1,4 @@
-// Cascaded group attention on CPU (DESIGN.md), one window at a time: the window's tokens and
+// Cascaded group attention on CPU (docs/design.md), one window at a time: the window's tokens and
 // every per-head tensor (q, k, v, scores, head outputs) live in a per-thread scratch of a few
 // tens of KiB, so nothing but x, the weights and the output touch memory.
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
-// Local-window cascaded group attention (DESIGN.md), one launch for the whole layer: the kernel
-// and its launch plan, shared by cga.cu and the CPU emulation (tests/emulation).
+// Local-window cascaded group attention (docs/design.md), one launch for the whole layer:
+// the kernel and its launch plan, shared by cga.cu and the CPU emulation (tests/emulation).
 //
 // A block takes `wpb` windows (as many as fill 64 token rows, so 4x4 windows share the
 // weight reads of the two projections) and keeps everything in shared memory:

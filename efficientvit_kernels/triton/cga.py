@@ -1,4 +1,4 @@
-"""Local-window cascaded group attention (DESIGN.md), fused in one Triton kernel.
+"""Local-window cascaded group attention (docs/design.md), fused in one Triton kernel.
 
 A program takes whole windows (on a GPU it loops over them: the grid is as many programs as
 the device holds at once, so each program's scratch stays in cache). For a window it reads
