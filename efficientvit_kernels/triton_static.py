@@ -105,17 +105,20 @@ def _target(arch):
     return GPUTarget("cuda", arch, 32)
 
 
-def _specialize(launch, arch, _binders={}):
+_BINDERS = {}  # (kernel, arch) -> (backend, binder)
+
+
+def _specialize(launch, arch):
     """(binder's bound args, specialization, options) of a launch, as Triton's launcher
     computes them on a GPU of sm_``arch``."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
     key = (launch.kernel, arch)
-    if key not in _binders:
+    if key not in _BINDERS:
         backend = make_backend(_target(arch))
-        _binders[key] = backend, create_function_from_signature(
+        _BINDERS[key] = backend, create_function_from_signature(
             launch.kernel.signature, launch.kernel.params, backend)
-    backend, binder = _binders[key]
+    backend, binder = _BINDERS[key]
     kwargs = dict(launch.kwargs)
     kwargs.setdefault("debug", False)
     return backend, kwargs, binder(*launch.args, **kwargs)

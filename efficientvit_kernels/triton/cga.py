@@ -8,6 +8,8 @@ order with every per-head tensor on chip, and writes the window's valid tokens o
 are the rows of every tile: N = ws*ws is padded to a power of two NP, and those extra
 rows/columns are masked out of the softmax.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -170,17 +172,24 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             tl.store(o_tok[:, None] + oc[None, :] * soc, y.to(DT), mask=io_mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _token_pairs(ws, NP, device):
+    """(pair, padding): for token pair (n, m) of an NP-padded window, the index of its
+    |dy| * ws + |dx| in a head's bias table (0 for padding tokens), and which key columns are
+    padding. Built once per window size and device, not on every call."""
+    t = torch.arange(NP, device=device)
+    token = t < ws * ws
+    ty, tx = t // ws, t % ws
+    pair = (ty[:, None] - ty[None, :]).abs() * ws + (tx[:, None] - tx[None, :]).abs()
+    return pair.where(token[:, None] & token[None, :], 0), ~token
+
+
 def _score_bias(attention_bias, ws, NP):
     """(heads, NP, NP) fp32: what each head adds to its scores, the bias of token pair (n, m)
     (attention_bias[i, |dy|, |dx|]), and -inf in the key columns of the padding to NP, which
     then take no part in the softmax."""
-    t = torch.arange(NP, device=attention_bias.device)
-    token = t < ws * ws
-    ty, tx = t // ws, t % ws
-    pair = (ty[:, None] - ty[None, :]).abs() * ws + (tx[:, None] - tx[None, :]).abs()
-    pair = pair.where(token[:, None] & token[None, :], 0)
-    table = attention_bias.float().flatten(1)[:, pair]
-    return table.masked_fill_(~token, float("-inf"))
+    pair, padding = _token_pairs(ws, NP, attention_bias.device)
+    return attention_bias.float().flatten(1)[:, pair].masked_fill_(padding, float("-inf"))
 
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
