@@ -23,10 +23,13 @@ import torch
 
 import efficientvit_kernels as K
 import python_ref as R
-from efficientvit_kernels.timing import device_name, median_time, median_times
+from efficientvit_kernels.testing import layer_shapes, random_dwconv_params, random_ffn_params, relative_error
+from efficientvit_kernels.timing import device_name, time_interleaved
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from cases import random_dwconv_params, random_ffn_params, relative_error  # noqa: E402
+
+def median_times(runners, inputs, **kwargs):
+    """{name: median seconds} of time_interleaved."""
+    return {k: v.median for k, v in time_interleaved(runners, inputs, **kwargs).items()}
 
 
 def attention_layers(name):
@@ -49,16 +52,18 @@ def machine_rates():
     tokens) on data in cache, which is faster on this core. Each is the best of five timings, so
     that a slow spell of a shared machine does not lower the floors."""
     def best(fn, inputs):
-        return min(median_time(fn, inputs, min_rounds=10, budget_s=0.3) for _ in range(5))
+        return min(median_times({"fn": fn}, inputs, min_rounds=10, budget_s=0.3)["fn"]
+                   for _ in range(5))
     src = torch.randn(64 * 2**20 // 4)
     dst = torch.empty_like(src)
     copy_s = best(lambda t: dst.copy_(t), [src])
     a = torch.randn(1024, 1024)
     onednn = 1024 ** 3 / best(lambda t: t @ a, [a])
     C, M = 256, 512
-    packed = K.ops.ffn_pack(torch.randn(M, C), torch.randn(M), torch.randn(C, M), torch.randn(C))
+    ffn = K.FusedFFN(torch.randn(M, C), torch.randn(M), torch.randn(C, M), torch.randn(C),
+                     residual=False)
     x = torch.randn(6, C, 4, 4).contiguous(memory_format=torch.channels_last)  # 96 tokens, one tile
-    ffn_gemm = 2 * M * C * 96 / best(lambda t: K.ops.ffn_packed(t, packed, False), [x])
+    ffn_gemm = 2 * M * C * 96 / best(ffn, [x])
     return 2 * src.numel() * 4 / copy_s, max(onednn, ffn_gemm), onednn, ffn_gemm
 
 
@@ -97,34 +102,32 @@ def bench_layers(models, batch, rates):
     return rows
 
 
-def bench_pointwise(models, batch, rates):
+def bench_ffn_dwconv(models, batch, rates):
     """FFN (hidden 2C) and residual dwconv 3x3 of every stage, on channels-last input: functional
     spec vs fused module, with each op's floor (bytes: x read, output written, weights once;
     multiply-adds)."""
     rows = []
-    for name in models:
-        cfg = R.MODEL_CONFIGS[name]
-        for C, res in zip(cfg["embed_dim"], (14, 7, 4)):
-            # channels-last, the layout these ops see in a model converted for the CPU
-            x = [torch.randn(batch, C, res, res).to(memory_format=torch.channels_last) for _ in range(2)]
-            activations = 2 * batch * C * res * res
-            w1, b1, w2, b2 = random_ffn_params(C, 2 * C, dtype=torch.float32)
-            w, b = random_dwconv_params(C, dtype=torch.float32)
-            ops = {
-                "ffn": (lambda t: R.functional.ffn(t, w1, b1, w2, b2, True),
-                        K.FusedFFN(w1, b1, w2, b2, residual=True),
-                        batch * res * res * 2 * C * 2 * C, 4 * (activations + 4 * C * C + 3 * C)),
-                "dwconv": (lambda t: R.functional.dwconv(t, w, b, False, True),
-                           K.FusedDWConv(w, b, relu=False, residual=True),
-                           batch * res * res * C * 9, 4 * (activations + 10 * C)),
-            }
-            for op, (spec, fused, macs, bytes_) in ops.items():
-                t = median_times({"folded reference": spec, "fused": fused}, x)
-                floor = max(bytes_ / rates[0], macs / rates[1])
-                rows.append(dict(layer=f"{name.upper()} {op} {C}x{res}x{res}",
-                                 ms={k: v * 1e3 for k, v in t.items()},
-                                 speedup=t["folded reference"] / t["fused"], floor_ms=floor * 1e3,
-                                 macs=macs, bytes=bytes_, floor_fraction=floor / t["fused"]))
+    for name, _, C, _, _, _, res in layer_shapes(models):
+        # channels-last, the layout these ops see in a model converted for the CPU
+        x = [torch.randn(batch, C, res, res).to(memory_format=torch.channels_last) for _ in range(2)]
+        activations = 2 * batch * C * res * res
+        w1, b1, w2, b2 = random_ffn_params(C, 2 * C, dtype=torch.float32)
+        w, b = random_dwconv_params(C, dtype=torch.float32)
+        ops = {
+            "ffn": (lambda t: R.functional.ffn(t, w1, b1, w2, b2, True),
+                    K.FusedFFN(w1, b1, w2, b2, residual=True),
+                    batch * res * res * 2 * C * 2 * C, 4 * (activations + 4 * C * C + 3 * C)),
+            "dwconv": (lambda t: R.functional.dwconv(t, w, b, False, True),
+                       K.FusedDWConv(w, b, relu=False, residual=True),
+                       batch * res * res * C * 9, 4 * (activations + 10 * C)),
+        }
+        for op, (spec, fused, macs, bytes_) in ops.items():
+            t = median_times({"folded reference": spec, "fused": fused}, x)
+            floor = max(bytes_ / rates[0], macs / rates[1])
+            rows.append(dict(layer=f"{name.upper()} {op} {C}x{res}x{res}",
+                             ms={k: v * 1e3 for k, v in t.items()},
+                             speedup=t["folded reference"] / t["fused"], floor_ms=floor * 1e3,
+                             macs=macs, bytes=bytes_, floor_fraction=floor / t["fused"]))
     return rows
 
 
@@ -167,14 +170,17 @@ def bench_models(models, batch, resolution, compile_reference, rates):
             runners["onnxruntime"] = ort_run
         runners["fused"] = fused
         # A minute of rounds per model: with 20 s the ratios moved by 2-3% between runs here.
-        t = median_times(runners, x, budget_s=60.0, max_rounds=300)
+        timings = time_interleaved(runners, x, budget_s=60.0, max_rounds=300)
+        t = {k: v.median for k, v in timings.items()}
         rows.append(dict(model=name.upper(), img_per_s={k: batch / v for k, v in t.items()}, error=err,
+                         ms_p10_median_p90={k: [v.p10 * 1e3, v.median * 1e3, v.p90 * 1e3]
+                                            for k, v in timings.items()},
                          macs=macs, floor_img_per_s=batch / floor, floor_fraction=floor / t["fused"]))
         print(f"  {name}: " + ", ".join(f"{k} {batch / v:.1f} img/s" for k, v in t.items()), file=sys.stderr)
     return rows
 
 
-def markdown(meta, layers, pointwise, models):
+def markdown(meta, layers, ffn_dwconv, models):
     out = [f"# CPU benchmark, {meta['date']}", "",
            f"{meta['device']}; torch {meta['torch']}; {meta['threads']} thread; batch {meta['batch']}; fp32; "
            f"median of timed runs after warm-up, two inputs alternated; the runners of a row are "
@@ -197,13 +203,13 @@ def markdown(meta, layers, pointwise, models):
                 f" | {r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% | {r['speedup']:.2f}x"
                 f" | {r['error']:.1e} |" for r in layers]
         out.append("")
-    if pointwise:
+    if ffn_dwconv:
         out += ["## FFN and token interaction (residual dwconv 3x3), per stage, channels-last input", "",
                 "| op | folded reference ms | fused ms | floor ms | of floor | fused vs reference |",
                 "|---|---|---|---|---|---|"]
         out += [f"| {r['layer']} | {r['ms']['folded reference']:.2f} | {r['ms']['fused']:.2f} | "
                 f"{r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% | {r['speedup']:.2f}x |"
-                for r in pointwise]
+                for r in ffn_dwconv]
         out.append("")
     if models:
         cols = list(models[0]["img_per_s"])
@@ -236,7 +242,7 @@ def main():
     layer_models = [m for m in args.layer_models.split(",") if m]
     rates = machine_rates()
     layers = bench_layers(layer_models, args.batch, rates)
-    pointwise = bench_pointwise(layer_models, args.batch, rates)
+    ffn_dwconv = bench_ffn_dwconv(layer_models, args.batch, rates)
     whole = bench_models(models, args.batch, args.resolution, not args.no_compile, rates)
     import importlib.metadata as md
     versions = {}
@@ -253,8 +259,8 @@ def main():
                 command="python " + " ".join(sys.argv))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, layers=layers, pointwise=pointwise, models=whole), f, indent=2)
-    text = markdown(meta, layers, pointwise, whole)
+        json.dump(dict(meta=meta, layers=layers, ffn_dwconv=ffn_dwconv, models=whole), f, indent=2)
+    text = markdown(meta, layers, ffn_dwconv, whole)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     print(text)

@@ -28,44 +28,26 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
 import efficientvit_kernels  # noqa: E402,F401  (registers the ops)
 import python_ref  # noqa: E402
-from cases import cga_args, relative_error  # noqa: E402
+from efficientvit_kernels.testing import TOLERANCE, cga_args, layer_shapes, relative_error  # noqa: E402
+from efficientvit_kernels.timing import time_gpu  # noqa: E402
 from efficientvit_kernels.ops import has_compiled_kernels  # noqa: E402
 from python_ref.model import LocalWindowAttention, Residual  # noqa: E402
 
 KEY_DIM = 16
 # (model, stage, channels, resolution, heads, kernels); windows are min(7, resolution)
-SHAPES = [
-    ("m4", 1, 128, 14, 4, (7, 5, 3, 3)),
-    ("m4", 2, 256, 7, 4, (7, 5, 3, 3)),
-    ("m4", 3, 384, 4, 4, (7, 5, 3, 3)),
-    ("m0", 1, 64, 14, 4, (5, 5, 5, 5)),
-    ("m0", 2, 128, 7, 4, (5, 5, 5, 5)),
-    ("m0", 3, 192, 4, 4, (5, 5, 5, 5)),
-    ("m5", 1, 192, 14, 3, (7, 5, 3)),
-    ("m5", 2, 288, 7, 3, (7, 5, 3)),
-    ("m5", 3, 384, 4, 4, (7, 5, 3, 3)),
-]
+SHAPES = [(model, stage, C, size, heads, kernels)
+          for model, stage, C, heads, kernels, _, size in layer_shapes(("m4", "m0", "m5"))]
 BATCHES = (256, 64, 1, 2048)  # measured in this order: the compile budget goes to 256 first
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def do_bench(fn):
-    """Median milliseconds of fn(), at least ~10 samples however slow fn is."""
-    from triton.testing import do_bench as triton_bench
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    estimate = start.elapsed_time(end)
-    return triton_bench(fn, warmup=max(5, 2 * estimate), rep=max(25, 10 * estimate),
-                        return_mode="median")
+    """Median milliseconds of fn() (efficientvit_kernels.timing.time_gpu)."""
+    return time_gpu(fn).median * 1e3
 
 
 def measure_ceilings(device):
@@ -191,7 +173,7 @@ def run(args):
                     checked.add((model, stage, dtype_name))
                     err = relative_error(fns["cuda"](xs[0]), layer.float()(xs[0].float()))
                     layer.to(dtype)
-                    if not err < 5 * TOL[dtype]:
+                    if not err < 5 * TOLERANCE[dtype]:
                         notes.append(f"MISMATCH {model}.stage{stage} {dtype_name}: cuda vs reference "
                                      f"relative error {err:.2e}")
                 bytes_, flops = count_work(C, res, heads, kernels, batch, elem)
@@ -277,12 +259,11 @@ def smoke():
     """Each op of each GPU backend (gpu_ops) once on small inputs, every dtype path and both
     layouts: a short run for compute-sanitizer, which names the kernels it checks. Fails on a
     launch error, a wrong result, or no backend."""
-    from cases import cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input
+    from efficientvit_kernels.testing import cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input
     from python_ref import functional
     cases = [(torch.float16, 64, 4, (7, 5, 3, 3), 7, (2, 14, 14), False),
              (torch.float32, 64, 4, (7, 5, 3, 3), 4, (1, 3, 5), True),  # several windows per block
              (torch.bfloat16, 384, 4, (7, 5, 3, 3), 8, (1, 8, 8), True)]  # CUDA's largest plan
-    tol = {torch.float32: 1e-5, **TOL}
     backends_run, failed = gpu_ops(), []
     for name, ops in backends_run.items():
         worst = 0.0
@@ -291,17 +272,17 @@ def smoke():
             x = random_input(B, C, H, W, channels_last=cl).to(device="cuda", dtype=dtype)
             out = ops.cga(x, *cga_args(p), True)
             ref = functional.cga(x.double(), **cast(p, torch.float64, "cuda"), residual=True)
-            worst = max(worst, relative_error(out, ref) / tol[dtype])
+            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
         for dtype, cl in ((torch.float16, True), (torch.float32, False)):
             x = random_input(2, 20, 5, 6, channels_last=cl).to(device="cuda", dtype=dtype)
             w, b = (t.to(device="cuda", dtype=dtype) for t in random_dwconv_params(20, 3))
             out = ops.dwconv(x, w, b, True, True)
             ref = functional.dwconv(x.double(), w.double(), b.double(), True, True)
-            worst = max(worst, relative_error(out, ref) / tol[dtype])
+            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
             f = [t.to(device="cuda", dtype=dtype) for t in random_ffn_params(20, 7)]
             out = ops.ffn(x, *f, True)
             ref = functional.ffn(x.double(), *[t.double() for t in f], True)
-            worst = max(worst, relative_error(out, ref) / tol[dtype])
+            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
         torch.cuda.synchronize()
         print(f"smoke {name}: every op ran; worst error {worst:.2f} x tolerance", flush=True)
         if not worst < 1:  # the other backend still runs: under compute-sanitizer it is checked too

@@ -47,11 +47,11 @@ import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 import python_ref  # noqa: E402
 from bench_gpu import _version, measure_ceilings, time_backend  # noqa: E402
-from cases import relative_error  # noqa: E402
+from efficientvit_kernels.testing import relative_error  # noqa: E402
 from efficientvit_kernels import convert  # noqa: E402
 from efficientvit_kernels.modules import LinearSqueezeExcite, backend_ops  # noqa: E402
 

@@ -1,14 +1,17 @@
 // The efficientvit op library: every op's schema, defined once. Each backend
 // (csrc/cpu, csrc/cuda, and the Triton kernels from Python) registers an
 // implementation of these schemas; efficientvit_kernels/ops.py documents them and
-// registers their fake (meta) implementations.
+// registers their fake (meta) implementations. Every op returns its output in the memory
+// format output_memory_format(x) names (checks.h).
 #include <torch/library.h>
+
+#include "inference_only.h"
 
 TORCH_LIBRARY(efficientvit, m) {
   // Local-window cascaded group attention on folded parameters (see docs/design.md):
   // x (B, C, H, W); qkv_weight (h, 2kd+d, d), qkv_bias (h, 2kd+d), d = C/h;
   // dw_weight (h, kd, K, K), dw_bias (h, kd); attention_bias (h, ws, ws);
-  // proj_weight (C, C), proj_bias (C). Returns [x +] attention(x), shaped and laid out like x.
+  // proj_weight (C, C), proj_bias (C). Returns [x +] attention(x), shaped like x.
   m.def(
       "cga(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor dw_weight, Tensor dw_bias, "
       "Tensor attention_bias, Tensor proj_weight, Tensor proj_bias, int window_size, float scale, "
@@ -21,42 +24,20 @@ TORCH_LIBRARY(efficientvit, m) {
   // The patch embedding, CPU only: a chain of 3x3 stride-2 convolutions with zero padding 1,
   // x = [relu](conv(x, weights[l]) + biases[l]), each but the last with its ReLU (the last with
   // it when final_relu); weights[l] (C_l, C_{l-1}, 3, 3), C_{-1} = x's channels. Returns the
-  // last convolution's output, channels-last; the others never reach memory.
-  m.def("stem_conv(Tensor x, Tensor[] weights, Tensor[] biases, bool final_relu) -> Tensor");
-  // Pointwise (1x1) convolution, CPU only: y = [relu](weight x + bias); weight (Co, C), bias (Co).
-  // Returns y (B, Co, H, W) in x's layout; or, given dw_weight (Co, 3, 3) and dw_bias (Co),
+  // last convolution's output, always channels-last; the others never reach memory.
+  m.def("patch_embed(Tensor x, Tensor[] weights, Tensor[] biases, bool final_relu) -> Tensor");
+  // A 1x1 convolution, CPU only: y = [relu](weight x + bias); weight (Co, C), bias (Co).
+  // Returns y (B, Co, H, W); or, given dw_weight (Co, 3, 3) and dw_bias (Co),
   // relu(dwconv3x3(y) + dw_bias), depthwise, stride 2, zero padding 1 (B, Co, ceil(H/2),
-  // ceil(W/2)), without writing y to memory.
+  // ceil(W/2)), without writing y to memory (PatchMerging's first half).
   m.def(
-      "pointwise(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor? dw_weight=None, "
+      "conv1x1(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor? dw_weight=None, "
       "Tensor? dw_bias=None) -> Tensor");
+}
 
-  // CPU only: the weights packed once, ahead of the calls. X_pack takes X's parameters and
-  // returns them in the layout the CPU kernel of X reads (transposed, padded to the vector
-  // width of the build, ...); X_packed(x, packed, ...) computes X from them, and X_packed_
-  // the same into x itself (an activation-sized allocation fewer, and its output lines are the
-  // ones it just read, still in cache). The layout is private to the build: pack where the
-  // kernel runs.
-  m.def(
-      "cga_pack(Tensor qkv_weight, Tensor qkv_bias, Tensor dw_weight, Tensor dw_bias, "
-      "Tensor attention_bias, Tensor proj_weight, Tensor proj_bias, int window_size, "
-      "float scale) -> Tensor[]");
-  m.def(
-      "cga_packed(Tensor x, Tensor[] packed, int key_dim, int window_size, bool residual) "
-      "-> Tensor");
-  m.def(
-      "cga_packed_(Tensor(a!) x, Tensor[] packed, int key_dim, int window_size, bool residual) "
-      "-> ()");
-  m.def("ffn_pack(Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor[]");
-  m.def("ffn_packed(Tensor x, Tensor[] packed, bool residual) -> Tensor");
-  m.def("ffn_packed_(Tensor(a!) x, Tensor[] packed, bool residual) -> ()");
-  m.def(
-      "pointwise_pack(Tensor weight, Tensor bias, Tensor? dw_weight=None, Tensor? dw_bias=None) "
-      "-> Tensor[]");
-  m.def("pointwise_packed(Tensor x, Tensor[] packed, int out_channels, bool relu) -> Tensor");
-  m.def("stem_conv_pack(Tensor[] weights, Tensor[] biases) -> Tensor[]");
-  m.def(
-      "stem_conv_packed(Tensor x, Tensor[] packed, int out_channels, bool final_relu) -> Tensor");
+TORCH_LIBRARY_IMPL(efficientvit, Autograd, m) {
+  for (const char* op : {"cga", "dwconv", "ffn", "patch_embed", "conv1x1"})
+    m.impl(op, efficientvit::inference_only());
 }
 
 #ifdef EFFICIENTVIT_PYTHON_MODULE

@@ -1,15 +1,17 @@
-"""Fused kernels for EfficientViT: ``torch.ops.efficientvit.{cga, dwconv, ffn}``.
+"""Fused kernels for EfficientViT: ``torch.ops.efficientvit.{cga, dwconv, ffn, patch_embed,
+conv1x1}``.
 
 ``convert(model)`` turns a reference, official or timm EfficientViT into a model whose
 forward calls the fused ops.
 """
 from . import ops
-from .convert import convert
+from .convert import PASSES, convert
 from .graphs import cuda_graph
-from .modules import BACKENDS, FusedCGA, FusedDWConv, FusedFFN, FusedPointwise, FusedStemConv
+from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,
+                      FusedPatchMerging)
 
-__all__ = ["ops", "convert", "cuda_graph", "BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN",
-           "FusedPointwise", "FusedStemConv"]
+__all__ = ["ops", "convert", "cuda_graph", "BACKENDS", "PASSES", "FusedCGA", "FusedDWConv",
+           "FusedFFN", "FusedConv1x1", "FusedPatchEmbed", "FusedPatchMerging"]
 
 
 def _triton_serves_cuda():

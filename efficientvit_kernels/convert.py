@@ -1,27 +1,33 @@
 """``convert(model)``: an inference copy of an EfficientViT whose forward calls the fused ops.
 
-Modules are recognised by structure, not by class, so the reference (``python_ref``), the
-official code (``Conv2d_BN``, ``CascadedGroupAttention``, ``LocalWindowAttention``,
-``Residual``, ``FFN``) and timm's port (``ConvNorm``, ``ResidualDrop``, ``ConvMlp``,
-``NormLinear``) convert alike:
-- a residual around window attention, a depthwise Conv-BN or an FFN -> one fused op with
-  the residual folded in; the same without the residual -> the op without it;
-- a PatchMerging (conv1, ReLU act, conv2, se, conv3) -> the same with its ReLUs in place;
-- a squeeze-excite (fc1, ReLU, fc2, Sigmoid on the mean of x) -> the same with Linear fc1, fc2;
-- every other Conv-BN / BN-Linear -> one folded Conv2d / Linear; in a Sequential, a ReLU
-  right after a convolution works in place (it owns the conv's fresh output);
-- everything else is copied, its children converted;
-- a fused attention or FFN whose input is the output of the fused op (or residual sum) before
-  it, in a Sequential or an EfficientViT block (dw0, ffn0, mixer, dw1, ffn1), writes its
-  result over that input on CPU (``inplace``): nothing else reads it.
-On CPU the stem's convolutions and their ReLUs (3x3, stride 2, the first from the image's few
-channels) become one ``stem_conv`` op with channels-last output; PatchMerging's first 1x1
-convolution, its depthwise convolution and their ReLUs one ``pointwise`` op, its last 1x1
-convolution another; any other convolution gets channels-last weights, so oneDNN runs it
-channels-last, and the activations stay channels-last through the fused ops, which take either
-layout.
-The input model is not modified: nothing is deep-copied through it (timm caches attention
-biases as non-leaf tensors, which ``copy.deepcopy`` rejects); every tensor is new.
+The conversion is a sequence of named passes (``PASSES``, in this order), each switchable with
+``convert(model, passes=...)``:
+
+- ``"fuse"``: modules are recognised by structure, not by class, so the reference
+  (``python_ref``), the official code (``Conv2d_BN``, ``CascadedGroupAttention``,
+  ``LocalWindowAttention``, ``Residual``, ``FFN``) and timm's port (``ConvNorm``,
+  ``ResidualDrop``, ``ConvMlp``, ``NormLinear``) convert alike:
+  a residual around window attention, a depthwise Conv-BN or an FFN -> one fused op with the
+  residual folded in (the same without the residual -> the op without it); a PatchMerging ->
+  ``FusedPatchMerging`` (the same math, in a module the converter owns); a squeeze-excite ->
+  the same with Linear layers; every other Conv-BN / BN-Linear -> one folded Conv2d / Linear;
+  everything else is copied, its children converted.
+- ``"cpu_kernels"`` (CPU models, backend "auto" or "cpu"): the stem's convolutions and ReLUs
+  (3x3, stride 2, the first from the image's few channels, in a plain ``nn.Sequential``) ->
+  one ``FusedPatchEmbed`` with channels-last output; PatchMerging's first 1x1 convolution, its
+  depthwise convolution and their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution
+  another.
+- ``"channels_last"`` (CPU models, backend "auto" or "cpu"): every remaining convolution gets
+  channels-last weights, so oneDNN runs it channels-last, and the activations stay
+  channels-last through the fused ops, which take either layout.
+- ``"inplace"``: inside each ``FusedPatchMerging`` (a module the converter built, whose order
+  of execution it fixed), the ReLUs and the squeeze-excite's product overwrite the fresh
+  output they act on. Nothing else is computed in place: a user's module runs as it was
+  written, and the model's input is never written.
+
+The input model is not modified and shares nothing mutable with the copy: nothing is
+deep-copied through it (timm caches attention biases as non-leaf tensors, which
+``copy.deepcopy`` rejects); every tensor, hook dict and container attribute is new.
 """
 import copy
 
@@ -31,10 +37,12 @@ from torch import nn
 import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
-from .modules import (FusedCGA, FusedDWConv, FusedFFN, FusedPointwise, FusedStemConv,
-                      InPlacePatchMerging, LinearSqueezeExcite, ResidualAdd, backend_ops)
+from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,
+                      FusedPatchMerging, LinearSqueezeExcite, ResidualAdd, _Fused, backend_ops)
 
-__all__ = ["convert"]
+__all__ = ["PASSES", "convert"]
+
+PASSES = ("fuse", "cpu_kernels", "channels_last", "inplace")
 
 
 def _is_cga(m):
@@ -68,8 +76,16 @@ def _is_dwconv(m):
 
 
 def _is_patch_merging(m):
+    # The three codebases' PatchMerging computes conv3(se(act(conv2(act(conv1(x)))))); a class
+    # with the same children but a forward of its own may compute anything else.
     return (set(m._modules) == {"conv1", "act", "conv2", "se", "conv3"}
-            and type(m.act) is nn.ReLU)
+            and type(m.act) is nn.ReLU and type(m).forward.__qualname__ == "PatchMerging.forward")
+
+
+def _runs_children_in_order(m):
+    """An nn.Sequential (or a subclass that keeps its forward): each child applied to the output
+    of the one before, and nothing else."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
 def _is_pointwise_conv(m):
@@ -98,7 +114,7 @@ def _is_residual(m):
     return isinstance(getattr(m, "m", None), nn.Module) and isinstance(getattr(m, "drop", None), (int, float))
 
 
-def _fuse(m, residual, backend):
+def _fused_module(m, residual, backend):
     """The fused module computing ``[x +] m(x)``, or None when no op covers ``m``."""
     if _is_window_attention(m) or _is_cga(m):
         return FusedCGA(**python_ref.cga_params(m.attn if _is_window_attention(m) else m),
@@ -114,84 +130,76 @@ def _bias(conv):
     return conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
 
 
-def _relus_in_place(sequential):
-    """In a Sequential, a ReLU whose input is a convolution's output (a new tensor that nothing
-    else reads) may overwrite it."""
-    children = list(sequential._modules.items())
-    for (_, before), (name, m) in zip(children, children[1:]):
-        if type(m) is nn.ReLU and isinstance(before, nn.Conv2d):
-            sequential._modules[name] = nn.ReLU(inplace=True)
+def _copy_container(m):
+    """A shallow copy of module m with its own dicts, lists and sets (hooks, caches, ...), so
+    nothing mutable is shared with m; children, parameters and buffers are set by the caller."""
+    new = copy.copy(m)
+    for name, value in vars(m).items():
+        if isinstance(value, (dict, list, set)):
+            new.__dict__[name] = copy.copy(value)
+    return new
 
 
-# An EfficientViT block's children (official, timm and python_ref alike), in the order its
-# forward applies them, each to the output of the one before.
-_BLOCK_CHAIN = ("dw0", "ffn0", "mixer", "dw1", "ffn1")
-
-
-def _fused_ops_in_place(model):
-    """A FusedCGA or FusedFFN applied to the output of a fused module or ResidualAdd (a new
-    tensor that nothing else reads), the one before it in a Sequential or an EfficientViT block,
-    writes its result over that output."""
-    for m in model.modules():
-        if isinstance(m, nn.Sequential):
-            chain = list(m)
-        elif tuple(m._modules) == _BLOCK_CHAIN:
-            chain = [m._modules[name] for name in _BLOCK_CHAIN]
-        else:
-            continue
-        for before, module in zip(chain, chain[1:]):
-            if (isinstance(module, (FusedCGA, FusedFFN))
-                    and isinstance(before, (FusedCGA, FusedDWConv, FusedFFN, ResidualAdd))):
-                module.inplace = True
-
-
-def _convert(m, backend):
+def _fuse(m, backend):
+    """The "fuse" pass: a converted copy of m (see the module docstring)."""
+    if isinstance(m, _Fused):  # converting a converted model: the same op, the new backend
+        new = copy.deepcopy(m)
+        new.backend = backend
+        return new
     if _is_residual(m):
-        fused = _fuse(m.m, True, backend)
-        return fused if fused is not None else ResidualAdd(_convert(m.m, backend))
-    fused = _fuse(m, False, backend)
+        fused = _fused_module(m.m, True, backend)
+        return fused if fused is not None else ResidualAdd(_fuse(m.m, backend))
+    fused = _fused_module(m, False, backend)
     if fused is not None:
         return fused
     if _is_squeeze_excite(m):
         return LinearSqueezeExcite(_linear(m.fc1), _linear(m.fc2))
     if _is_patch_merging(m):
-        return InPlacePatchMerging(*(_convert(getattr(m, n), backend)
-                                     for n in ("conv1", "conv2", "se", "conv3")))
+        return FusedPatchMerging(*(_fuse(getattr(m, n), backend)
+                                   for n in ("conv1", "conv2", "se", "conv3")))
     parts = conv_bn_parts(m)
     if parts is not None and parts[1] is not None:
         return fold_conv_bn(m)
     parts = bn_linear_parts(m)
     if parts is not None and parts[0] is not None:
         return fold_bn_linear(m)
+    return _copy(m, lambda child: _fuse(child, backend))
+
+
+def _plain_copy(m):
+    return _copy(m, _plain_copy)
+
+
+def _copy(m, convert_child):
+    """m with its own tensors and containers, its children converted by convert_child (a
+    leaf, such as a ReLU, Conv2d or Linear, is deep-copied)."""
     if not m._modules:
-        return copy.deepcopy(m)  # a leaf: ReLU, Conv2d, Linear, pooling, ...
-    new = copy.copy(m)  # keeps attributes (config, forward) but gets its own children and tensors
-    new._modules = {name: None if child is None else _convert(child, backend)
+        return copy.deepcopy(m)
+    new = _copy_container(m)
+    new._modules = {name: None if child is None else convert_child(child)
                     for name, child in m._modules.items()}
     new._parameters = {k: None if p is None else nn.Parameter(p.detach().clone(), p.requires_grad)
                        for k, p in m._parameters.items()}
     new._buffers = {k: None if b is None else b.detach().clone() for k, b in m._buffers.items()}
-    if isinstance(new, nn.Sequential):
-        _relus_in_place(new)
     return new
 
 
 def _is_stem_conv(m):
-    """A convolution ``stem_conv`` starts with, from an image's few channels."""
+    """A convolution a patch embedding starts with, from an image's few channels."""
     return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels <= 4
 
 
 def _is_next_stem_conv(m, before):
-    """A convolution ``stem_conv`` computes on the output of ``before``."""
+    """A convolution of the patch embedding on the output of ``before``."""
     return _is_conv(m, 3, 2, 1) and m.groups == 1 and m.in_channels == before.out_channels
 
 
 def _stem_convolutions(model, backend):
-    """In a Sequential, a stem convolution and its ReLU, and each (convolution [, ReLU]) on the
-    output of the one before that follows -> FusedStemConv, then Identity for each module it
-    took in. The chain ends at a convolution without a ReLU."""
+    """In a plain Sequential, a stem convolution and its ReLU, and each (convolution [, ReLU]) on
+    the output of the one before that follows -> FusedPatchEmbed, then Identity for each module
+    it took in. The chain ends at a convolution without a ReLU."""
     for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
+        if not _runs_children_in_order(seq):
             continue
         children = list(seq._modules.items())
         module = lambda i: children[i][1] if i < len(children) else None
@@ -205,7 +213,7 @@ def _stem_convolutions(model, backend):
             while is_relu(end - 1) and _is_next_stem_conv(module(end), convs[-1]):
                 convs.append(module(end))
                 end += 2 if is_relu(end + 1) else 1
-            seq._modules[children[i][0]] = FusedStemConv(
+            seq._modules[children[i][0]] = FusedPatchEmbed(
                 [c.weight for c in convs], [_bias(c) for c in convs], final_relu=is_relu(end - 1),
                 backend=backend)
             for name, _ in children[i + 1:end]:
@@ -213,11 +221,11 @@ def _stem_convolutions(model, backend):
             i = end
 
 
-def _pointwise_convolutions(model, backend):
-    """PatchMerging's 1x1 convolutions -> FusedPointwise: the first with its ReLU and, where it is
+def _conv1x1_convolutions(model, backend):
+    """PatchMerging's 1x1 convolutions -> FusedConv1x1: the first with its ReLU and, where it is
     a depthwise 3x3 stride-2 convolution, the second convolution and its ReLU."""
     for m in model.modules():
-        if not isinstance(m, InPlacePatchMerging):
+        if not isinstance(m, FusedPatchMerging) or not _is_conv(m.conv1, 1, 1, 0):
             continue
         conv1, conv2, conv3 = m.conv1, m.conv2, m.conv3
         depthwise = ()
@@ -225,42 +233,78 @@ def _pointwise_convolutions(model, backend):
                 and conv2.groups == conv2.in_channels == conv2.out_channels == conv1.out_channels):
             depthwise = (conv2.weight[:, 0], _bias(conv2))
             m.conv2, m.act2 = nn.Identity(), nn.Identity()
-        m.conv1 = FusedPointwise(conv1.weight.flatten(1), _bias(conv1), True, *depthwise,
-                                 backend=backend)
+        m.conv1 = FusedConv1x1(conv1.weight.flatten(1), _bias(conv1), True, *depthwise,
+                               backend=backend)
         m.act1 = nn.Identity()
-        m.conv3 = FusedPointwise(conv3.weight.flatten(1), _bias(conv3), False, backend=backend)
+        if _is_conv(m.conv3, 1, 1, 0) and m.conv3.groups == 1:
+            m.conv3 = FusedConv1x1(conv3.weight.flatten(1), _bias(conv3), False, backend=backend)
 
 
-def _channels_last_convolutions(model):
+def _cpu_kernels(model, backend):
+    _stem_convolutions(model, backend)
+    _conv1x1_convolutions(model, backend)
+
+
+def _channels_last(model, backend):
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.weight = nn.Parameter(m.weight.detach().to(memory_format=torch.channels_last),
                                     requires_grad=False)
 
 
-@torch.no_grad()
-def convert(model, backend="auto"):
+def _inplace(model, backend):
+    for m in model.modules():
+        # conv1's output must be a new tensor: the ReLU after it writes over it
+        if isinstance(m, FusedPatchMerging) and isinstance(m.conv1, (nn.Conv2d, FusedConv1x1)):
+            m.inplace = True
+
+
+_PASS_FUNCTIONS = {"cpu_kernels": _cpu_kernels, "channels_last": _channels_last,
+                   "inplace": _inplace}
+
+
+def _default_passes(model, backend):
+    if backend == "reference":  # the backend to differentiate: nothing in place
+        return ("fuse",)
+    on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
+    if backend in ("auto", "cpu") and on_cpu:
+        return PASSES
+    return ("fuse", "inplace")
+
+
+def convert(model, backend="auto", passes=None):
     """Returns an inference copy of ``model`` (eval mode, batch norm folded) using the fused ops.
 
     ``model``: a whole EfficientViT (``python_ref``, official or timm) or any submodule of one
-    (a ``LocalWindowAttention``, a ``Residual`` around it, an ``FFN``, a block, a stage).
+    (a ``LocalWindowAttention``, a ``Residual`` around it, an ``FFN``, a block, a stage), or a
+    model converted before (its fused modules then take the new backend).
     ``backend``: "auto" (the compiled kernels for the tensors' device, Triton on CUDA where
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
-    plain-PyTorch decomposition of each op). The input model is left as it was. For the CPU
-    kernels ("auto" or "cpu" on a CPU model), the stem's convolutions and ReLUs become a
-    ``FusedStemConv``, PatchMerging's convolutions ``FusedPointwise`` modules, and the other
-    convolution weights are made channels-last: a 4-D output of the model may then be
-    channels-last; its values are the same. A fused attention or FFN that follows another
-    fused op in a block or Sequential writes over that op's output (``inplace``), so a block
-    or Sequential of the copy may overwrite the intermediate results it makes, never its input.
+    plain-PyTorch decomposition of each op).
+    ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
+    docstring). Default: all four for a CPU model with backend "auto" or "cpu" (a 4-D output
+    of the model may then be channels-last; its values are the same); "fuse" alone for
+    backend "reference" (the one to differentiate through: nothing works in place); else
+    "fuse" and "inplace".
+
+    The input model is left as it was and shares nothing mutable with the copy. The copy
+    pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (the fused ops have no backward formula).
     """
     backend_ops(backend)  # fail early on an unknown or unavailable backend
-    out = _convert(model, backend)
-    _fused_ops_in_place(out)
-    if backend in ("auto", "cpu") and all(t.device.type == "cpu" for t in out.state_dict().values()):
-        _stem_convolutions(out, backend)
-        _pointwise_convolutions(out, backend)
-        _channels_last_convolutions(out)
+    if passes is None:
+        passes = _default_passes(model, backend)
+    passes = tuple(passes) if not isinstance(passes, str) else (passes,)
+    unknown = [p for p in passes if p not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown conversion pass(es) {unknown}; choose from {list(PASSES)}")
+    # Outside inference mode: the copy's tensors must be ordinary ones (with version counters,
+    # usable in either mode); its weights are copies, so no gradient reaches them.
+    with torch.inference_mode(False), torch.no_grad():
+        out = _fuse(model, backend) if "fuse" in passes else _plain_copy(model)
+        for name in PASSES[1:]:
+            if name in passes:
+                _PASS_FUNCTIONS[name](out, backend)
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)

@@ -1,23 +1,39 @@
-"""Timing helpers shared by the main job and benchmarks/ (docs/design.md: how speed is measured)."""
+"""The one timing harness of the main job and benchmarks/ (docs/design.md: how speed is
+measured). ``time_interleaved`` times several runners against each other in interleaved
+rounds (CPU: wall clock; CUDA: events per call); ``time_gpu`` times one CUDA callable with
+``triton.testing.do_bench`` (L2 cleared before each call). Both return ``Timing``: quantiles,
+not only the median, so the spread of a run is reported with it."""
 import platform
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["device_name", "median_time", "median_times", "tolerance"]
-
-# docs/design.md: relative error of a fused result against the fp64 reference
-_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+__all__ = ["Timing", "device_name", "time_interleaved", "time_gpu"]
 
 
-def tolerance(dtype):
-    return _TOLERANCE[dtype]
+class Timing(NamedTuple):
+    """Seconds per call: the median, the 10th and 90th percentiles, and the number of calls timed
+    (None where the timer does not say)."""
+    median: float
+    p10: float
+    p90: float
+    samples: int | None
+
+    @classmethod
+    def of(cls, seconds):
+        q = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
+        return cls(statistics.median(seconds), q[0], q[-1], len(seconds))
+
+    def spread(self):
+        """(p90 - p10) / median: the run's noise, relative."""
+        return (self.p90 - self.p10) / self.median
 
 
 @torch.no_grad()
-def median_times(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, budget_s=3.0):
-    """Median seconds of ``fn(x)`` for each ``{name: fn}`` in ``runners``, cycling through
+def time_interleaved(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, budget_s=3.0):
+    """``{name: Timing}`` of ``fn(x)`` for each ``{name: fn}`` in ``runners``, cycling through
     ``inputs`` so caches don't flatter.
 
     The runners are timed in interleaved rounds (each called once per round, in turn), so a
@@ -47,12 +63,23 @@ def median_times(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, budget
                 fn(x)
                 times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: Timing.of(t) for name, t in times.items()}
 
 
-def median_time(fn, inputs, **kwargs):
-    """Median seconds of ``fn(x)`` alone (see ``median_times``)."""
-    return median_times({"fn": fn}, inputs, **kwargs)["fn"]
+def time_gpu(fn):
+    """``Timing`` of fn() on CUDA by ``triton.testing.do_bench``, with warm-up and repetitions
+    scaled to one call's time (at least ~10 samples however slow fn is)."""
+    from triton.testing import do_bench
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    estimate = start.elapsed_time(end)
+    median, p10, p90 = do_bench(fn, warmup=max(5, 2 * estimate), rep=max(25, 10 * estimate),
+                                quantiles=[0.5, 0.1, 0.9])
+    return Timing(median / 1e3, p10 / 1e3, p90 / 1e3, None)
 
 
 def device_name(device):

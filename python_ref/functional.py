@@ -11,7 +11,8 @@ ops in ``torch.ops.efficientvit`` take (see ``efficientvit_kernels/ops.py``):
     proj_weight (C, h*d), proj_bias (C)                  -- output 1x1 conv, BN folded
 ``dwconv``: x (B, C, H, W), weight (C, K, K), bias (C): ``[x +] act(dwconv_KxK(x) + bias)``
 ``ffn``: x (B, C, H, W), w1 (M, C), b1 (M), w2 (C, M), b2 (C): ``[x +] w2 relu(w1 x + b1) + b2``
-``stem_conv``: x (B, Ci, H, W), weights[l] (C_l, C_{l-1}, 3, 3), biases[l] (C_l):
+``conv1x1``: x (B, C, H, W), weight (Co, C), bias (Co) [, dw_weight (Co, 3, 3), dw_bias (Co)]
+``patch_embed``: x (B, Ci, H, W), weights[l] (C_l, C_{l-1}, 3, 3), biases[l] (C_l):
     ``x = [relu](conv3x3_stride2(x, weights[l]) + biases[l])`` for each l
 """
 import torch
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 
 from .model import attention_bias_index, window_partition, window_reverse
 
-__all__ = ["cga", "dwconv", "ffn", "stem_conv"]
+__all__ = ["cga", "conv1x1", "dwconv", "ffn", "patch_embed"]
 
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -67,7 +68,7 @@ def ffn(x, w1, b1, w2, b2, residual):
     return x + y if residual else y
 
 
-def pointwise(x, weight, bias, relu, dw_weight=None, dw_bias=None):
+def conv1x1(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     """A 1x1 convolution: ``y = [relu](weight x + bias)`` over channels at every pixel; given
     ``dw_weight`` (Co, 3, 3) and ``dw_bias``, ``relu(dwconv3x3(y) + dw_bias)`` after it,
     depthwise, stride 2, zero padding 1 (PatchMerging's conv1, ReLU, conv2, ReLU)."""
@@ -79,7 +80,7 @@ def pointwise(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     return y
 
 
-def stem_conv(x, weights, biases, final_relu):
+def patch_embed(x, weights, biases, final_relu):
     """The patch embedding: a chain of convolutions, ``x = relu(conv3x3(x, w) + b)``, stride 2,
     zero padding 1, for each weight w and bias b; the last without its ReLU unless
     ``final_relu``."""

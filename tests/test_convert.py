@@ -1,16 +1,23 @@
-"""convert(): fused models and submodules against the reference, for python_ref and timm models."""
+"""convert(): fused models and submodules against the reference, for python_ref and timm models;
+its passes; and what a converted model must survive (copies, pickling, inference mode, autograd,
+users' own modules)."""
+import copy
+import io
+import pickle
+
 import pytest
 import torch
+from torch import nn
 
 import efficientvit_kernels as K
 import python_ref as R
-from cases import relative_error
+from efficientvit_kernels.testing import assert_close, relative_error, tolerance
 from timm_stub import import_timm
 
 MODELS = ["m0", "m1", "m2", "m3", "m4", "m5"]
 BACKENDS = ["cpu", "reference"]
 # fp32 fused model against the fp64 reference model: docs/design.md's fp32 tolerance
-TOL = 1e-5
+TOL = tolerance(torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -75,24 +82,23 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes InPlacePatchMerging, its squeeze-excite a LinearSqueezeExcite working
-    in place, on CPU its convolutions FusedPointwise (the first 1x1 with the depthwise one and
-    both ReLUs); on CPU the stem's convolutions and ReLUs become a FusedStemConv; a ReLU after a
-    convolution works in place and never on the caller's tensor; on CPU other convolutions'
-    weights are channels-last."""
+    """PatchMerging becomes FusedPatchMerging, its squeeze-excite a LinearSqueezeExcite working
+    in place, on CPU its convolutions FusedConv1x1 (the first 1x1 with the depthwise one and
+    both ReLUs); on CPU the stem's convolutions and ReLUs become a FusedPatchEmbed; on CPU the
+    other convolutions' weights are channels-last; the caller's tensor is never written."""
     model = models["m4"]
     fused = K.convert(model)
-    merging = [m for m in fused.modules() if isinstance(m, K.modules.InPlacePatchMerging)]
+    merging = [m for m in fused.modules() if isinstance(m, K.FusedPatchMerging)]
     assert len(merging) == 2 and all(
-        isinstance(m.se, K.modules.LinearSqueezeExcite) and m.se.inplace for m in merging)
-    assert all(isinstance(m.conv1, K.FusedPointwise) and m.conv1.relu and m.conv1.dw_weight.shape[1:] == (3, 3)
+        m.inplace and isinstance(m.se, K.modules.LinearSqueezeExcite) and m.se.inplace for m in merging)
+    assert all(isinstance(m.conv1, K.FusedConv1x1) and m.conv1.relu and m.conv1.dw_weight.shape[1:] == (3, 3)
                and all(isinstance(getattr(m, n), torch.nn.Identity) for n in ("act1", "conv2", "act2"))
-               and isinstance(m.conv3, K.FusedPointwise) and not m.conv3.relu for m in merging)
+               and isinstance(m.conv3, K.FusedConv1x1) and not m.conv3.relu for m in merging)
     stem = fused.patch_embed[0]  # the four convolutions and three ReLUs
-    assert isinstance(stem, K.FusedStemConv) and not stem.final_relu
+    assert isinstance(stem, K.FusedPatchEmbed) and not stem.final_relu
     assert [stem.get_buffer(f"weight{i}").shape[:2] for i in range(4)] == [(16, 3), (32, 16), (64, 32), (128, 64)]
     assert all(isinstance(m, torch.nn.Identity) for m in fused.patch_embed[1:])
-    assert not any(isinstance(m, K.FusedStemConv) for m in K.convert(model, backend="reference").modules())
+    assert not any(isinstance(m, K.FusedPatchEmbed) for m in K.convert(model, backend="reference").modules())
     assert not any(isinstance(m, torch.nn.Conv2d) for m in fused.modules())  # all in fused ops
     x = torch.randn(2, 3, 64, 80)
     x0 = x.clone()
@@ -103,39 +109,22 @@ def test_stem_and_patch_merging(models):
         z = torch.randn(2, merge.conv1.c.in_channels, 9, 7)
         z0 = z.clone()
         assert relative_error(K.convert(merge)(z), merge(z0)) < TOL and torch.equal(z, z0)
-        # a Sequential that starts with a ReLU gets its input from outside: not in place
-        seq = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
-        fused_seq = K.convert(seq)
-        assert not fused_seq[0].inplace and fused_seq[2].inplace
-        assert fused_seq[1].weight.is_contiguous(memory_format=torch.channels_last)
-        y = torch.randn(1, 3, 4, 4)
-        y0 = y.clone()
-        assert relative_error(fused_seq(y), seq(y0)) < TOL and torch.equal(y, y0)
 
 
-def _in_place(model):
-    """Whether each fused attention and FFN writes over its input, by name."""
-    return {n: m.inplace for n, m in model.named_modules() if isinstance(m, (K.FusedCGA, K.FusedFFN))}
-
-
-def test_fused_ops_in_place(models):
-    """In a block or Sequential, an attention or FFN after another fused op writes over that
-    op's output: in a whole model, every one of them (each follows a depthwise conv, an FFN or
-    an attention); the input of a block, a Sequential or the model is never written."""
-    fused = K.convert(models["m4"])
-    flags = _in_place(fused)
-    assert len(flags) == 3 * 6 + 2 * 2 and all(flags.values())  # 6 blocks, 2 downsampling stages
-    block = fused.blocks2[3]
-    assert [block.ffn0.inplace, block.mixer.inplace, block.ffn1.inplace] == [True] * 3
-    ffn_first = K.convert(torch.nn.Sequential(models["m4"].blocks2[3].ffn0, models["m4"].blocks2[3].mixer))
-    assert list(_in_place(ffn_first).values()) == [False, True]  # the first reads the caller's x
-    x = torch.randn(2, 256, 9, 10).to(memory_format=torch.channels_last)
-    x0 = x.clone()
-    with torch.no_grad():
-        ref = R.fold_batchnorm(models["m4"].blocks2[3]).double()(x0.double())
-        assert relative_error(block(x), ref) < TOL and torch.equal(x, x0)
-        ffn_first(x)
-        assert torch.equal(x, x0)
+@pytest.mark.parametrize("passes", [(), ("fuse",), ("fuse", "inplace"), ("fuse", "cpu_kernels"),
+                                    ("fuse", "channels_last"), ("channels_last",), K.PASSES],
+                         ids=lambda p: "+".join(p) or "none")
+def test_passes(models, passes):
+    """Each pass is switchable and every subset computes the same model."""
+    fused = K.convert(models["m0"], passes=passes)
+    kinds = {type(m) for m in fused.modules()}
+    assert (K.FusedCGA in kinds) == ("fuse" in passes)
+    assert (K.FusedPatchEmbed in kinds) == ("fuse" in passes and "cpu_kernels" in passes)
+    assert any(m.inplace for m in fused.modules() if isinstance(m, K.FusedPatchMerging)) == (
+        "inplace" in passes)
+    _check_model(fused, models["m0"], [(64, 80)])
+    with pytest.raises(ValueError, match="unknown conversion pass"):
+        K.convert(models["m0"], passes=("fuse", "fold"))
 
 
 def test_backend_errors(models):
@@ -191,6 +180,107 @@ def test_convert_timm_models(name, timm):
     fused = K.convert(model)
     ours = R.load_checkpoint(R.build(name), model.state_dict())
     _check_model(fused, ours, [(224, 224), (256, 192)])
-    assert all(_in_place(fused).values())  # timm's blocks and Sequentials chain as ours do
     with torch.no_grad():
         assert relative_error(fused(x), model(x)) < TOL
+
+
+# What a converted model must survive.
+
+def test_copies_pickles_and_converts_again(models):
+    fused = K.convert(models["m0"])
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = fused(x)
+        buffer = io.BytesIO()
+        torch.save(fused, buffer)
+        copies = [copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)),
+                  torch.load(io.BytesIO(buffer.getvalue()), weights_only=False), K.convert(fused)]
+        for other in copies:
+            assert torch.equal(other(x), expected)
+        assert_close(K.convert(fused, backend="reference")(x), expected, torch.float32)
+
+
+def test_shares_nothing_mutable_with_the_input(models):
+    model = copy.deepcopy(models["m0"])
+    fused = K.convert(model)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append("input model"))
+    fused.register_forward_hook(lambda *a: calls.append("converted"))
+    with torch.no_grad():
+        fused(torch.randn(1, 3, 64, 64))
+    assert calls == ["converted"]
+    originals = dict(model.named_modules())
+    for name, c in fused.named_modules():
+        m = originals.get(name)
+        for key, value in vars(m).items() if m is not None else ():
+            if isinstance(value, (dict, list, set)) and key in vars(c):
+                assert vars(c)[key] is not value, (name, key)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_convert_and_run_under_inference_mode(models, mode):
+    x = torch.randn(2, 3, 64, 64)
+    with getattr(torch, mode)():
+        fused = K.convert(models["m0"])
+        out = fused(x)
+    with torch.no_grad():
+        assert torch.equal(fused(x), out)  # usable outside the mode too
+
+
+def test_autograd_is_refused_with_a_way_out(models):
+    fused = K.convert(models["m0"])
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward formula.*backend=.reference"):
+        fused(x)
+    reference = K.convert(models["m0"], backend="reference")
+    reference(x).sum().backward()  # plain PyTorch: gradients reach the input
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+class ReusingSequential(nn.Sequential):
+    """Not a chain: both children read the input, and the second's output is read twice."""
+
+    def forward(self, x):
+        y = self[0](x)
+        return self[1](x) + y + self[1](x)
+
+
+class FirstOnly(nn.Sequential):
+    """Uses its first child only."""
+
+    def forward(self, x):
+        return self[0](x)
+
+
+def test_users_sequential_subclasses_run_as_written(models):
+    """No pass rewrites or computes in place inside a Sequential whose forward is the user's."""
+    block = models["m4"].blocks2[3]
+    seq = ReusingSequential(block.ffn0, block.mixer)
+    x = torch.randn(2, 256, 7, 7)
+    x0 = x.clone()
+    with torch.no_grad():
+        out = K.convert(seq)(x)
+        assert torch.equal(x, x0)
+        assert relative_error(out, seq(x0)) < TOL
+    stem = FirstOnly(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
+    fused = K.convert(stem)
+    assert not any(isinstance(m, K.FusedPatchEmbed) for m in fused.modules())
+    img = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert fused(img).shape == stem(img).shape == (1, 8, 8, 8)
+        assert relative_error(fused(img), stem(img)) < TOL
+
+
+def test_patch_merging_with_its_own_forward_is_not_replaced(models):
+    merge = copy.deepcopy(next(m for m in models["m4"].modules() if isinstance(m, R.model.PatchMerging)))
+
+    class Doubled(type(merge)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    merge.__class__ = Doubled
+    fused = K.convert(merge)
+    assert not isinstance(fused, K.FusedPatchMerging)
+    z = torch.randn(1, merge.conv1.c.in_channels, 8, 8)
+    with torch.no_grad():
+        assert relative_error(fused(z), merge(z)) < TOL

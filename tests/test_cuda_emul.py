@@ -1,5 +1,7 @@
-"""The CUDA kernels (csrc/cuda/*.cuh) run on CPU under the emulation in tests/emulation, against
-python_ref.functional, without a GPU.
+"""What only the emulated CUDA kernels (csrc/cuda/*.cuh run on CPU under tests/emulation) show:
+the launch plans (windows per block, rows per block) at small shared-memory targets, thread
+orders, and planted bugs caught. (The same kernels on every op case: tests/test_cga.py,
+test_dwconv.py, test_ffn.py, backend "cuda (emulated)".)
 
 The kernel headers compile as host C++ (tests/emulation/emulation.h says what is emulated):
 threads are fibers run one after another between barriers, in forward, reverse or shuffled
@@ -14,37 +16,16 @@ import shutil
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from cases import (cga_args, random_cga_params, random_dwconv_params, random_ffn_params,
-                   random_input, reference_cga, relative_error)
+from conftest import ROOT, build_emulation
+from efficientvit_kernels.testing import (TOLERANCE, cga_args, random_cga_params, random_dwconv_params,
+                                          random_ffn_params, random_input, reference_cga, relative_error)
 from python_ref import functional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORWARD, REVERSE, SHUFFLED = 0, 1, 2  # emulation::Order
 ORDERS = {"forward": FORWARD, "reverse": REVERSE, "shuffled": SHUFFLED}
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-DTYPES = pytest.mark.parametrize("dtype", list(TOL), ids=lambda t: str(t).split(".")[1])
-
-
-def build(name, root, build_dir):
-    """Compiles the emulated ops from ``root``'s csrc/ and tests/emulation/ into ``build_dir``
-    and returns their torch.ops namespace (named ``name``)."""
-    os.makedirs(build_dir, exist_ok=True)
-    cpp_extension.load(
-        name=name, sources=[os.path.join(root, "tests", "emulation", "emulated_ops.cpp")],
-        extra_include_paths=[os.path.join(root, p)
-                             for p in ("csrc", "csrc/cuda", "tests/emulation")],
-        # the kernels pun packed 16-bit pairs through uint32_t, which nvcc allows
-        extra_cflags=["-O1", "-fno-strict-aliasing", "-DEFFICIENTVIT_EMULATION"],
-        build_directory=build_dir, is_python_module=False)
-    return getattr(torch.ops, name)
-
-
-@pytest.fixture(scope="session")
-def emul():
-    build_dir = os.environ.get("EFFICIENTVIT_EMUL_BUILD", os.path.join(ROOT, "build", "emulation"))
-    return build("efficientvit_emul", ROOT, build_dir)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                                 ids=lambda t: str(t).split(".")[1])
 
 
 # cga cases: (C, heads, kernels, window, B, H, W, channels_last, smem_target or None)
@@ -75,7 +56,7 @@ def check(out, ref, dtype):
     if out.numel() == 0:
         return
     err = relative_error(out, ref)
-    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+    assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]}"
 
 
 @DTYPES
@@ -202,7 +183,7 @@ def mutants(tmp_path_factory):
     def one(name):
         directory = str(tmp_path_factory.mktemp(name))
         root = mutant_root(name, os.path.join(directory, "src"))
-        return build(f"efficientvit_emul_{name}", root, os.path.join(directory, "build"))
+        return build_emulation(f"efficientvit_emul_{name}", root, os.path.join(directory, "build"))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return dict(zip(MUTANTS, pool.map(one, MUTANTS)))
 

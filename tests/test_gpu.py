@@ -1,7 +1,8 @@
 """The GPU backends against python_ref.functional (the spec) in float64, on a CUDA device.
 
 Backends: "cuda" (torch.ops.efficientvit.* with the kernels of csrc/cuda) and "triton"
-(efficientvit_kernels.triton), each in fp32, fp16 and bf16 over the cases of test_ops.py.
+(efficientvit_kernels.triton), each in fp32, fp16 and bf16, over the M0-M5 layer shapes and
+larger batches than the per-op tests (test_cga.py, test_dwconv.py, test_ffn.py) run.
 The reference runs on the inputs already rounded to the dtype, so the error measured is the
 kernel's alone. Every output is poisoned with NaN first, so an element a kernel skips fails.
 
@@ -10,21 +11,19 @@ The quick GPU check (benchmarks/gpu_check.sh) runs ``-m "not gpu_full"``: every 
 fewer sizes; ``gpu_full`` marks the rest. The module imports without a GPU, so that
 tests/test_gpu_budget.py can count the Triton compilations the quick cases cause.
 """
-import contextlib
-
 import pytest
 import torch
 
 import efficientvit_kernels
-from cases import (cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params,
-                   random_input, reference_cga, relative_error, stage_shapes)
+from efficientvit_kernels.testing import (assert_close, assert_layout, call_poisoned, cast, cga_args,
+                                          random_cga_params, random_dwconv_params, random_ffn_params,
+                                          random_input, reference_cga, stage_shapes)
 from python_ref import functional
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 DEVICE = "cuda"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _cuda_ops():
@@ -75,26 +74,10 @@ layouts = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguo
 
 
 def call(backend, op, x, *args):
-    """op(x, *args) with its output poisoned: a NaN-filled block of the output's size is freed
-    right before the call, in a fresh memory pool (where one exists) so that the caching
-    allocator can only hand that block to the output; the CUDA ops allocate their output first,
-    so for them the test also checks that it landed there."""
+    """op(x, *args) with its output poisoned (testing.call_poisoned); the CUDA ops allocate
+    their output first, so for them the test also checks that it landed on the poison."""
     name, ops = backend
-    fresh_pool = hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
-    pool = torch.cuda.MemPool() if fresh_pool else None
-    with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
-        poison = torch.full((x.numel(),), float("nan"), dtype=x.dtype, device=x.device)
-        address = poison.data_ptr()
-        del poison
-        out = getattr(ops, op)(x, *args)
-    if pool is not None and name == "cuda" and out.numel() > 0:
-        assert out.data_ptr() == address, "the poisoned block did not become the output"
-    return out
-
-
-def expected_format(x):
-    return (torch.channels_last if not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    return call_poisoned(getattr(ops, op), x, *args, output_first=name == "cuda")
 
 
 def check_cga(backend, x, params, dtype, residual=True):
@@ -102,10 +85,8 @@ def check_cga(backend, x, params, dtype, residual=True):
     xd = x.to(device=DEVICE, dtype=dtype)  # a no-op for a tensor already there: keeps its strides
     out = call(backend, "cga", xd, *cga_args(p), residual)
     assert out.shape == x.shape and out.dtype == dtype and out.device == xd.device
-    assert out.is_contiguous(memory_format=expected_format(xd))
-    ref = reference_cga(xd.cpu(), cast(p, torch.float64, "cpu"), residual)
-    err = relative_error(out.cpu(), ref)
-    assert err < TOL[dtype], err
+    assert_layout(out, xd)
+    assert_close(out, reference_cga(xd.cpu(), cast(p, torch.float64, "cpu"), residual), dtype)
 
 
 # Every model stage in fp16 (the speed target); in fp32 and bf16, whose code paths the other
@@ -187,30 +168,30 @@ def test_cuda_cga_rejects_what_it_cannot_hold():
 @layouts
 @pytest.mark.parametrize("C,K", DWCONV_CHANNELS)
 @pytest.mark.parametrize("H,W", DWCONV_SIZES)
-def test_dwconv(backend, dtype, C, K, H, W, channels_last):
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+def test_dwconv(backend, dtype, C, K, H, W, channels_last, relu, residual):
     weight, bias = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(C, K, seed=C + K))
     x = random_input(2, C, H, W, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
-    for relu in (False, True):
-        for residual in (False, True):
-            out = call(backend, "dwconv", x, weight, bias, relu, residual)
-            assert out.is_contiguous(memory_format=expected_format(x))
-            ref = functional.dwconv(x.cpu().double(), weight.cpu().double(), bias.cpu().double(),
-                                    relu, residual)
-            assert relative_error(out.cpu(), ref) < TOL[dtype], (relu, residual)
+    out = call(backend, "dwconv", x, weight, bias, relu, residual)
+    assert_layout(out, x)
+    ref = functional.dwconv(x.cpu().double(), weight.cpu().double(), bias.cpu().double(),
+                            relu, residual)
+    assert_close(out, ref, dtype)
 
 
 @dtypes
 @layouts
 @pytest.mark.parametrize("C,M", FFN_CHANNELS)
 @pytest.mark.parametrize("B,H,W", FFN_SIZES)
-def test_ffn(backend, dtype, C, M, B, H, W, channels_last):
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+def test_ffn(backend, dtype, C, M, B, H, W, channels_last, residual):
     w1, b1, w2, b2 = (t.to(device=DEVICE, dtype=dtype) for t in random_ffn_params(C, M, seed=C))
     x = random_input(B, C, H, W, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
-    for residual in (False, True):
-        out = call(backend, "ffn", x, w1, b1, w2, b2, residual)
-        assert out.is_contiguous(memory_format=expected_format(x))
-        ref = functional.ffn(x.cpu().double(), *[t.cpu().double() for t in (w1, b1, w2, b2)], residual)
-        assert relative_error(out.cpu(), ref) < TOL[dtype], residual
+    out = call(backend, "ffn", x, w1, b1, w2, b2, residual)
+    assert_layout(out, x)
+    ref = functional.ffn(x.cpu().double(), *[t.cpu().double() for t in (w1, b1, w2, b2)], residual)
+    assert_close(out, ref, dtype)
 
 
 @dtypes
@@ -265,6 +246,6 @@ def test_cuda_graph_capture(backend, op, dtype):
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    assert relative_error(out.cpu(), reference(fresh)) < TOL[dtype]
+    assert_close(out, reference(fresh), dtype)
     if backend[0] == "cuda":  # deterministic kernels: the replay matches an eager call bit for bit
         assert torch.equal(out, fn(fresh, *args))

@@ -42,8 +42,8 @@ import collections
 import json
 import torch
 import test_gpu as t
-from cases import cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params
-from cases import stage_shapes
+from efficientvit_kernels.testing import cast, cga_args, random_cga_params, random_dwconv_params, random_ffn_params
+from efficientvit_kernels.testing import stage_shapes
 from efficientvit_kernels import triton as k, triton_static as s
 
 def meta(shape, dtype, channels_last=False):

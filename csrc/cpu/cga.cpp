@@ -13,6 +13,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/packed_weights.h"
 
 namespace efficientvit::cpu {
 namespace {
@@ -126,19 +127,6 @@ enum CgaPacked {
   kRadius,     // (h) int64: each head's query kernel without its all-zero border rings
   kCgaPacked,  // count
 };
-
-std::vector<PackedTensor> cga_packed_shapes(const CgaDims& dims, const CgaLayout& L,
-                                            at::ScalarType dtype) {
-  const int64_t h = dims.heads, K = dims.kernel;
-  return {{"qkv_weight", {h, dims.value_dim, L.ldq}, dtype},
-          {"qkv_bias", {h, L.ldq}, dtype},
-          {"dw_weight", {h, K, K, L.kdP}, dtype},
-          {"dw_bias", {h, L.kdP}, dtype},
-          {"attention_bias", {h, L.N, L.NP}, dtype},
-          {"proj_weight", {L.cat_ld, L.CP}, dtype},
-          {"proj_bias", {L.CP}, dtype},
-          {"radius", {h}, at::kLong}};
-}
 
 // One cga call: sizes, padded widths (CgaLayout), layouts and the packed parameters, for the
 // window loop.
@@ -385,8 +373,7 @@ void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool
   });
 }
 
-// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights,
-// out of place and in place.
+// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights.
 
 at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
                    const at::Tensor& dw_weight, const at::Tensor& dw_bias,
@@ -402,73 +389,44 @@ at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::
   return io.output;
 }
 
-std::vector<at::Tensor> cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
-                                     const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-                                     const at::Tensor& attention_bias,
-                                     const at::Tensor& proj_weight, const at::Tensor& proj_bias,
-                                     int64_t window_size, double scale) {
-  TORCH_CHECK(at::isFloatingType(qkv_weight.scalar_type()),
-              "efficientvit: qkv_weight must be a floating-point tensor, got ",
-              qkv_weight.scalar_type());
+// The sizes a packing fixes, in PackedWeights::sizes.
+enum CgaSize { kHeads, kKeyDim, kValueDim, kKernel, kWindow, kCgaSizes };
+
+at::Tensor cga_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool residual) {
+  const std::vector<int64_t>& s = weights.sizes;
+  CgaDims dims{};
+  dims.batch = x.size(0), dims.channels = x.size(1), dims.height = x.size(2);
+  dims.width = x.size(3), dims.heads = s[kHeads], dims.key_dim = s[kKeyDim];
+  dims.value_dim = s[kValueDim], dims.kernel = s[kKernel], dims.window = s[kWindow];
+  const DenseIO io = dense_input_and_output(x);
+  run_cga(dims, io, weights.tensors, residual);
+  return io.output;
+}
+
+}  // namespace
+
+Packed cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                    const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+                    const at::Tensor& attention_bias, const at::Tensor& proj_weight,
+                    const at::Tensor& proj_bias, int64_t window_size, double scale) {
+  TORCH_CHECK_VALUE(at::isFloatingType(qkv_weight.scalar_type()),
+                    "efficientvit: qkv_weight must be a floating-point tensor, got ",
+                    qkv_weight.scalar_type());
   // C = heads * d, from qkv_weight (h, 2kd+d, d); its rank is checked with the rest.
   const int64_t channels = qkv_weight.dim() == 3 ? qkv_weight.size(0) * qkv_weight.size(2) : 0;
   const CgaDims dims =
       check_cga_params(channels, {qkv_weight, "qkv_weight"}, qkv_weight, qkv_bias, dw_weight,
                        dw_bias, attention_bias, proj_weight, proj_bias, window_size);
-  return pack_cga(dims, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
-                  proj_bias, scale);
+  std::vector<int64_t> sizes(kCgaSizes);
+  sizes[kHeads] = dims.heads, sizes[kKeyDim] = dims.key_dim, sizes[kValueDim] = dims.value_dim;
+  sizes[kKernel] = dims.kernel, sizes[kWindow] = dims.window;
+  return c10::make_intrusive<PackedWeights>(
+      "cga", &cga_packed_cpu,
+      pack_cga(dims, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
+               proj_bias, scale),
+      std::move(sizes), channels, qkv_weight.scalar_type());
 }
 
-CgaDims check_cga_packed(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
-                         int64_t window_size) {
-  check_input(x);
-  TORCH_CHECK(packed.size() == kCgaPacked && packed[kQkvW].dim() == 3 &&
-                  packed[kQueryW].dim() == 4,
-              "efficientvit: cga_packed takes the ", int(kCgaPacked), " tensors of cga_pack");
-  CgaDims dims{};
-  dims.batch = x.size(0), dims.channels = x.size(1), dims.height = x.size(2);
-  dims.width = x.size(3), dims.heads = packed[kQkvW].size(0), dims.key_dim = key_dim;
-  dims.kernel = packed[kQueryW].size(1), dims.window = window_size;
-  TORCH_CHECK(dims.heads > 0 && dims.channels % dims.heads == 0, "efficientvit: ", dims.heads,
-              " heads do not divide the ", dims.channels, " channels of x");
-  TORCH_CHECK(dims.kernel % 2 == 1, "efficientvit: the query kernel size must be odd, got ",
-              dims.kernel);
-  TORCH_CHECK(key_dim > 0 && window_size > 0,
-              "efficientvit: key_dim and window_size must be positive, got ", key_dim, " and ",
-              window_size);
-  dims.value_dim = dims.channels / dims.heads;
-  check_packed("cga_packed", packed,
-               cga_packed_shapes(dims, CgaLayout(dims, x.scalar_type()), x.scalar_type()));
-  const int64_t* radius = packed[kRadius].data_ptr<int64_t>();
-  for (int64_t i = 0; i < dims.heads; ++i)
-    TORCH_CHECK(radius[i] >= 0 && radius[i] <= dims.kernel / 2, "efficientvit: cga_packed: packed ",
-                "radius ", radius[i], " of head ", i, " is out of range [0, ", dims.kernel / 2, "]");
-  return dims;
-}
-
-at::Tensor cga_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
-                          int64_t window_size, bool residual) {
-  const CgaDims dims = check_cga_packed(x, packed, key_dim, window_size);
-  const DenseIO io = dense_input_and_output(x);
-  run_cga(dims, io, packed, residual);
-  return io.output;
-}
-
-void cga_packed_cpu_(const at::Tensor& x, at::TensorList packed, int64_t key_dim,
-                     int64_t window_size, bool residual) {
-  const CgaDims dims = check_cga_packed(x, packed, key_dim, window_size);
-  // In place for any dense x: a window is copied to scratch before its output is written, and
-  // windows do not overlap.
-  run_in_place(x, /*direct=*/true,
-               [&](const DenseIO& io) { run_cga(dims, io, packed, residual); });
-}
-
-}  // namespace
 }  // namespace efficientvit::cpu
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
-  m.impl("cga", &efficientvit::cpu::cga_cpu);
-  m.impl("cga_pack", &efficientvit::cpu::cga_pack_cpu);
-  m.impl("cga_packed", &efficientvit::cpu::cga_packed_cpu);
-  m.impl("cga_packed_", &efficientvit::cpu::cga_packed_cpu_);
-}
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("cga", &efficientvit::cpu::cga_cpu); }

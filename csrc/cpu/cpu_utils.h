@@ -6,6 +6,8 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -326,72 +328,31 @@ void for_each_token_tile(const at::Tensor& x, bool channels_last, const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------------
-// Weights packed ahead of the calls: an op's *_pack returns its parameters in the layout its CPU
-// kernel reads (transposed, padded to whole vectors, ...); the op's *_packed variant takes that
-// list instead of the parameters, and checks it against what a call with x needs.
+// Packing and layouts.
 
 // w (k x n, n a multiple of the vector width) laid out for gemm's ldb = kPanelMajor: its column
 // panels of kPanelWidth (the last may be narrower), each k x width and row-major, one after the
-// other. The shape stays w's, so check_packed checks it as it would w.
+// other. The shape stays w's.
 inline at::Tensor pack_panels(const at::Tensor& w) {
   const int64_t width = detail::kVecBlock * kVecBytes / static_cast<int64_t>(w.element_size());
   std::vector<at::Tensor> panels;
   for (int64_t j = 0; j < w.size(1); j += width)
     panels.push_back(w.narrow(1, j, std::min(width, w.size(1) - j)).flatten());
-  return at::cat(panels).view(w.sizes());
+  return panels.empty() ? w.contiguous() : at::cat(panels).view(w.sizes());  // n = 0: nothing
 }
 
-struct PackedTensor {
-  const char* name;
-  std::vector<int64_t> shape;
-  at::ScalarType dtype;
-};
-
-inline void check_packed(const char* op, at::TensorList packed,
-                         const std::vector<PackedTensor>& expected) {
-  TORCH_CHECK(packed.size() == expected.size(), "efficientvit: ", op, " takes the ",
-              expected.size(), " tensors its pack op returns, got ", packed.size());
-  for (size_t i = 0; i < expected.size(); ++i) {
-    const at::Tensor& t = packed[i];
-    const PackedTensor& e = expected[i];
-    TORCH_CHECK(t.device().is_cpu(), "efficientvit: ", op, ": packed ", e.name, " is on ",
-                t.device(), "; packed weights are for the CPU kernels");
-    TORCH_CHECK(t.scalar_type() == e.dtype, "efficientvit: ", op, ": packed ", e.name,
-                " has dtype ", t.scalar_type(), ", expected ", e.dtype,
-                " (weights are packed for one dtype)");
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(e.shape), "efficientvit: ", op, ": packed ", e.name,
-                " must have shape ", at::IntArrayRef(e.shape), " for this x, got ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "efficientvit: ", op, ": packed ", e.name,
-                " must be contiguous");
-  }
-}
-
-// x in the dense memory format it suggests (channels-last stays channels-last, anything else
-// becomes contiguous), and an uninitialized output of the same shape and format (with
-// out_channels channels, if given).
+// x dense in output_memory_format(x) (checks.h), and an uninitialized output of the same shape
+// and format (with out_channels channels, if given).
 struct DenseIO {
   at::Tensor input, output;
   bool channels_last;
 };
 inline DenseIO dense_input_and_output(const at::Tensor& x, int64_t out_channels = -1) {
-  const auto format = x.suggest_memory_format();
+  const auto format = output_memory_format(x);
   std::vector<int64_t> shape = x.sizes().vec();
   if (out_channels >= 0) shape[1] = out_channels;
   return {x.contiguous(format), at::empty(shape, x.options().memory_format(format)),
           format == at::MemoryFormat::ChannelsLast};
-}
-
-// An op's in-place variant (X_packed_): run(io) with x itself as input and output where x is
-// dense in the format it suggests and `direct` (the kernel reads each part of its input before
-// it writes over it); otherwise out of place, the result then copied into x.
-template <typename Run>
-void run_in_place(const at::Tensor& x, bool direct, Run&& run) {
-  const auto format = x.suggest_memory_format();
-  if (direct && x.is_contiguous(format))
-    return run(DenseIO{x, x, format == at::MemoryFormat::ChannelsLast});
-  const DenseIO io = dense_input_and_output(x);
-  run(io);
-  x.copy_(io.output);
 }
 
 }  // namespace efficientvit::cpu

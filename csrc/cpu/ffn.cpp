@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/packed_weights.h"
 
 namespace efficientvit::cpu {
 namespace {
@@ -53,8 +54,7 @@ void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
   });
 }
 
-// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights,
-// out of place and in place.
+// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights.
 
 at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                    const at::Tensor& w2, const at::Tensor& b2, bool residual) {
@@ -64,49 +64,23 @@ at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
   return io.output;
 }
 
-std::vector<at::Tensor> ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1,
-                                     const at::Tensor& w2, const at::Tensor& b2) {
-  TORCH_CHECK(at::isFloatingType(w1.scalar_type()),
-              "efficientvit: w1 must be a floating-point tensor, got ", w1.scalar_type());
-  check_ffn_params(w1.dim() == 2 ? w1.size(1) : 0, {w1, "w1"}, w1, b1, w2, b2);
-  return pack_ffn(w1, b1, w2, b2);
-}
-
-void check_ffn_packed(const at::Tensor& x, at::TensorList packed) {
-  check_input(x);
-  TORCH_CHECK(packed.size() == kFfnPacked && packed[kW2].dim() == 2,
-              "efficientvit: ffn_packed takes the ", int(kFfnPacked), " tensors of ffn_pack");
-  const at::ScalarType dtype = x.scalar_type();
-  const int64_t C = x.size(1), M = packed[kW2].size(0);
-  const int64_t MP = padded(M, dtype), CP = padded(C, dtype);
-  check_packed("ffn_packed", packed,
-               {{"w1", {C, MP}, dtype}, {"b1", {MP}, dtype}, {"w2", {M, CP}, dtype},
-                {"b2", {CP}, dtype}});
-}
-
-at::Tensor ffn_packed_cpu(const at::Tensor& x, at::TensorList packed, bool residual) {
-  check_ffn_packed(x, packed);
+at::Tensor ffn_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool residual) {
   const DenseIO io = dense_input_and_output(x);
-  run_ffn(io, packed, residual);
+  run_ffn(io, weights.tensors, residual);
   return io.output;
 }
 
-void ffn_packed_cpu_(const at::Tensor& x, at::TensorList packed, bool residual) {
-  check_ffn_packed(x, packed);
-  // In place where each token tile's output goes straight to the output: a tile is read whole
-  // by the first GEMM before the second writes over it.
-  const bool direct =
-      tiles_go_straight_to_out(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast,
-                               x.size(1), padded(x.size(1), x.scalar_type()));
-  run_in_place(x, direct, [&](const DenseIO& io) { run_ffn(io, packed, residual); });
+}  // namespace
+
+Packed ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& b2) {
+  TORCH_CHECK_VALUE(at::isFloatingType(w1.scalar_type()),
+                    "efficientvit: w1 must be a floating-point tensor, got ", w1.scalar_type());
+  check_ffn_params(w1.dim() == 2 ? w1.size(1) : 0, {w1, "w1"}, w1, b1, w2, b2);
+  return c10::make_intrusive<PackedWeights>("ffn", &ffn_packed_cpu, pack_ffn(w1, b1, w2, b2),
+                                            std::vector<int64_t>{}, w1.size(1), w1.scalar_type());
 }
 
-}  // namespace
 }  // namespace efficientvit::cpu
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
-  m.impl("ffn", &efficientvit::cpu::ffn_cpu);
-  m.impl("ffn_pack", &efficientvit::cpu::ffn_pack_cpu);
-  m.impl("ffn_packed", &efficientvit::cpu::ffn_packed_cpu);
-  m.impl("ffn_packed_", &efficientvit::cpu::ffn_packed_cpu_);
-}
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("ffn", &efficientvit::cpu::ffn_cpu); }

@@ -16,7 +16,7 @@ at::Tensor cga_cuda(const at::Tensor& x, const at::Tensor& qkv_weight, const at:
                                  proj_weight, proj_bias, window_size);
   check_cuda_dtype(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat format = memory_format_of(x);
+  const at::MemoryFormat format = output_memory_format(x);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
   if (out.numel() == 0) return out;
 

@@ -16,6 +16,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include "checks.h"
+
 #ifdef EFFICIENTVIT_EMULATION
 #include "emulation.h"
 #else
@@ -49,14 +51,6 @@ inline void check_cuda_dtype(const at::Tensor& x) {
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
               "efficientvit: the CUDA kernels take float32, float16 or bfloat16 tensors, got ", t);
-}
-
-// The layout the kernels read and write: channels-last when x is (and is not also plain
-// contiguous), else contiguous. The output takes the same format.
-inline at::MemoryFormat memory_format_of(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
 }
 
 // Element strides of a (B, C, H, W) tensor in `format`, dense.

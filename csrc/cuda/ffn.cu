@@ -12,7 +12,7 @@ at::Tensor ffn_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   check_ffn(x, w1, b1, w2, b2);
   check_cuda_dtype(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat format = memory_format_of(x);
+  const at::MemoryFormat format = output_memory_format(x);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
   if (out.numel() == 0) return out;
 

@@ -25,14 +25,6 @@ def interpreted(kernel):
     return isinstance(kernel, InterpretedFunction)
 
 
-def empty_like_layout(x):
-    """An output shaped like ``x``: channels-last if ``x`` is (and is not also plain
-    contiguous), else contiguous."""
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
 def flat_pixels(t):
     """True when pixel (y, x) of ``t`` (B, C, H, W) sits at (y*W + x) * stride_w, as in
     contiguous and channels-last tensors: see :func:`pixel_offsets`."""

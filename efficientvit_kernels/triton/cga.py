@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import check_device_dtype, empty_like_layout, mm, padded, persistent_grid, relu
+from ._common import check_device_dtype, mm, padded, persistent_grid, relu
 
 
 # Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of 16):
@@ -199,7 +199,7 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
                                     proj_weight, proj_bias, window_size)
     check_device_dtype(x, _cga_kernel)
     B, C, H, W = x.shape
-    out = empty_like_layout(x)  # first, so a just-freed block (a test's poison) goes to the output
+    out = ops.empty_output(x)  # first, so a just-freed block (a test's poison) goes to the output
     ws = window_size
     windows_h, windows_w = triton.cdiv(H, ws), triton.cdiv(W, ws)
     n_windows = B * windows_h * windows_w

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, empty_like_layout, flat_pixels, interpreted, padded,
+from ._common import (check_device_dtype, flat_pixels, interpreted, padded,
                       pixel_offsets, relu)
 
 
@@ -66,7 +66,7 @@ def dwconv(x, weight, bias, relu=False, residual=True):
     K = ops.check_dwconv(x, weight, bias)
     check_device_dtype(x, _dwconv_kernel)
     B, C, H, W = x.shape
-    out = empty_like_layout(x)  # first, so a just-freed block (a test's poison) goes to the output
+    out = ops.empty_output(x)  # first, so a just-freed block (a test's poison) goes to the output
     if out.numel() == 0:
         return out
     BP, BC, num_warps = _blocks(x, C, H * W)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, empty_like_layout, flat_pixels, interpreted, mm, padded,
+from ._common import (check_device_dtype, flat_pixels, interpreted, mm, padded,
                       pixel_offsets, relu)
 
 
@@ -78,7 +78,7 @@ def ffn(x, w1, b1, w2, b2, residual=True):
     M = ops.check_ffn(x, w1, b1, w2, b2)
     check_device_dtype(x, _ffn_kernel)
     B, C, H, W = x.shape
-    out = empty_like_layout(x)  # first, so a just-freed block (a test's poison) goes to the output
+    out = ops.empty_output(x)  # first, so a just-freed block (a test's poison) goes to the output
     if out.numel() == 0:
         return out
     CP = padded(C)

@@ -37,7 +37,7 @@ at::Tensor cga(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tens
   const CgaDims dims = check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
                                  proj_weight, proj_bias, window_size);
   check_cuda_dtype(x);
-  const at::MemoryFormat format = memory_format_of(x);
+  const at::MemoryFormat format = output_memory_format(x);
   at::Tensor out = poisoned_output(x, format);
   if (out.numel() == 0) return out;
 
@@ -70,7 +70,7 @@ at::Tensor dwconv(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   bool relu, bool residual, int64_t order, int64_t seed) {
   check_dwconv(x, weight, bias);
   check_cuda_dtype(x);
-  const at::MemoryFormat format = memory_format_of(x);
+  const at::MemoryFormat format = output_memory_format(x);
   at::Tensor out = poisoned_output(x, format);
   if (out.numel() == 0) return out;
 
@@ -95,7 +95,7 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                int64_t seed, int64_t smem_target) {
   check_ffn(x, w1, b1, w2, b2);
   check_cuda_dtype(x);
-  const at::MemoryFormat format = memory_format_of(x);
+  const at::MemoryFormat format = output_memory_format(x);
   at::Tensor out = poisoned_output(x, format);
   if (out.numel() == 0) return out;
 

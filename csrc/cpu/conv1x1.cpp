@@ -1,4 +1,4 @@
-// Pointwise (1x1) convolution on CPU: [relu](w x + b), over tiles of tokens, one GEMM per tile
+// 1x1 convolution on CPU: [relu](w x + b), over tiles of tokens, one GEMM per tile
 // with the weights packed panel-major (the convolutions of PatchMerging, where oneDNN reaches
 // 35-43 GMAC/s on this core and the GEMM here ~50); optionally followed by PatchMerging's
 // depthwise 3x3 stride-2 convolution and ReLU, on bands of rows held in cache.
@@ -10,21 +10,22 @@
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/packed_weights.h"
 
 namespace efficientvit::cpu {
 namespace {
 
-// The packed parameters (pointwise_pack): the weight transposed, padded to whole vectors (zeros)
+// The packed parameters (conv1x1_pack): the weight transposed, padded to whole vectors (zeros)
 // and panel-major, the B operand of a token-major tile; the bias padded; with the depthwise
 // convolution, its weight as (3 * 3, CoP), taps by row, and its bias, padded.
-enum PointwisePacked {
+enum Conv1x1Packed {
   kWeight,    // (C, CoP)
   kBias,      // (CoP)
   kDwWeight,  // (9, CoP)
   kDwBias,    // (CoP)
 };
 
-std::vector<at::Tensor> pack_pointwise(const at::Tensor& weight, const at::Tensor& bias,
+std::vector<at::Tensor> pack_conv1x1(const at::Tensor& weight, const at::Tensor& bias,
                                        const std::optional<at::Tensor>& dw_weight,
                                        const std::optional<at::Tensor>& dw_bias) {
   const int64_t Co = weight.size(0), CoP = padded(Co, weight.scalar_type());
@@ -39,7 +40,7 @@ std::vector<at::Tensor> pack_pointwise(const at::Tensor& weight, const at::Tenso
 
 // The 1x1 convolution alone: tiles of tokens.
 template <typename T>
-void pointwise_tiles(const DenseIO& io, at::TensorList packed, bool relu) {
+void conv1x1_tiles(const DenseIO& io, at::TensorList packed, bool relu) {
   const int64_t C = io.input.size(1), CoP = packed[kBias].size(0);
   const T* w = packed[kWeight].data_ptr<T>();
   const T* b = packed[kBias].data_ptr<T>();
@@ -57,7 +58,7 @@ void pointwise_tiles(const DenseIO& io, at::TensorList packed, bool relu) {
 // output rows [r0/2, ceil(r1/2)) with row r0-1 besides: the last row of the band before, when
 // this thread computed it, else computed with the band.
 template <typename T>
-void pointwise_dwconv_bands(const at::Tensor& x, at::TensorList packed, bool apply_relu,
+void conv1x1_dwconv_bands(const at::Tensor& x, at::TensorList packed, bool apply_relu,
                             const at::Tensor& out) {
   using S = Simd<T>;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -109,12 +110,12 @@ void pointwise_dwconv_bands(const at::Tensor& x, at::TensorList packed, bool app
   });
 }
 
-at::Tensor run_pointwise(const at::Tensor& x, at::TensorList packed, int64_t Co, bool relu) {
+at::Tensor run_conv1x1(const at::Tensor& x, at::TensorList packed, int64_t Co, bool relu) {
   if (packed.size() == kDwWeight) {
     const DenseIO io = dense_input_and_output(x, Co);
     if (io.output.numel() > 0)
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::pointwise",
-                                 [&] { pointwise_tiles<scalar_t>(io, packed, relu); });
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::conv1x1",
+                                 [&] { conv1x1_tiles<scalar_t>(io, packed, relu); });
     return io.output;
   }
   // With the depthwise convolution: computed channels-last, returned in x's layout.
@@ -123,52 +124,42 @@ at::Tensor run_pointwise(const at::Tensor& x, at::TensorList packed, int64_t Co,
       at::empty({x.size(0), Co, (x.size(2) + 1) / 2, (x.size(3) + 1) / 2},
                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (output.numel() > 0)
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::pointwise", [&] {
-      pointwise_dwconv_bands<scalar_t>(input, packed, relu, output);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::conv1x1", [&] {
+      conv1x1_dwconv_bands<scalar_t>(input, packed, relu, output);
     });
-  return output.contiguous(x.suggest_memory_format());
+  return output.contiguous(output_memory_format(x));
 }
 
 // The three entry points: the op (packs, then runs), the packing alone, and the op on packed
 // weights.
 
-at::Tensor pointwise_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         bool relu, const std::optional<at::Tensor>& dw_weight,
-                         const std::optional<at::Tensor>& dw_bias) {
-  check_pointwise(x, weight, bias, dw_weight, dw_bias);
-  return run_pointwise(x, pack_pointwise(weight, bias, dw_weight, dw_bias), weight.size(0), relu);
+at::Tensor conv1x1_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       bool relu, const std::optional<at::Tensor>& dw_weight,
+                       const std::optional<at::Tensor>& dw_bias) {
+  check_conv1x1(x, weight, bias, dw_weight, dw_bias);
+  return run_conv1x1(x, pack_conv1x1(weight, bias, dw_weight, dw_bias), weight.size(0), relu);
 }
 
-std::vector<at::Tensor> pointwise_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
-                                           const std::optional<at::Tensor>& dw_weight,
-                                           const std::optional<at::Tensor>& dw_bias) {
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
-              "efficientvit: weight must be a floating-point tensor, got ", weight.scalar_type());
-  check_pointwise_params(weight.dim() == 2 ? weight.size(1) : 0, {weight, "weight"}, weight, bias,
-                         dw_weight, dw_bias);
-  return pack_pointwise(weight, bias, dw_weight, dw_bias);
-}
-
-at::Tensor pointwise_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t out_channels,
-                                bool relu) {
-  check_input(x);
-  TORCH_CHECK(out_channels > 0, "efficientvit: pointwise_packed: out_channels must be positive");
-  const at::ScalarType dtype = x.scalar_type();
-  const int64_t CoP = padded(out_channels, dtype);
-  std::vector<PackedTensor> expected{{"weight", {x.size(1), CoP}, dtype}, {"bias", {CoP}, dtype}};
-  if (packed.size() > kDwWeight) {  // the pack of a call with the depthwise convolution
-    expected.push_back({"dw_weight", {9, CoP}, dtype});
-    expected.push_back({"dw_bias", {CoP}, dtype});
-  }
-  check_packed("pointwise_packed", packed, expected);
-  return run_pointwise(x, packed, out_channels, relu);
+at::Tensor conv1x1_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool relu) {
+  return run_conv1x1(x, weights.tensors, weights.sizes[0], relu);
 }
 
 }  // namespace
+
+Packed conv1x1_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
+                        const std::optional<at::Tensor>& dw_weight,
+                        const std::optional<at::Tensor>& dw_bias) {
+  TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()),
+                    "efficientvit: weight must be a floating-point tensor, got ",
+                    weight.scalar_type());
+  check_conv1x1_params(weight.dim() == 2 ? weight.size(1) : 0, {weight, "weight"}, weight, bias,
+                       dw_weight, dw_bias);
+  // sizes: {Co}
+  return c10::make_intrusive<PackedWeights>(
+      "conv1x1", &conv1x1_packed_cpu, pack_conv1x1(weight, bias, dw_weight, dw_bias),
+      std::vector<int64_t>{weight.size(0)}, weight.size(1), weight.scalar_type());
+}
+
 }  // namespace efficientvit::cpu
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
-  m.impl("pointwise", &efficientvit::cpu::pointwise_cpu);
-  m.impl("pointwise_pack", &efficientvit::cpu::pointwise_pack_cpu);
-  m.impl("pointwise_packed", &efficientvit::cpu::pointwise_packed_cpu);
-}
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("conv1x1", &efficientvit::cpu::conv1x1_cpu); }

@@ -1,17 +1,17 @@
-"""stem_conv (CPU only): the patch embedding's chain of 3x3 stride-2 convolutions and ReLUs (one
-to four of them, the last with or without its ReLU), against its spec,
-python_ref.functional.stem_conv, in float64; and its packed halves (stem_conv_pack,
-stem_conv_packed), bit for bit against it."""
+"""patch_embed (a CPU kernel; on CUDA its plain-PyTorch definition): the patch embedding's chain
+of 3x3 stride-2 convolutions and ReLUs (one to four of them, the last with or without its
+ReLU), against its spec, python_ref.functional.patch_embed, in float64; and its kernel on
+packed weights, bit for bit against it."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import efficientvit_kernels as K
-from cases import random_input, relative_error
+from efficientvit_kernels.testing import LAYOUTS, assert_close, random_input
 from python_ref import functional
 
 ops = torch.ops.efficientvit
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+cpu = torch.ops.efficientvit_cpu
 STEM = [3, 16, 32, 64, 128]  # M4's: embed_dim / 8, / 4, / 2, embed_dim
 
 
@@ -28,16 +28,15 @@ def random_layers(channels, seed=0, dtype=torch.float64):
 
 def check(x, layers, dtype, final_relu=False):
     weights, biases = layers
-    out = ops.stem_conv(x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases],
+    out = ops.patch_embed(x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases],
                         final_relu)
-    ref = functional.stem_conv(x.double(), [w.double() for w in weights],
+    ref = functional.patch_embed(x.double(), [w.double() for w in weights],
                                [b.double() for b in biases], final_relu)
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert relative_error(out, ref) < TOL[dtype]
-    packed = ops.stem_conv_pack([w.to(dtype) for w in weights], [b.to(dtype) for b in biases])
-    assert torch.equal(ops.stem_conv_packed(x.to(dtype), packed, weights[-1].shape[0], final_relu),
-                       out)
+    assert_close(out, ref, dtype)
+    packed = cpu.patch_embed_pack([w.to(dtype) for w in weights], [b.to(dtype) for b in biases])
+    assert torch.equal(packed.run(x.to(dtype), final_relu), out)
     return out
 
 
@@ -46,10 +45,10 @@ def check(x, layers, dtype, final_relu=False):
 # odd and unequal sizes (the right/bottom edge taps fall outside), 1x1 and 2x2.
 @pytest.mark.parametrize("C1", [8, 16, 24, 12, 20, 40])
 @pytest.mark.parametrize("H,W", [(224, 224), (17, 9), (10, 31), (1, 1), (2, 2), (3, 64)])
-def test_stem_conv_one_layer(C1, H, W):
-    for final_relu in (False, True):
-        check(random_input(2, 3, H, W, seed=H * 7 + W), random_layers([3, C1], seed=C1),
-              torch.float32, final_relu)
+@pytest.mark.parametrize("final_relu", [False, True], ids=["linear", "relu"])
+def test_patch_embed_one_layer(C1, H, W, final_relu):
+    check(random_input(2, 3, H, W, seed=H * 7 + W), random_layers([3, C1], seed=C1),
+          torch.float32, final_relu)
 
 
 # Chains: M4's four convolutions, M0's and M5's, two and three of them, widths that are not
@@ -63,7 +62,7 @@ SIZES = [(17, 9), (10, 31), (1, 1), (4, 4), (6, 13), (50, 35)]
 
 @pytest.mark.parametrize("channels,H,W", [(c, H, W) for c in CHAINS for H, W in SIZES]
                          + [(STEM, 224, 224)], ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else str(v))
-def test_stem_conv_chain(channels, H, W):
+def test_patch_embed_chain(channels, H, W):
     layers = random_layers(channels, seed=len(channels) + channels[-1])
     x = random_input(2, 3, H, W, seed=H * 7 + W)
     check(x, layers, torch.float32)
@@ -74,12 +73,12 @@ def test_stem_conv_chain(channels, H, W):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("Ci", [1, 3, 5])
 @pytest.mark.parametrize("layers", [1, 2, 4])
-def test_stem_conv_batch_dtype_channels(batch, dtype, Ci, layers):
+def test_patch_embed_batch_dtype_channels(batch, dtype, Ci, layers):
     channels = [Ci, *STEM[1:layers + 1]]
     check(random_input(batch, Ci, 23, 30, seed=batch), random_layers(channels, seed=Ci), dtype)
 
 
-def test_stem_conv_threads():
+def test_patch_embed_threads():
     """Rows split between threads: a thread's first row computes every row it reads, at every
     convolution, instead of taking them from the row before."""
     layers = random_layers(STEM)
@@ -95,27 +94,22 @@ def test_stem_conv_threads():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("layers", [1, 4])
-def test_stem_conv_any_input_layout(layout, layers):
-    x = random_input(2, 3, 15, 12)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    else:
-        x = random_input(2, 3, 15, 24)[..., ::2]  # every other column: not dense
-    check(x, random_layers(STEM[:layers + 1]), torch.float32)
+def test_patch_embed_any_input_layout(layout, layers):
+    check(random_input(2, 3, 15, 12, layout=layout), random_layers(STEM[:layers + 1]), torch.float32)
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
-def test_stem_conv_every_output_written_and_nan_kept(layers):
+def test_patch_embed_every_output_written_and_nan_kept(layers):
     weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM[:layers + 1]))
     size = 2 ** layers + 1  # an odd size at every step
-    empty = ops.stem_conv(torch.zeros(0, 3, size, size), weights, biases, False)
+    empty = ops.patch_embed(torch.zeros(0, 3, size, size), weights, biases, False)
     assert empty.shape == (0, STEM[layers], 2, 2)
     for y, x_ in [(size // 2, size // 2), (0, size - 1), (size - 1, 0)]:  # centre, two edges
         x = random_input(2, 3, size, size, seed=y).float()
         x[1, 2, y, x_] = float("nan")
-        out = ops.stem_conv(x, weights, biases, False)
+        out = ops.patch_embed(x, weights, biases, False)
         # the outputs whose receptive field holds the NaN pixel, and no others
         reach = torch.zeros(2, 1, size, size)
         reach[1, 0, y, x_] = 1
@@ -124,7 +118,7 @@ def test_stem_conv_every_output_written_and_nan_kept(layers):
         assert torch.equal(torch.isnan(out), (reach > 0).expand_as(out)), (y, x_)
 
 
-def test_stem_conv_bad_input():
+def test_patch_embed_bad_input():
     (w0, w1), (b0, b1) = ([t.float() for t in ts] for ts in random_layers([3, 8, 16]))
     x = torch.randn(1, 3, 8, 8)
     bad = [
@@ -144,80 +138,63 @@ def test_stem_conv_bad_input():
     ]
     for args, message in bad:
         with pytest.raises((RuntimeError, ValueError), match=message):
-            ops.stem_conv(*args, False)
+            ops.patch_embed(*args, False)
         if not args[0].dtype.is_floating_point:
             continue
         with pytest.raises((RuntimeError, ValueError), match=message):
-            K.ops.check_stem_conv(*args)  # the fake's check
-        if args[0].shape[1] == 3 and args[0].dim() == 4:  # the same checks when packing
+            K.ops.check_patch_embed(*args)  # the fake's check
+        if args[0].shape[1] == 3 and args[0].dim() == 4 and args[1]:  # the same when packing
             with pytest.raises((RuntimeError, ValueError), match=message):
-                K.ops.stem_conv_pack(*args[1:])
+                cpu.patch_embed_pack(*args[1:])
 
 
-def test_stem_conv_packed_bad_input():
-    """A packing that does not fit x, out_channels or x's dtype is rejected, not misread."""
+def test_patch_embed_packed_bad_input():
+    """A packing that does not fit x is rejected, not misread."""
     (w0, w1), (b0, b1) = ([t.float() for t in ts] for ts in random_layers([3, 8, 20]))
     x = torch.randn(1, 3, 8, 8)
-    packed = ops.stem_conv_pack([w0, w1], [b0, b1])
-    assert torch.equal(ops.stem_conv_packed(x, packed, 20, False), ops.stem_conv(x, [w0, w1], [b0, b1], False))
-    bad = [
-        ((torch.randn(1, 4, 8, 8), packed, 20), r"packed weights\[0\] must have shape"),
-        ((x, packed, 40), r"packed weights\[1\] must have shape"),
-        ((x, packed, 0), "out_channels must be positive"),
-        ((x, packed[:3], 20), "a weight and a bias per convolution"),
-        ((x, [], 20), "a weight and a bias per convolution"),
-        ((x, packed[:2], 20), r"packed weights\[0\] must have shape"),
-        ((x, [packed[0], packed[1], packed[2][:9], packed[3]], 20), r"packed weights\[1\] must have shape"),
-        ((x.double(), packed, 20), r"packed weights\[0\] has dtype"),
-        ((x[0], packed, 20), "4-D"),
-    ]
-    for args, message in bad:
-        with pytest.raises(RuntimeError, match=message):
-            ops.stem_conv_packed(*args, False)
+    packed = cpu.patch_embed_pack([w0, w1], [b0, b1])
+    assert torch.equal(packed.run(x, False), ops.patch_embed(x, [w0, w1], [b0, b1], False))
+    with pytest.raises(ValueError, match="4 channels but the weights were packed for 3"):
+        packed.run(torch.randn(1, 4, 8, 8), False)
+    with pytest.raises(ValueError, match="packed for Float"):
+        packed.run(x.double(), False)
+    with pytest.raises(ValueError, match="4-D"):
+        packed.run(x[0], False)
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
-def test_stem_conv_opcheck(layers):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_patch_embed_opcheck(layers, layout):
     weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM[:layers + 1]))
-    x = random_input(2, 3, 11, 14).float()
-    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(ops.stem_conv.default, (x, weights, biases, layers == 2), test_utils=utils)
-    torch.library.opcheck(ops.stem_conv_packed.default,
-                          (x, ops.stem_conv_pack(weights, biases), STEM[layers], layers == 2),
-                          test_utils=utils)
+    x = random_input(2, 3, 11, 14, layout=layout, dtype=torch.float32)
+    torch.library.opcheck(ops.patch_embed.default, (x, weights, biases, layers == 2))
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
-def test_fused_stem_conv_module(layers):
+def test_fused_patch_embed_module(layers):
     weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM[:layers + 1]))
-    module = K.FusedStemConv(weights, biases, final_relu=False)
+    module = K.FusedPatchEmbed(weights, biases, final_relu=False)
     assert len(module.state_dict()) == 2 * layers
     x = random_input(2, 3, 13, 10).float()
-    ref = functional.stem_conv(x, weights, biases, False)
+    ref = functional.patch_embed(x, weights, biases, False)
     with torch.no_grad():
-        assert relative_error(module(x), ref) < TOL[torch.float32]
-        # the spec path, which the module takes on devices without the op
-        assert relative_error(K.FusedStemConv(weights, biases, False, backend="reference")(x), ref) < 1e-6
+        assert_close(module(x), ref)
+        assert_close(K.FusedPatchEmbed(weights, biases, False, backend="reference")(x), ref)
     with pytest.raises(ValueError, match="a bias per weight"):
-        K.FusedStemConv(weights, biases[:-1], False)
+        K.FusedPatchEmbed(weights, biases[:-1], False)
     with pytest.raises(ValueError, match="one or more weights"):
-        K.FusedStemConv([], [], False)
+        K.FusedPatchEmbed([], [], False)
 
 
-def test_fused_stem_conv_module_packs_once(monkeypatch):
-    """The module packs at construction and calls the op on the packing; it packs again after
-    its weights change in place, and not under torch.compile (the traced graph calls the op on
-    the weights)."""
+def test_fused_patch_embed_module_repacks():
+    """The module packs at construction, and again after its weights change in place."""
     weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM))
-    module = K.FusedStemConv(weights, biases, final_relu=True)
+    module = K.FusedPatchEmbed(weights, biases, final_relu=True)
     x = random_input(2, 3, 16, 16).float()
-    packs = []
-    pack = K.ops.stem_conv_pack
-    monkeypatch.setattr(K.ops, "stem_conv_pack", lambda *a: packs.append(1) or pack(*a))
     with torch.no_grad():
+        packing = module._packed
         first = module(x)
-        assert torch.equal(module(x), first) and not packs
+        assert torch.equal(module(x), first) and module._packed is packing
         module.weight3.mul_(2)  # repacked: the version counter moved
-        assert relative_error(module(x), functional.stem_conv(
-            x, [*weights[:3], weights[3] * 2], biases, True)) < TOL[torch.float32]
-        assert len(packs) == 1
+        assert_close(module(x), functional.patch_embed(x, [*weights[:3], weights[3] * 2], biases, True))
+        assert module._packed is not packing

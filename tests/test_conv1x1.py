@@ -1,19 +1,18 @@
-"""pointwise (CPU only): a 1x1 convolution with optional ReLU, optionally followed by a depthwise
-3x3 stride-2 convolution and ReLU, and its packed halves, against its spec,
-python_ref.functional.pointwise, in float64."""
+"""conv1x1 (a CPU kernel; on CUDA its plain-PyTorch definition): a 1x1 convolution with
+optional ReLU, optionally followed by a depthwise 3x3 stride-2 convolution and ReLU, and its
+kernel on packed weights, against its spec, python_ref.functional.conv1x1, in float64."""
 import pytest
 import torch
 
 import efficientvit_kernels as K
-from cases import random_input, relative_error
+from efficientvit_kernels.testing import LAYOUTS, assert_close, assert_layout, random_input
 from python_ref import functional
 
 ops = torch.ops.efficientvit
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-LAYOUT = {False: torch.contiguous_format, True: torch.channels_last}
+cpu = torch.ops.efficientvit_cpu
 
 
-def random_pointwise_params(C, Co, seed=0, dtype=torch.float64):
+def random_conv1x1_params(C, Co, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(Co, C, generator=g, dtype=torch.float64) * C ** -0.5
     bias = torch.randn(Co, generator=g, dtype=torch.float64) * 0.3  # some outputs ReLU'd to 0
@@ -30,13 +29,13 @@ def random_depthwise_params(Co, seed=0, dtype=torch.float64):
 def check(x, weight, bias, relu, dtype, depthwise=()):
     xd, wd, bd = x.to(dtype), weight.to(dtype), bias.to(dtype)
     dwd = [t.to(dtype) for t in depthwise]
-    out = ops.pointwise(xd, wd, bd, relu, *dwd)
-    ref = functional.pointwise(x.double(), weight.double(), bias.double(), relu,
+    out = ops.conv1x1(xd, wd, bd, relu, *dwd)
+    ref = functional.conv1x1(x.double(), weight.double(), bias.double(), relu,
                                *(t.double() for t in depthwise))
     assert out.dtype == dtype and out.shape == ref.shape
-    assert relative_error(out, ref) < TOL[dtype]
-    packed = ops.pointwise_pack(wd, bd, *dwd)
-    assert torch.equal(ops.pointwise_packed(xd, packed, weight.shape[0], relu), out)
+    assert_layout(out, xd)
+    assert_close(out, ref, dtype)
+    assert torch.equal(cpu.conv1x1_pack(wd, bd, *dwd).run(xd, relu), out)
     return out
 
 
@@ -45,18 +44,17 @@ def check(x, weight, bias, relu, dtype, depthwise=()):
 @pytest.mark.parametrize("C,Co", [(128, 512), (1024, 384), (20, 7), (36, 100)])
 @pytest.mark.parametrize("B,H,W", [(2, 14, 14), (3, 7, 7), (1, 5, 3), (2, 1, 1)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_pointwise(C, Co, B, H, W, channels_last):
-    weight, bias = random_pointwise_params(C, Co, seed=C + Co)
-    x = random_input(B, C, H, W, seed=H, channels_last=channels_last)
-    for relu in (False, True):
-        out = check(x, weight, bias, relu, torch.float32)
-        assert out.is_contiguous(memory_format=LAYOUT[channels_last])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_conv1x1(C, Co, B, H, W, channels_last, relu):
+    weight, bias = random_conv1x1_params(C, Co, seed=C + Co)
+    check(random_input(B, C, H, W, seed=H, channels_last=channels_last), weight, bias, relu,
+          torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_pointwise_dtype_batch_and_strided_input(dtype, batch):
-    weight, bias = random_pointwise_params(24, 40, dtype=dtype)
+def test_conv1x1_dtype_batch_and_strided_input(dtype, batch):
+    weight, bias = random_conv1x1_params(24, 40, dtype=dtype)
     check(random_input(batch, 24, 9, 10, seed=batch), weight, bias, True, dtype)
     check(random_input(batch, 24, 9, 20)[..., ::2], weight, bias, False, dtype)  # not dense
 
@@ -69,29 +67,28 @@ def test_pointwise_dtype_batch_and_strided_input(dtype, batch):
 @pytest.mark.parametrize("B,H,W", [(2, 14, 14), (3, 7, 7), (1, 30, 9), (2, 40, 5), (1, 5, 3),
                                    (2, 9, 1), (2, 1, 1), (1, 2, 2)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_pointwise_depthwise(C, Co, B, H, W, channels_last):
-    weight, bias = random_pointwise_params(C, Co, seed=C + Co)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_conv1x1_depthwise(C, Co, B, H, W, channels_last, relu):
+    weight, bias = random_conv1x1_params(C, Co, seed=C + Co)
     depthwise = random_depthwise_params(Co, seed=Co)
     x = random_input(B, C, H, W, seed=H * W, channels_last=channels_last)
-    for relu in (False, True):
-        out = check(x, weight, bias, relu, torch.float32, depthwise)
-        assert out.shape == (B, Co, (H + 1) // 2, (W + 1) // 2)
-        assert out.is_contiguous(memory_format=LAYOUT[channels_last])
+    out = check(x, weight, bias, relu, torch.float32, depthwise)
+    assert out.shape == (B, Co, (H + 1) // 2, (W + 1) // 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_pointwise_depthwise_dtype_batch_and_strided_input(dtype, batch):
-    weight, bias = random_pointwise_params(24, 40, dtype=dtype)
+def test_conv1x1_depthwise_dtype_batch_and_strided_input(dtype, batch):
+    weight, bias = random_conv1x1_params(24, 40, dtype=dtype)
     depthwise = random_depthwise_params(40, dtype=dtype)
     check(random_input(batch, 24, 15, 14, seed=batch), weight, bias, True, dtype, depthwise)
     check(random_input(batch, 24, 9, 20)[..., ::2], weight, bias, False, dtype, depthwise)
 
 
-def test_pointwise_depthwise_threads():
+def test_conv1x1_depthwise_threads():
     """Bands split between threads: a thread's first band computes the row above it instead of
     taking it from the band before."""
-    weight, bias = random_pointwise_params(16, 32)
+    weight, bias = random_conv1x1_params(16, 32)
     depthwise = random_depthwise_params(32)
     x = random_input(3, 16, 45, 8, channels_last=True)  # bands of 12 rows: 4 per image
     threads = torch.get_num_threads()
@@ -105,40 +102,40 @@ def test_pointwise_depthwise_threads():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-def test_pointwise_empty_and_nan():
-    weight, bias = (t.float() for t in random_pointwise_params(8, 16))
-    assert ops.pointwise(torch.zeros(0, 8, 3, 3), weight, bias, True).shape == (0, 16, 3, 3)
+def test_conv1x1_empty_and_nan():
+    weight, bias = (t.float() for t in random_conv1x1_params(8, 16))
+    assert ops.conv1x1(torch.zeros(0, 8, 3, 3), weight, bias, True).shape == (0, 16, 3, 3)
     x = random_input(2, 8, 5, 5).float()
     x[1, 3, 2, 4] = float("nan")
-    out = ops.pointwise(x, weight, bias, True)  # ReLU keeps NaN
+    out = ops.conv1x1(x, weight, bias, True)  # ReLU keeps NaN
     assert torch.isnan(out[1, :, 2, 4]).all() and torch.isnan(out).sum() == 16
     # with the depthwise convolution (stride 2): only output (1, 2) has a tap on pixel (2, 4)
     dw_weight, dw_bias = (t.float() for t in random_depthwise_params(16))
-    out = ops.pointwise(x, weight, bias, True, dw_weight, dw_bias)
+    out = ops.conv1x1(x, weight, bias, True, dw_weight, dw_bias)
     assert out.shape == (2, 16, 3, 3) and torch.isnan(out[1, :, 1, 2]).all()
     assert torch.isnan(out).sum() == 16
-    empty = ops.pointwise(torch.zeros(2, 8, 0, 3), weight, bias, True, dw_weight, dw_bias)
+    empty = ops.conv1x1(torch.zeros(2, 8, 0, 3), weight, bias, True, dw_weight, dw_bias)
     assert empty.shape == (2, 16, 0, 2)
 
 
-def test_pointwise_bad_input():
-    weight, bias = (t.float() for t in random_pointwise_params(8, 16))
+def test_conv1x1_bad_input():
+    weight, bias = (t.float() for t in random_conv1x1_params(8, 16))
     x = torch.randn(1, 8, 4, 4)
     with pytest.raises((RuntimeError, ValueError), match="weight must have shape"):
-        ops.pointwise(torch.randn(1, 5, 4, 4), weight, bias, False)
+        ops.conv1x1(torch.randn(1, 5, 4, 4), weight, bias, False)
     with pytest.raises((RuntimeError, ValueError), match="weight must be 2-D"):
-        ops.pointwise(x, weight[:, :, None, None], bias, False)
+        ops.conv1x1(x, weight[:, :, None, None], bias, False)
     with pytest.raises((RuntimeError, ValueError), match="bias must have shape"):
-        ops.pointwise(x, weight, bias[:4], False)
+        ops.conv1x1(x, weight, bias[:4], False)
     with pytest.raises((RuntimeError, ValueError), match="bias has dtype"):
-        ops.pointwise(x, weight, bias.double(), False)
+        ops.conv1x1(x, weight, bias.double(), False)
     with pytest.raises((RuntimeError, ValueError), match="4-D"):
-        ops.pointwise(x[0], weight, bias, False)
+        ops.conv1x1(x[0], weight, bias, False)
     with pytest.raises((RuntimeError, ValueError), match="weight must have shape"):
-        K.ops.check_pointwise(torch.randn(1, 5, 4, 4), weight, bias)  # the fake's check
+        K.ops.check_conv1x1(torch.randn(1, 5, 4, 4), weight, bias)  # the fake's check
     dw_weight, dw_bias = (t.float() for t in random_depthwise_params(16))
-    for check_op in (ops.pointwise, K.ops.check_pointwise):  # the C++ checks and the fake's
-        args = (True,) if check_op is ops.pointwise else ()
+    for check_op in (ops.conv1x1, K.ops.check_conv1x1):  # the C++ checks and the fake's
+        args = (True,) if check_op is ops.conv1x1 else ()
         with pytest.raises((RuntimeError, ValueError), match="dw_weight and dw_bias together"):
             check_op(x, weight, bias, *args, dw_weight)
         with pytest.raises((RuntimeError, ValueError), match="dw_weight must have shape"):
@@ -149,50 +146,40 @@ def test_pointwise_bad_input():
             check_op(x, weight, bias, *args, dw_weight, dw_bias[:8])
         with pytest.raises((RuntimeError, ValueError), match="dw_bias has dtype"):
             check_op(x, weight, bias, *args, dw_weight, dw_bias.double())
-    with pytest.raises(RuntimeError, match="dw_weight must have shape"):
-        ops.pointwise_pack(weight, bias, dw_weight[:, None], dw_bias)
-    with pytest.raises(RuntimeError, match="takes the 4 tensors"):
-        ops.pointwise_packed(x, ops.pointwise_pack(weight, bias, dw_weight, dw_bias)[:3], 16, False)
-    packed = ops.pointwise_pack(weight, bias)
-    with pytest.raises(RuntimeError, match="packed weight must have shape"):
-        ops.pointwise_packed(torch.randn(1, 5, 4, 4), packed, 16, False)
-    with pytest.raises(RuntimeError, match="packed weight must have shape"):
-        ops.pointwise_packed(x, packed, 40, False)
-    with pytest.raises(RuntimeError, match="packed weight has dtype"):
-        ops.pointwise_packed(x.double(), packed, 16, False)
+    with pytest.raises(ValueError, match="dw_weight must have shape"):
+        cpu.conv1x1_pack(weight, bias, dw_weight[:, None], dw_bias)
+    packed = cpu.conv1x1_pack(weight, bias)
+    with pytest.raises(ValueError, match="5 channels but the weights were packed for 8"):
+        packed.run(torch.randn(1, 5, 4, 4), False)
+    with pytest.raises(ValueError, match="packed for Float"):
+        packed.run(x.double(), False)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_pointwise_opcheck(channels_last):
-    weight, bias = (t.float() for t in random_pointwise_params(16, 24))
-    x = random_input(2, 16, 5, 6, channels_last=channels_last).float()
-    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(ops.pointwise.default, (x, weight, bias, True), test_utils=utils)
-    torch.library.opcheck(ops.pointwise_packed.default, (x, ops.pointwise_pack(weight, bias), 24, False),
-                          test_utils=utils)
-    depthwise = [t.float() for t in random_depthwise_params(24)]
-    torch.library.opcheck(ops.pointwise.default, (x, weight, bias, True, *depthwise), test_utils=utils)
-    torch.library.opcheck(ops.pointwise_packed.default,
-                          (x, ops.pointwise_pack(weight, bias, *depthwise), 24, True), test_utils=utils)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("depthwise", [False, True], ids=["conv1x1", "with_dwconv"])
+def test_conv1x1_opcheck(layout, depthwise):
+    weight, bias = (t.float() for t in random_conv1x1_params(16, 24))
+    x = random_input(2, 16, 5, 6, layout=layout, dtype=torch.float32)
+    dw = [t.float() for t in random_depthwise_params(24)] if depthwise else []
+    torch.library.opcheck(ops.conv1x1.default, (x, weight, bias, True, *dw))
 
 
-def test_fused_pointwise_module():
-    weight, bias = (t.float() for t in random_pointwise_params(16, 24))
+def test_fused_conv1x1_module():
+    weight, bias = (t.float() for t in random_conv1x1_params(16, 24))
     x = random_input(2, 16, 5, 6).float()
-    ref = functional.pointwise(x, weight, bias, True)
-    module = K.FusedPointwise(weight, bias, relu=True)
+    ref = functional.conv1x1(x, weight, bias, True)
+    module = K.FusedConv1x1(weight, bias, relu=True)
     with torch.no_grad():
-        assert relative_error(module(x), ref) < TOL[torch.float32]
+        assert_close(module(x), ref)
         module.weight.mul_(2)  # repacked: the version counter moved
-        assert relative_error(module(x), functional.pointwise(x, 2 * weight, bias, True)) < TOL[torch.float32]
+        assert_close(module(x), functional.conv1x1(x, 2 * weight, bias, True))
         # the spec path, which the module takes on devices without the op
-        assert relative_error(K.FusedPointwise(weight, bias, True, backend="reference")(x), ref) < 1e-6
+        assert_close(K.FusedConv1x1(weight, bias, True, backend="reference")(x), ref)
         depthwise = [t.float() for t in random_depthwise_params(24)]
-        ref = functional.pointwise(x, weight, bias, True, *depthwise)
+        ref = functional.conv1x1(x, weight, bias, True, *depthwise)
         for backend in ("auto", "reference"):
-            module = K.FusedPointwise(weight, bias, True, *depthwise, backend=backend)
-            assert relative_error(module(x), ref) < TOL[torch.float32]
+            module = K.FusedConv1x1(weight, bias, True, *depthwise, backend=backend)
+            assert_close(module(x), ref)
         module.dw_bias.add_(1)
-        assert relative_error(module(x), functional.pointwise(x, weight, bias, True, depthwise[0],
-                                                              depthwise[1] + 1)) < TOL[torch.float32]
+        assert_close(module(x), functional.conv1x1(x, weight, bias, True, depthwise[0], depthwise[1] + 1))
         assert "dwconv3x3_stride2=True" in repr(module)

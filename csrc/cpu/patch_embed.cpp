@@ -14,6 +14,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/packed_weights.h"
 
 namespace efficientvit::cpu {
 namespace {
@@ -122,7 +123,7 @@ void stem_row(const StemRow<T>& row, int64_t W, int64_t Wo, const T* w, int64_t 
     stem_row_block<T, 1>(row, W, Wo, co, w, CoP, bias, dst, pixel_stride, apply_relu);
 }
 
-// The packed parameters (stem_conv_pack): per convolution, its weights and its bias padded to
+// The packed parameters (patch_embed_pack): per convolution, its weights and its bias padded to
 // CP output channels (zeros). The first's weights are (Ci * 9, CP), the weights of a tap a row of
 // whole vectors (CP a multiple of kLanes); a later one's are gemm's B, panel-major, rows
 // (kx, ky, c) for the previous convolution's CP channels c (CP a multiple of the vector width).
@@ -273,7 +274,7 @@ at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, int64_t out_chan
   at::Tensor output = at::empty({x.size(0), out_channels, layers.back().H, layers.back().W},
                                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (output.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::stem_conv", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::patch_embed", [&] {
     run_stem_conv<scalar_t>(input, layers, final_relu, output);
   });
   return output;
@@ -282,55 +283,32 @@ at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, int64_t out_chan
 // The three entry points: the op (packs, then runs), the packing alone, and the op on packed
 // weights.
 
-at::Tensor stem_conv_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-                         bool final_relu) {
-  check_stem_conv(x, weights, biases);
+at::Tensor patch_embed_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                           bool final_relu) {
+  check_patch_embed(x, weights, biases);
   return run_stem(x, pack_stem(weights, biases), weights.back().size(0), final_relu);
 }
 
-std::vector<at::Tensor> stem_conv_pack_cpu(at::TensorList weights, at::TensorList biases) {
-  TORCH_CHECK(!weights.empty() && at::isFloatingType(weights[0].scalar_type()),
-              "efficientvit: stem_conv_pack takes floating-point weights, at least one");
-  check_stem_conv_params(weights[0].dim() == 4 ? weights[0].size(1) : 0,
-                         {weights[0], "weights[0]"}, weights, biases);
-  return pack_stem(weights, biases);
-}
-
-at::Tensor stem_conv_packed_cpu(const at::Tensor& x, at::TensorList packed, int64_t out_channels,
-                                bool final_relu) {
-  check_input(x);
-  TORCH_CHECK(!packed.empty() && packed.size() % 2 == 0,
-              "efficientvit: stem_conv_packed takes the tensors of stem_conv_pack, a weight and a "
-              "bias per convolution, got ", packed.size());
-  const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(out_channels > 0, "efficientvit: stem_conv_packed: out_channels must be positive");
-  // The padded widths chain: each convolution's weights take the CP channels of the one before;
-  // the last's CP is out_channels padded.
-  std::vector<std::string> names;
-  for (size_t l = 0; l < packed.size() / 2; ++l)
-    for (const char* what : {"weights[", "biases["}) names.push_back(what + std::to_string(l) + "]");
-  std::vector<PackedTensor> expected;
-  int64_t CP_before = x.size(1);
-  for (size_t i = 0; i < packed.size(); i += 2) {
-    // Its padded width: out_channels' for the last, else its bias's (a bias not 1-D, or not a
-    // whole number of vectors, then fails check_packed).
-    const int64_t width = i + 2 == packed.size() ? out_channels
-                          : packed[i + 1].dim() == 1 ? packed[i + 1].size(0)
-                                                     : 1;
-    const int64_t CP = stem_padded(i / 2, width, dtype);
-    expected.push_back({names[i].c_str(), {9 * CP_before, CP}, dtype});
-    expected.push_back({names[i + 1].c_str(), {CP}, dtype});
-    CP_before = CP;
-  }
-  check_packed("stem_conv_packed", packed, expected);
-  return run_stem(x, packed, out_channels, final_relu);
+at::Tensor patch_embed_packed_cpu(const at::Tensor& x, const PackedWeights& weights,
+                                  bool final_relu) {
+  return run_stem(x, weights.tensors, weights.sizes[0], final_relu);
 }
 
 }  // namespace
+
+Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases) {
+  TORCH_CHECK_VALUE(!weights.empty() && at::isFloatingType(weights[0].scalar_type()),
+                    "efficientvit: patch_embed_pack takes floating-point weights, at least one");
+  check_patch_embed_params(weights[0].dim() == 4 ? weights[0].size(1) : 0,
+                           {weights[0], "weights[0]"}, weights, biases);
+  // sizes: {C_last}
+  return c10::make_intrusive<PackedWeights>(
+      "patch_embed", &patch_embed_packed_cpu, pack_stem(weights, biases),
+      std::vector<int64_t>{weights.back().size(0)}, weights[0].size(1), weights[0].scalar_type());
+}
+
 }  // namespace efficientvit::cpu
 
 TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
-  m.impl("stem_conv", &efficientvit::cpu::stem_conv_cpu);
-  m.impl("stem_conv_pack", &efficientvit::cpu::stem_conv_pack_cpu);
-  m.impl("stem_conv_packed", &efficientvit::cpu::stem_conv_packed_cpu);
+  m.impl("patch_embed", &efficientvit::cpu::patch_embed_cpu);
 }

@@ -1,0 +1,57 @@
+// Weights packed once for a CPU kernel, ahead of the calls: a private detail of the CPU backend,
+// which FusedCGA, FusedFFN, FusedConv1x1 and FusedPatchEmbed use on CPU. The op X_pack
+// (parameters) returns a PackedWeights (schemas in packed_weights.cpp, namespace
+// efficientvit_cpu); its method run(x, flag) computes op X on x. The tensors are in the
+// kernel's layout (transposed, padded to the build's vector width, ...) and stay inside the
+// object; the sizes the packing fixed travel with them, so no call can contradict them.
+// (run is a method, not an op taking the object: a custom-class argument costs an op call from
+// Python ~25 us more than a method call does, several times a small kernel's time.)
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <torch/custom_class.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace efficientvit::cpu {
+
+struct PackedWeights : torch::CustomClassHolder {
+  // The op's kernel on packed weights; flag is the op's last argument (cga, ffn: residual;
+  // conv1x1: relu; patch_embed: final_relu).
+  using Kernel = at::Tensor (*)(const at::Tensor& x, const PackedWeights& weights, bool flag);
+
+  PackedWeights(std::string op, Kernel kernel, std::vector<at::Tensor> tensors,
+                std::vector<int64_t> sizes, int64_t channels, at::ScalarType dtype)
+      : op(std::move(op)), name("efficientvit_cpu::" + this->op + "_packed"), kernel(kernel),
+        tensors(std::move(tensors)), sizes(std::move(sizes)), channels(channels), dtype(dtype) {}
+
+  // Checks x (4-D, on CPU, the weights' dtype and input channels; no gradient asked for) and
+  // computes the op on it.
+  at::Tensor run(const at::Tensor& x, bool flag) const;
+
+  std::string op;                   // the op they were packed for
+  std::string name;                 // the kernel's, in profiles and errors
+  Kernel kernel;
+  std::vector<at::Tensor> tensors;  // in the layout its kernel reads
+  std::vector<int64_t> sizes;       // the op's sizes, in the order its packing names them
+  int64_t channels;                 // x's channels
+  at::ScalarType dtype;             // the weights' dtype: x's must match
+};
+
+using Packed = c10::intrusive_ptr<PackedWeights>;
+
+// Each op's packing (defined beside the op's kernel, registered by packed_weights.cpp, where
+// the class is, so that its type is known first).
+Packed cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                    const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+                    const at::Tensor& attention_bias, const at::Tensor& proj_weight,
+                    const at::Tensor& proj_bias, int64_t window_size, double scale);
+Packed ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& b2);
+Packed conv1x1_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
+                        const std::optional<at::Tensor>& dw_weight,
+                        const std::optional<at::Tensor>& dw_bias);
+Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases);
+
+}  // namespace efficientvit::cpu
