@@ -19,11 +19,14 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   another.
 - ``"channels_last"`` (CPU models, backend "auto" or "cpu"): every remaining convolution gets
   channels-last weights, so oneDNN runs it channels-last, and the activations stay
-  channels-last through the fused ops, which take either layout.
-- ``"inplace"``: inside each ``FusedPatchMerging`` (a module the converter built, whose order
-  of execution it fixed), the ReLUs and the squeeze-excite's product overwrite the fresh
-  output they act on. Nothing else is computed in place: a user's module runs as it was
-  written, and the model's input is never written.
+  channels-last through the fused ops, which take either layout. (In M0-M5 after
+  "cpu_kernels" no convolution is left; it acts where a pass list or a model keeps some.)
+
+Nothing is computed in place, so no tensor a user's module may read again is overwritten
+(benchmarks/results/cpu_inplace_2026-12-01.md and cpu_passes.md: writing over inputs gained
+nothing above the noise). The passes rewrite only what they recognise completely: a module
+with a forward of its own (a Sequential subclass, a PatchMerging look-alike) is converted
+child by child and runs as written.
 
 The input model is not modified and shares nothing mutable with the copy: nothing is
 deep-copied through it (timm caches attention biases as non-leaf tensors, which
@@ -42,7 +45,7 @@ from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchE
 
 __all__ = ["PASSES", "convert"]
 
-PASSES = ("fuse", "cpu_kernels", "channels_last", "inplace")
+PASSES = ("fuse", "cpu_kernels", "channels_last")
 
 
 def _is_cga(m):
@@ -252,24 +255,12 @@ def _channels_last(model, backend):
                                     requires_grad=False)
 
 
-def _inplace(model, backend):
-    for m in model.modules():
-        # conv1's output must be a new tensor: the ReLU after it writes over it
-        if isinstance(m, FusedPatchMerging) and isinstance(m.conv1, (nn.Conv2d, FusedConv1x1)):
-            m.inplace = True
-
-
-_PASS_FUNCTIONS = {"cpu_kernels": _cpu_kernels, "channels_last": _channels_last,
-                   "inplace": _inplace}
+_PASS_FUNCTIONS = {"cpu_kernels": _cpu_kernels, "channels_last": _channels_last}
 
 
 def _default_passes(model, backend):
-    if backend == "reference":  # the backend to differentiate: nothing in place
-        return ("fuse",)
     on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
-    if backend in ("auto", "cpu") and on_cpu:
-        return PASSES
-    return ("fuse", "inplace")
+    return PASSES if backend in ("auto", "cpu") and on_cpu else ("fuse",)
 
 
 def convert(model, backend="auto", passes=None):
@@ -282,10 +273,8 @@ def convert(model, backend="auto", passes=None):
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
-    docstring). Default: all four for a CPU model with backend "auto" or "cpu" (a 4-D output
-    of the model may then be channels-last; its values are the same); "fuse" alone for
-    backend "reference" (the one to differentiate through: nothing works in place); else
-    "fuse" and "inplace".
+    docstring). Default: all three for a CPU model with backend "auto" or "cpu" (a 4-D output
+    of the model may then be channels-last; its values are the same), else "fuse".
 
     The input model is left as it was and shares nothing mutable with the copy. The copy
     pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or

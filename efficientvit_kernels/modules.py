@@ -303,30 +303,14 @@ class ResidualAdd(nn.Module):
 class FusedPatchMerging(nn.Module):
     """EfficientViT's PatchMerging, ``conv3(se(relu(conv2(relu(conv1(x))))))`` (1x1 conv,
     depthwise 3x3 stride 2, squeeze-excite, 1x1 conv; batch norm folded), in a module whose
-    forward the converter owns. A ReLU (``act1``, ``act2``) is an Identity where the
-    convolution before it applies it itself (a ``FusedConv1x1``; conv2 too is an Identity where
-    conv1's takes it in). With ``inplace``, each ReLU works in place on its convolution's fresh
-    output and a ``LinearSqueezeExcite`` scales its input (conv2's output) in place: three
-    activation-sized allocations fewer per call."""
+    forward the converter owns, so that its passes may rewrite the parts. A ReLU (``act1``,
+    ``act2``) is an Identity where the convolution before it applies it itself (a
+    ``FusedConv1x1``; conv2 too is an Identity where conv1's takes it in)."""
 
-    def __init__(self, conv1, conv2, se, conv3, inplace=False):
+    def __init__(self, conv1, conv2, se, conv3):
         super().__init__()
         self.conv1, self.conv2, self.se, self.conv3 = conv1, conv2, se, conv3
         self.act1, self.act2 = nn.ReLU(), nn.ReLU()
-        self.inplace = inplace
-
-    @property
-    def inplace(self):
-        return self._inplace
-
-    @inplace.setter
-    def inplace(self, value):
-        self._inplace = bool(value)
-        for act in (self.act1, self.act2):
-            if isinstance(act, nn.ReLU):
-                act.inplace = self._inplace
-        if isinstance(self.se, LinearSqueezeExcite):
-            self.se.inplace = self._inplace
 
     def forward(self, x):
         return self.conv3(self.se(self.act2(self.conv2(self.act1(self.conv1(x))))))
@@ -335,17 +319,11 @@ class FusedPatchMerging(nn.Module):
 class LinearSqueezeExcite(nn.Module):
     """Squeeze-excite, ``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))``, with fc1 and fc2 as Linear
     layers on the (B, C) means: the 1x1 convolutions on a 1x1 map they replace run at a small
-    fraction of the matrix rate in oneDNN (M4, batch 16: 0.44 ms for 4.2 M multiply-adds).
-    With ``inplace``, the product overwrites x."""
+    fraction of the matrix rate in oneDNN (M4, batch 16: 0.44 ms for 4.2 M multiply-adds)."""
 
-    def __init__(self, fc1, fc2, inplace=False):
+    def __init__(self, fc1, fc2):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
-        self.inplace = inplace
 
     def forward(self, x):
-        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))[:, :, None, None]
-        return x.mul_(gate) if self.inplace else x * gate
-
-    def extra_repr(self):
-        return "inplace=True" if self.inplace else ""
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))[:, :, None, None]

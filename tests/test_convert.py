@@ -82,15 +82,14 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes FusedPatchMerging, its squeeze-excite a LinearSqueezeExcite working
-    in place, on CPU its convolutions FusedConv1x1 (the first 1x1 with the depthwise one and
+    """PatchMerging becomes FusedPatchMerging, its squeeze-excite a LinearSqueezeExcite, on CPU
+    its convolutions FusedConv1x1 (the first 1x1 with the depthwise one and
     both ReLUs); on CPU the stem's convolutions and ReLUs become a FusedPatchEmbed; on CPU the
     other convolutions' weights are channels-last; the caller's tensor is never written."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.FusedPatchMerging)]
-    assert len(merging) == 2 and all(
-        m.inplace and isinstance(m.se, K.modules.LinearSqueezeExcite) and m.se.inplace for m in merging)
+    assert len(merging) == 2 and all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in merging)
     assert all(isinstance(m.conv1, K.FusedConv1x1) and m.conv1.relu and m.conv1.dw_weight.shape[1:] == (3, 3)
                and all(isinstance(getattr(m, n), torch.nn.Identity) for n in ("act1", "conv2", "act2"))
                and isinstance(m.conv3, K.FusedConv1x1) and not m.conv3.relu for m in merging)
@@ -111,8 +110,8 @@ def test_stem_and_patch_merging(models):
         assert relative_error(K.convert(merge)(z), merge(z0)) < TOL and torch.equal(z, z0)
 
 
-@pytest.mark.parametrize("passes", [(), ("fuse",), ("fuse", "inplace"), ("fuse", "cpu_kernels"),
-                                    ("fuse", "channels_last"), ("channels_last",), K.PASSES],
+@pytest.mark.parametrize("passes", [(), ("fuse",), ("fuse", "cpu_kernels"), ("fuse", "channels_last"),
+                                    ("channels_last",), K.PASSES],
                          ids=lambda p: "+".join(p) or "none")
 def test_passes(models, passes):
     """Each pass is switchable and every subset computes the same model."""
@@ -120,8 +119,9 @@ def test_passes(models, passes):
     kinds = {type(m) for m in fused.modules()}
     assert (K.FusedCGA in kinds) == ("fuse" in passes)
     assert (K.FusedPatchEmbed in kinds) == ("fuse" in passes and "cpu_kernels" in passes)
-    assert any(m.inplace for m in fused.modules() if isinstance(m, K.FusedPatchMerging)) == (
-        "inplace" in passes)
+    assert any(isinstance(m, nn.Conv2d) and m.weight.is_contiguous(memory_format=torch.channels_last)
+               and not m.weight.is_contiguous() for m in fused.modules()) == (
+        "channels_last" in passes and "cpu_kernels" not in passes)
     _check_model(fused, models["m0"], [(64, 80)])
     with pytest.raises(ValueError, match="unknown conversion pass"):
         K.convert(models["m0"], passes=("fuse", "fold"))
