@@ -1,19 +1,35 @@
-"""Builds efficientvit_kernels._C from csrc/ against the torch already installed.
+"""Builds efficientvit_kernels._C from csrc/ against the torch already installed (metadata:
+pyproject.toml).
 
 CPU kernels always; CUDA kernels (csrc/cuda/*.cu) where torch has CUDA and nvcc is found.
-Install with ``pip install --no-build-isolation -e .`` so the build reuses the installed torch.
-Environment: EFFICIENTVIT_CUDA=0 skips the CUDA kernels, EFFICIENTVIT_PORTABLE=1 builds
-the CPU kernels without -march=native. The CUDA kernels are built for sm_80 and sm_90 unless
-TORCH_CUDA_ARCH_LIST is set (e.g. "9.0" for an H100/H200): then for exactly that list, as
-torch's CUDAExtension builds it (one architecture builds faster).
+Install with ``pip install --no-build-isolation .`` (``-e .`` for a checkout you edit) so the
+build reuses the installed torch; the wheel then requires that torch's minor version, the one
+its binary links against. Environment: EFFICIENTVIT_CUDA=0 skips the CUDA kernels,
+EFFICIENTVIT_PORTABLE=1 builds the CPU kernels without -march=native. The CUDA kernels are
+built for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST is set (e.g. "9.0" for an H100/H200):
+then for exactly that list, as torch's CUDAExtension builds it (one architecture builds faster).
 """
 import glob
 import os
+import sys
 
-from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Making an sdist (or only its metadata) compiles nothing and needs no torch.
+SOURCE_ONLY = any(command in sys.argv for command in ("sdist", "egg_info")) and not any(
+    command in sys.argv for command in ("bdist_wheel", "build_ext", "develop", "editable_wheel"))
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    if not SOURCE_ONLY:
+        sys.exit("efficientvit_kernels compiles against your installed torch, which this build "
+                 "cannot import: use `pip install --no-build-isolation .` (an isolated build "
+                 "would compile against a second torch, downloaded for the build, not the one "
+                 "your Python runs), after installing torch if it is not")
+    torch = None
 
 
 def _sources(pattern):
@@ -23,7 +39,6 @@ def _sources(pattern):
 def _with_cuda():
     if os.environ.get("EFFICIENTVIT_CUDA", "1") == "0":
         return False
-    import torch
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
@@ -52,14 +67,18 @@ def _extension():
     return cpp_extension.CUDAExtension(**args)
 
 
+def _torch_requirement():
+    """The torch a built binary works with: the minor version it was compiled against (libtorch
+    keeps no binary compatibility across minor versions). An sdist builds against any torch
+    from 2.4 on."""
+    if torch is None or SOURCE_ONLY:
+        return "torch>=2.4"
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
 setup(
-    name="efficientvit_kernels",
-    version="0.1.0",
-    description="Fused kernels for EfficientViT (cascaded group attention) and a PyTorch reference",
-    packages=find_packages(include=["efficientvit_kernels", "efficientvit_kernels.*",
-                                    "python_ref", "python_ref.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    ext_modules=[] if torch is None else [_extension()],
+    cmdclass={} if torch is None else {"build_ext": cpp_extension.BuildExtension},
+    install_requires=[_torch_requirement()],
 )

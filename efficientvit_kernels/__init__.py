@@ -4,7 +4,9 @@ conv1x1}``.
 ``convert(model)`` turns a reference, official or timm EfficientViT into a model whose
 forward calls the fused ops.
 """
-from . import ops
+__version__ = "0.2.0"
+
+from . import ops  # noqa: E402  (after __version__, which the build reads without importing)
 from .convert import PASSES, convert
 from .graphs import cuda_graph
 from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,

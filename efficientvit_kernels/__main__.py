@@ -1,22 +1,27 @@
 """The main job: build EfficientViT, convert it, check fused against reference, time both.
 
     python -m efficientvit_kernels [--model m4|all] [--batch N] [--dtype fp32|fp16|bf16]
-        [--device cpu|cuda] [--backend auto] [--resolution 224] [--checkpoint PATH] [--json PATH]
+        [--device cpu|cuda] [--backend auto] [--resolution 224] [--checkpoint PATH]
+        [--threads 1] [--compile] [--json PATH]
 
 Defaults follow the paper's protocols: on CPU one thread, batch 16, fp32; on GPU fp16,
-batch 256. Prints one table (img/s, latency, speedup, error); exits 1 if a check fails.
+batch 256. Compares the fused model with the eager reference (and, with --compile, with
+torch.compile of it). Prints one table (img/s, latency, speedup, error); exits 1 if a check
+fails, 2 (one line on stderr) if an option is wrong.
 """
 import argparse
 import datetime
 import json
 import os
+import platform
+import subprocess
 import sys
 
 import torch
 
 import python_ref
 
-from . import convert
+from . import __version__, convert
 from .modules import BACKENDS, backend_ops
 from .testing import errors, tolerance
 from .timing import device_name, time_interleaved
@@ -45,7 +50,9 @@ def _parse(argv):
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--checkpoint", help="official or timm checkpoint (default: random weights and BN statistics)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the paper's CPU protocol: 1)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the reference (max-autotune on GPU; compiling "
+                        "takes minutes)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -136,7 +143,7 @@ def _run_model(name, args, progress):
     error, max_error = errors(fused(inputs[0]), exact)
 
     runners = {"eager": reference}
-    if not args.no_compile:
+    if args.compile:
         mode = "max-autotune" if args.device == "cuda" else None
         runners["compile"] = torch.compile(reference, mode=mode)
     runners["fused"] = fused
@@ -161,6 +168,15 @@ def _table(rows, args):
         cells += [f"{r['error']:.1e}", "pass" if r["passed"] else f"FAIL (> {r['tolerance']:.0e})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _commit():
+    """The git commit of the checkout this package runs from, or None."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def main(argv=None):
@@ -190,7 +206,9 @@ def main(argv=None):
           + (f", {args.threads} thread(s)" if args.device == "cpu" else ""))
     print(_table(rows, args))
     if args.json:
-        meta = dict(device_name=device, torch=torch.__version__, date=datetime.date.today().isoformat(),
+        meta = dict(device_name=device, efficientvit_kernels=__version__, commit=_commit(),
+                    torch=torch.__version__, python=platform.python_version(),
+                    date=datetime.datetime.now().isoformat(timespec="seconds"),
                     **{k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
                        for k, v in vars(args).items() if k not in ("json", "checkpoint_state")})
         with open(args.json, "w") as f:

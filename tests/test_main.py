@@ -11,7 +11,7 @@ from efficientvit_kernels.testing import tolerance
 
 def test_main_job_checks_and_writes_json(tmp_path, capsys):
     path = tmp_path / "result.json"
-    assert main(["--model", "m0", "--no-compile", "--batch", "2", "--resolution", "96",
+    assert main(["--model", "m0", "--batch", "2", "--resolution", "96",
                  "--json", str(path)]) == 0
     table = capsys.readouterr().out
     assert "| M0 |" in table and "pass" in table
@@ -23,10 +23,10 @@ def test_main_job_checks_and_writes_json(tmp_path, capsys):
 def test_main_job_loads_a_checkpoint(tmp_path, capsys):
     path = tmp_path / "m1.pth"
     torch.save({"model": R.randomize_(R.efficientvit_m1()).state_dict()}, path)
-    assert main(["--model", "m1", "--checkpoint", str(path), "--no-compile", "--batch", "1",
+    assert main(["--model", "m1", "--checkpoint", str(path), "--batch", "1",
                  "--resolution", "64"]) == 0
     with pytest.raises(SystemExit) as exit_:  # a checkpoint of another model size
-        main(["--model", "m0", "--checkpoint", str(path), "--no-compile", "--batch", "1"])
+        main(["--model", "m0", "--checkpoint", str(path), "--batch", "1"])
     assert exit_.value.code == 2
 
 
