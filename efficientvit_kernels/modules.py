@@ -67,8 +67,8 @@ class _Fused(nn.Module):
     CPU call whenever a weight buffer was replaced (``.to()``, assignment) or changed in
     place since (its version counter moved, as ``load_state_dict`` and in-place ops do). A
     write through ``.data`` moves no version counter: call ``repack()`` after one. Under
-    ``torch.compile``/``torch.export`` the module calls the op on the unpacked weights, so
-    a traced graph never holds a stale packing. The packing is private to the build and is
+    ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` the module calls the op on the
+    unpacked weights, so a traced graph never holds a stale packing. The packing is private to the build and is
     neither copied nor pickled: a copy packs again at its first CPU call.
     """
 
@@ -116,7 +116,10 @@ class _Fused(nn.Module):
 
     def _cpu_packing(self, x):
         """The packing when the CPU kernel on packed weights serves x, else None."""
-        if x.device.type != "cpu" or not self._packs_for_cpu() or torch.compiler.is_compiling():
+        # Traced and compiled graphs record the public op: the packing's method is no op
+        # (a tracer would not see its kernel).
+        if (x.device.type != "cpu" or not self._packs_for_cpu() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):
             return None
         weights = self._weights()
         packing = self._packed
@@ -151,6 +154,11 @@ class _Fused(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         return {**state, "_packed": None}
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: fail with a way out, not deep inside the compiler
+        raise RuntimeError(f"{type(self).__name__}: TorchScript (torch.jit.script) is not "
+                           "supported; use torch.export or torch.compile, or torch.jit.trace")
 
     def extra_repr(self):
         return f"backend={self.backend!r}"

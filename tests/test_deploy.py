@@ -1,0 +1,50 @@
+"""Deployment paths of a converted model: torch.export saved and loaded in a fresh process
+(which registers the ops with `import efficientvit_kernels`), torch.jit.trace, and
+torch.jit.script refused with a way out."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import efficientvit_kernels as K
+import python_ref as R
+from efficientvit_kernels.testing import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return K.convert(R.randomize_(R.build("m0"), seed=3).eval())
+
+
+def test_exported_program_loads_in_a_fresh_process(fused, tmp_path):
+    x = torch.randn(2, 3, 96, 96)
+    torch.export.save(torch.export.export(fused, (x,)), tmp_path / "m0.pt2")
+    with torch.no_grad():
+        torch.save((x, fused(x)), tmp_path / "expected.pt")
+    load = ("import torch, efficientvit_kernels\n"  # the import registers the ops
+            f"program = torch.export.load({str(tmp_path / 'm0.pt2')!r})\n"
+            f"x, expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    out = program.module()(x)\n"
+            "assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), (out - expected).abs().max()\n")
+    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_trace_records_the_ops(fused):
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, (x,), check_trace=False)
+        assert "efficientvit::cga" in str(traced.inlined_graph)
+        y = torch.randn(2, 3, 96, 96)
+        assert_close(traced(y), fused(y), torch.float32)
+
+
+def test_script_is_refused_with_a_way_out(fused):
+    with pytest.raises(RuntimeError, match="torch.export"):
+        torch.jit.script(fused)
