@@ -24,10 +24,7 @@ if ! has torch; then
   pip_install torch==2.13.0
 fi
 need=()
-# the build: ninja, and a setuptools that reads pyproject.toml's license expression
-has ninja || need+=(ninja)
-"$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
-  2>/dev/null || need+=("setuptools>=77")
+has ninja || need+=(ninja)  # the build's
 has tqdm || need+=(tqdm)  # the main job's progress bar
 if [ "$TEST" = 1 ]; then
   for pkg in pytest numpy; do has "$pkg" || need+=("$pkg"); done
