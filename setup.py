@@ -20,6 +20,23 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SOURCE_ONLY = any(command in sys.argv for command in ("sdist", "egg_info")) and not any(
     command in sys.argv for command in ("bdist_wheel", "build_ext", "develop", "editable_wheel"))
 
+
+def _can_build_wheels():
+    """setuptools builds wheels itself from 70.1 on; before, with the wheel package only."""
+    import setuptools
+    try:
+        import wheel  # noqa: F401
+        return True
+    except ImportError:
+        return tuple(int(v) for v in setuptools.__version__.split(".")[:2]) >= (70, 1)
+
+
+if not SOURCE_ONLY and not _can_build_wheels():  # pip would fail later with "invalid command"
+    import setuptools
+    sys.exit(f"building a wheel with setuptools {setuptools.__version__} needs the wheel package: "
+             "`pip install wheel` (or setuptools>=70.1), then install again with "
+             "--no-build-isolation")
+
 try:
     import torch
     from torch.utils import cpp_extension
