@@ -1,6 +1,7 @@
 """Deployment paths of a converted model: torch.export saved and loaded in a fresh process
-(which registers the ops with `import efficientvit_kernels`), torch.jit.trace, and
-torch.jit.script refused with a way out."""
+(which registers the ops with `import efficientvit_kernels`), torch.jit.trace,
+torch.jit.script refused with a way out, and ONNX through the reference backend (where onnx
+and onnxruntime are installed: bootstrap.sh --bench)."""
 import os
 import subprocess
 import sys
@@ -48,3 +49,19 @@ def test_trace_records_the_ops(fused):
 def test_script_is_refused_with_a_way_out(fused):
     with pytest.raises(RuntimeError, match="torch.export"):
         torch.jit.script(fused)
+
+
+def test_onnx_through_the_reference_backend(tmp_path):
+    """The fused ops have no ONNX form; a model converted with backend="reference" (folded,
+    plain PyTorch ops) exports, and ONNX Runtime computes what it computes."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")  # torch.onnx's exporter (the older one misreads the windows)
+    model = K.convert(R.randomize_(R.build("m0"), seed=5).eval(), backend="reference")
+    x = torch.randn(2, 3, 96, 96)
+    path = str(tmp_path / "m0.onnx")
+    torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=True)
+    onnx.checker.check_model(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), model(x), torch.float32)
