@@ -107,8 +107,9 @@ def backend(request):
         kernels = _triton()
         if kernels is None:
             pytest.skip("triton is not installed")
-        if GPU:
-            return Backend("triton", "cuda", GPU_DTYPES, kernels)
+        if GPU:  # the dispatcher's CUDA kernels where the CUDA ones were not built
+            return Backend("triton", "cuda", GPU_DTYPES, kernels,
+                           dispatcher=not K.ops.has_compiled_kernels("cuda"))
         return Backend("triton (interpreter)", "cpu", (torch.float32,), kernels, slow=True)
     if GPU:
         if not K.ops.has_compiled_kernels("cuda"):
