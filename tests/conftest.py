@@ -96,24 +96,43 @@ def _triton():
 BACKENDS = ["cpu", "triton", "cuda"]
 
 
+def backend_dtypes(name):
+    """The dtypes backend ``name`` runs on this machine (known before any is built)."""
+    if name == "cpu":
+        return (torch.float32, torch.float64)
+    return GPU_DTYPES if GPU or name == "cuda" else (torch.float32,)  # the interpreter: fp32
+
+
+def pytest_collection_modifyitems(config, items):
+    """A (backend, dtype) pair that does not exist here is left out, not collected as a skip."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        absent = ("backend" in params and params.get("dtype") in DTYPES
+                  and DTYPES[params["dtype"]] not in backend_dtypes(params["backend"]))
+        (drop if absent else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     import efficientvit_kernels as K
     name = request.param
     if name == "cpu":
-        return Backend("cpu", "cpu", (torch.float32, torch.float64), torch.ops.efficientvit,
-                       dispatcher=True)
+        return Backend("cpu", "cpu", backend_dtypes(name), torch.ops.efficientvit, dispatcher=True)
     if name == "triton":
         kernels = _triton()
         if kernels is None:
             pytest.skip("triton is not installed")
         if GPU:  # the dispatcher's CUDA kernels where the CUDA ones were not built
-            return Backend("triton", "cuda", GPU_DTYPES, kernels,
+            return Backend("triton", "cuda", backend_dtypes(name), kernels,
                            dispatcher=not K.ops.has_compiled_kernels("cuda"))
-        return Backend("triton (interpreter)", "cpu", (torch.float32,), kernels, slow=True)
+        return Backend("triton (interpreter)", "cpu", backend_dtypes(name), kernels, slow=True)
     if GPU:
         if not K.ops.has_compiled_kernels("cuda"):
             pytest.skip("the CUDA kernels were not built")
-        return Backend("cuda", "cuda", GPU_DTYPES, torch.ops.efficientvit, dispatcher=True)
-    return Backend("cuda (emulated)", "cpu", GPU_DTYPES, EmulatedCuda(request.getfixturevalue("emul")),
-                   slow=True)
+        return Backend("cuda", "cuda", backend_dtypes(name), torch.ops.efficientvit, dispatcher=True)
+    return Backend("cuda (emulated)", "cpu", backend_dtypes(name),
+                   EmulatedCuda(request.getfixturevalue("emul")), slow=True)
