@@ -17,13 +17,16 @@ __all__ = ["ops", "convert", "cuda_graph", "BACKENDS", "PASSES", "FusedCGA", "Fu
 
 
 def _triton_serves_cuda():
-    """Where the CUDA kernels were not built, the Triton kernels implement the ops on CUDA."""
+    """Where the CUDA kernels were not built, the Triton kernels implement the ops on CUDA.
+    (Triton is imported only then: importing it takes seconds.)"""
     import torch
+    if not torch.cuda.is_available() or ops.has_compiled_kernels("cuda"):
+        return
     from . import triton as triton_kernels
-    if (torch.cuda.is_available() and triton_kernels.available()
-            and not ops.has_compiled_kernels("cuda")):
+    if triton_kernels.available():
         for name in ("cga", "dwconv", "ffn"):
-            torch.library.register_kernel(f"efficientvit::{name}", "cuda", getattr(triton_kernels, name))
+            torch.library.register_kernel(f"efficientvit::{name}", "cuda",
+                                          getattr(triton_kernels, name))
 
 
 _triton_serves_cuda()

@@ -1,6 +1,5 @@
 """Parameter and multiply-add counts, as the paper reports them (Table 2)."""
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_params", "count_macs"]
 
@@ -12,6 +11,7 @@ def count_params(model):
 @torch.no_grad()
 def count_macs(model, resolution=224, in_chans=3):
     """Multiply-adds of one forward at ``resolution``^2: convs, linears and attention matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton: seconds, only here
     p = next(model.parameters())
     x = torch.zeros(1, in_chans, resolution, resolution, dtype=p.dtype, device=p.device)
     was_training = model.training
