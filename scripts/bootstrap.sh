@@ -38,13 +38,17 @@ if [ "$BENCH" = 1 ]; then
   for pkg in onnx onnxruntime onnxscript; do has "$pkg" || need+=("$pkg"); done
 fi
 [ ${#need[@]} -eq 0 ] || pip_install "${need[@]}"
-if [ "$TEST" = 1 ] && ! has timm; then
+# (found, not imported: importing timm needs torchvision, which the tests stub)
+if [ "$TEST" = 1 ] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('timm'))"; then
   pip_install --no-deps timm  # --no-deps: timm would pull torchvision and a second torch
 fi
 
-# (Re)build the extension when it is missing or older than its sources.
+# (Re)build the extension when it is missing or older than its sources, or when this checkout
+# is not the one installed (an import from another directory would not find it).
 so=$(ls efficientvit_kernels/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ]; then
+installed=$(cd / && "$PY" -c "import efficientvit_kernels, os; print(os.path.dirname(os.path.dirname(efficientvit_kernels.__file__)))" 2>/dev/null || true)
+if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ] ||
+  [ "$installed" != "$(pwd -P)" ]; then
   say "building the extension against torch $("$PY" -c 'import torch; print(torch.__version__)') (a few minutes on 2 cores)"
   "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
   say "built"
