@@ -34,13 +34,6 @@ class Backend:
     dispatcher: bool = False
     slow: bool = False
 
-    def dtype(self, name):
-        """The dtype named (testing.DTYPES); skips the test where this backend lacks it."""
-        dtype = DTYPES[name]
-        if dtype not in self.dtypes:
-            pytest.skip(f"{self.name} takes {[str(t)[6:] for t in self.dtypes]}")
-        return dtype
-
     def skip_unless_small(self, small):
         if self.slow and not small:
             pytest.skip(f"{self.name} is slow: small cases only")
