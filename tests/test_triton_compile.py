@@ -22,15 +22,6 @@ from efficientvit_kernels.cuda_static import format_profiles, resource_violation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Known and not yet fixed: the attention with 7x7 query kernels on 7x7 windows (64 token rows)
-# still spills in 8 of its 294 variants, where ptxas keeps to 128 registers: 16-32 bytes a
-# thread on sm_90 (fp32), 88-120 on sm_80 (fp32, and fp16/bf16 with value dim 48). They spilled
-# up to 25 KB before the value dim and the tokens were chunked, the bias table laid out as the
-# scores and q's depthwise conv read from a zero-bordered grid. The gate holds them to that
-# ceiling, so any growth fails, and every other variant to none; test_attention_does_not_spill
-# turns red when they are fixed.
-KNOWN_SPILLER, SPILL_CEILING = "_cga_kernel", 120
-
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
@@ -44,14 +35,6 @@ def rows(tmp_path_factory):
         return json.load(f)["rows"]
 
 
-def _gate(row):
-    """The row as the gate sees it: a known spiller's local memory, up to the ceiling, left out
-    (its registers and shared memory are still held to the limits)."""
-    if row["kernel"] == KNOWN_SPILLER and row["stack_bytes"] <= SPILL_CEILING:
-        row = dict(row, stack_bytes=0, local_memory_instructions=0)
-    return dict(row, kernel=f"{row['kernel']} [{row['variant']}]")
-
-
 def test_every_specialization_compiles(rows):
     print(format_profiles([r for r in rows if "error" not in r]), file=sys.stderr)
     assert {r["arch"] for r in rows} == {80, 90}
@@ -62,11 +45,6 @@ def test_every_specialization_compiles(rows):
 
 
 def test_resource_gate(rows):
-    found = resource_violations([_gate(r) for r in rows if "error" not in r])
+    named = [dict(r, kernel=f"{r['kernel']} [{r['variant']}]") for r in rows if "error" not in r]
+    found = resource_violations(named)
     assert not found, "\n".join(found)
-
-
-@pytest.mark.xfail(strict=True, reason="some attention variants still spill (see above)")
-def test_attention_does_not_spill(rows):
-    attention = [r for r in rows if r["kernel"] == KNOWN_SPILLER and "error" not in r]
-    assert attention and not any(r["stack_bytes"] for r in attention)

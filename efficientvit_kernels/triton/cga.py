@@ -206,14 +206,15 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     if n_windows == 0:
         return out
     NP = padded(ws * ws)
-    # Value channels go in chunks of BD (16 or 32, whichever wastes less); DP is d padded to them.
-    BD = 32 if d % 32 == 0 else 16
+    # Value channels go in chunks of BD (16 or 32, whichever wastes less; 16 on 7x7 windows,
+    # whose 64-row tiles spill at 32); DP is d padded to them.
+    BD = 32 if d % 32 == 0 and NP <= 16 else 16
     DP = triton.cdiv(d, BD) * BD
     # The q grid (see the kernel): padding rows of NP read below the window, up to row
     # (NP - 1) // ws + K - 1.
     GW = ws + K - 1
     meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, KDP=padded(kd), DP=DP, BD=BD,
-                BC=16 if x.dtype == torch.float32 else 32, GW=GW,
+                BC=16 if x.dtype == torch.float32 or NP > 16 else 32, GW=GW,
                 QG=((NP - 1) // ws + K) * GW, RESIDUAL=bool(residual),
                 num_warps=4 if NP <= 16 else 8)
     params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
