@@ -5,7 +5,9 @@ CPU kernels always; CUDA kernels (csrc/cuda/*.cu) where torch has CUDA and nvcc 
 Install with ``pip install --no-build-isolation .`` (``-e .`` for a checkout you edit) so the
 build reuses the installed torch; the wheel then requires that torch's minor version, the one
 its binary links against. Environment: EFFICIENTVIT_CUDA=0 skips the CUDA kernels,
-EFFICIENTVIT_PORTABLE=1 builds the CPU kernels without -march=native. The CUDA kernels are
+EFFICIENTVIT_NATIVE=1 compiles the CPU kernels for the build machine only (-march=native, one
+instruction-set level) instead of for every level with the best chosen at run time (the
+default: the binary runs on any x86-64; see csrc/cpu/isa.h). The CUDA kernels are
 built for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST is set (e.g. "9.0" for an H100/H200):
 then for exactly that list, as torch's CUDAExtension builds it (one architecture builds faster).
 """
@@ -62,8 +64,8 @@ def _with_cuda():
 def _extension():
     with_cuda = _with_cuda()
     cxx = ["-O3", "-fopenmp", "-DEFFICIENTVIT_PYTHON_MODULE"]
-    if os.environ.get("EFFICIENTVIT_PORTABLE", "0") != "1":
-        cxx.append("-march=native")
+    if os.environ.get("EFFICIENTVIT_NATIVE", "0") == "1":
+        cxx += ["-march=native", "-DEFFICIENTVIT_NATIVE"]
     sources = _sources("csrc/efficientvit.cpp") + _sources("csrc/cpu/*.cpp")
     args = dict(
         name="efficientvit_kernels._C",

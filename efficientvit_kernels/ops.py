@@ -22,6 +22,34 @@ __all__ = ["cga", "dwconv", "ffn", "patch_embed", "conv1x1",
            "output_memory_format", "empty_output", "has_compiled_kernels"]
 
 
+def cpu_isa():
+    """The instruction-set level the CPU kernels run at: "baseline" (SSE2), "avx2" (x86-64-v3:
+    AVX2, FMA) or "avx512" (x86-64-v4), the best this CPU has among those built, unless the
+    environment variable EFFICIENTVIT_CPU_ISA named a lower one when the library loaded;
+    "native" in a build for the build machine only (EFFICIENTVIT_NATIVE=1).
+    Raises ValueError where that variable names a level this CPU or build lacks."""
+    return torch.ops.efficientvit_cpu.isa()
+
+
+def built_isas():
+    """The instruction-set levels the CPU kernels were compiled for: ["baseline", "avx2",
+    "avx512"] (x86-64), ["baseline"], or ["native"] (built with EFFICIENTVIT_NATIVE=1 for the
+    build machine's CPU only)."""
+    return list(torch.ops.efficientvit_cpu.built_isas())
+
+
+def clear_packing_cache():
+    """Drops the CPU kernels' packed weights. An op called with plain weights on CPU packs them
+    on its first call and reuses the packing while each weight keeps its storage, sizes, strides
+    and version counter; a change through ``.data`` bumps no version counter: call this after
+    one. (The fused modules keep their own packing, under the same rule: their ``repack()``
+    after such a change.)"""
+    torch.ops.efficientvit_cpu.clear_packing_cache()
+
+
+cpu_isa()  # an EFFICIENTVIT_CPU_ISA the library could not honour fails the import, not later
+
+
 def has_compiled_kernels(device_type):
     """True when the compiled library has kernels for ``device_type`` ("cpu" or "cuda")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]

@@ -17,7 +17,7 @@ from python_ref import MODEL_CONFIGS, functional
 __all__ = ["DTYPES", "TOLERANCE", "MAX_ERROR_FACTOR", "tolerance", "errors", "relative_error",
            "assert_close", "assert_layout", "call_poisoned", "layer_shapes", "stage_shapes", "random_cga_params", "random_dwconv_params",
            "random_ffn_params", "random_input", "LAYOUTS", "cga_args", "cast", "reference_cga", "KEY_DIM",
-           "CGA_ARGS"]
+           "CGA_ARGS", "packings"]
 
 # The dtypes the tests run, by the names their ids use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -215,3 +215,11 @@ def cast(params, dtype, device="cpu"):
 def reference_cga(x, params, residual=True):
     """The spec, evaluated in float64."""
     return functional.cga(x.double(), **cast(params, torch.float64), residual=residual)
+
+
+def packings(fn):
+    """How many times calling fn packs CPU weights (the packing cache's profiler events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages()
+               if e.key.startswith("efficientvit_cpu::pack ("))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import efficientvit_kernels as K
-from efficientvit_kernels.testing import (assert_close, cast, cga_args, random_cga_params,
+from efficientvit_kernels.testing import (assert_close, cast, cga_args, packings, random_cga_params,
                                           random_ffn_params, random_input, reference_cga)
 from python_ref import functional
 
@@ -208,5 +208,98 @@ def test_module_compiled_uses_unpacked_op():
     x = random_input(2, 48, 9, 11).float()
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), ops.cga(x, *cga_args(p), True))
+    assert packings(lambda: compiled(x)) == 0  # the op's packing cache serves the graph
     graph = torch.export.export(m, (x,)).graph_module.code
     assert "efficientvit.cga.default" in graph and "efficientvit_cpu" not in graph
+
+
+# The ops called with plain weights (as exported, compiled and AOTInductor graphs call them)
+# pack once per set of weights and reuse the packing while the weights are unchanged.
+
+def ffn_call(C=32, M=64, seed=0):
+    params = [t.float() for t in random_ffn_params(C, M, seed=seed)]
+    x = random_input(2, C, 5, 6, dtype=torch.float32)
+    ref = functional.ffn(x.double(), *[t.double() for t in params], True)
+    return x, params, ref
+
+
+def test_op_packs_once_per_weights():
+    x, params, ref = ffn_call()
+    assert packings(lambda: ops.ffn(x, *params, True)) == 1
+    assert packings(lambda: [ops.ffn(x, *params, True) for _ in range(3)]) == 0
+    other = [p.clone() for p in params]  # equal values, other tensors
+    assert packings(lambda: ops.ffn(x, *other, True)) == 1
+    assert_close(ops.ffn(x, *params, True), ref, torch.float32)
+
+
+def test_op_repacks_after_in_place_change():
+    x, params, _ = ffn_call(seed=1)
+    ops.ffn(x, *params, True)
+    with torch.no_grad():
+        params[2].mul_(-2)  # w2
+    ref = functional.ffn(x.double(), *[t.double() for t in params], True)
+    assert packings(lambda: assert_close(ops.ffn(x, *params, True), ref, torch.float32)) == 1
+
+
+def test_op_does_not_reuse_the_packing_of_freed_weights():
+    """New weights where freed ones were (the allocator reuses the address) are new weights."""
+    x, params, _ = ffn_call(seed=2)
+    ops.ffn(x, *params, True)
+    shapes = [p.shape for p in params]
+    del params
+    for seed in range(3, 6):
+        fresh = [torch.randn(s) / s[-1] ** 0.5 for s in shapes]
+        ref = functional.ffn(x.double(), *[t.double() for t in fresh], True)
+        assert_close(ops.ffn(x, *fresh, True), ref, torch.float32)
+        del fresh
+
+
+def test_op_on_inference_tensors_packs_every_call():
+    """Inference tensors have no version counter, so a change to one could not be seen."""
+    with torch.inference_mode():
+        x, params, ref = ffn_call(seed=6)
+        assert packings(lambda: [ops.ffn(x, *params, True) for _ in range(2)]) == 2
+        params[0].mul_(-1)
+        ref = functional.ffn(x.double(), *[t.double() for t in params], True)
+        assert_close(ops.ffn(x, *params, True), ref, torch.float32)
+
+
+def test_clear_packing_cache_after_a_change_through_data():
+    """A change through .data bumps no version counter: clear_packing_cache() is the way."""
+    x, params, _ = ffn_call(seed=7)
+    ops.ffn(x, *params, True)
+    params[2].data.mul_(-2)
+    K.ops.clear_packing_cache()
+    ref = functional.ffn(x.double(), *[t.double() for t in params], True)
+    assert_close(ops.ffn(x, *params, True), ref, torch.float32)
+
+
+def test_small_weights_are_known_by_value():
+    """A graph compiler may rebuild a small constant on every call, in new memory (an AOTInductor
+    package does, for the stem's first bias): a weight of at most 1 KB is the same while its
+    values are, so it is not repacked for a copy, and is for any change of its values."""
+    x, params, _ = ffn_call(seed=8)
+    ops.ffn(x, *params, True)
+    w1, b1, w2, b2 = params
+    assert b1.nbytes <= 1024 < w1.nbytes
+    assert packings(lambda: ops.ffn(x, w1, b1.clone(), w2, b2.clone(), True)) == 0
+    b1.data.add_(1)  # seen through .data too: the value changed
+    ref = functional.ffn(x.double(), *[t.double() for t in params], True)
+    assert packings(lambda: assert_close(ops.ffn(x, *params, True), ref, torch.float32)) == 1
+
+
+def test_every_packed_op_uses_the_cache():
+    p = cga_case()
+    x = random_input(1, 48, 7, 7, dtype=torch.float32)
+    w = torch.randn(24, 48)
+    b = torch.randn(24)
+    dw_w, dw_b = torch.randn(24, 3, 3), torch.randn(24)
+    image = torch.randn(1, 3, 16, 16)
+    stem = ([torch.randn(8, 3, 3, 3), torch.randn(16, 8, 3, 3)], [torch.randn(8), torch.randn(16)])
+    calls = [lambda: ops.cga(x, *cga_args(p), True),
+             lambda: ops.conv1x1(x, w, b, True),
+             lambda: ops.conv1x1(x, w, b, True, dw_w, dw_b),
+             lambda: ops.patch_embed(image, *stem, True)]
+    for call in calls:
+        assert packings(call) == 1
+        assert packings(call) == 0

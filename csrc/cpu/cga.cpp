@@ -1,6 +1,10 @@
 // Cascaded group attention on CPU (docs/design.md), one window at a time: the window's tokens and
 // every per-head tensor (q, k, v, scores, head outputs) live in a per-thread scratch of a few
 // tens of KiB, so nothing but x, the weights and the output touch memory.
+#undef EFFICIENTVIT_ISA_FILE
+#define EFFICIENTVIT_ISA_FILE "cpu/cga.cpp"
+#include "cpu/foreach_isa.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,7 +19,7 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/packed_weights.h"
 
-namespace efficientvit::cpu {
+EFFICIENTVIT_ISA_BEGIN
 namespace {
 
 // Starts loading the cache lines of a rows x cols tile (unit row or column stride) into the
@@ -373,24 +377,11 @@ void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool
   });
 }
 
-// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights.
-
-at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
-                   const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-                   const at::Tensor& attention_bias, const at::Tensor& proj_weight,
-                   const at::Tensor& proj_bias, int64_t window_size, double scale, bool residual) {
-  const CgaDims dims = check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
-                                 proj_weight, proj_bias, window_size);
-  const DenseIO io = dense_input_and_output(x);
-  run_cga(dims, io,
-          pack_cga(dims, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
-                   proj_bias, scale),
-          residual);
-  return io.output;
-}
-
 // The sizes a packing fixes, in PackedWeights::sizes.
 enum CgaSize { kHeads, kKeyDim, kValueDim, kKernel, kWindow, kCgaSizes };
+
+// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
+// the op, which packs once per set of weights (cached_packing) and runs.
 
 at::Tensor cga_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool residual) {
   const std::vector<int64_t>& s = weights.sizes;
@@ -427,6 +418,23 @@ Packed cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
       std::move(sizes), channels, qkv_weight.scalar_type());
 }
 
-}  // namespace efficientvit::cpu
+at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                   const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+                   const at::Tensor& attention_bias, const at::Tensor& proj_weight,
+                   const at::Tensor& proj_bias, int64_t window_size, double scale, bool residual) {
+  check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
+            window_size);
+  const Packed packed = cached_packing(
+      "cga", {qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias},
+      {static_cast<double>(window_size), scale}, [&] {
+        return cga_pack_cpu(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
+                            proj_weight, proj_bias, window_size, scale);
+      });
+  return cga_packed_cpu(x, *packed, residual);
+}
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("cga", &efficientvit::cpu::cga_cpu); }
+EFFICIENTVIT_ISA_END
+
+#if EFFICIENTVIT_ISA_LAST_PASS
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("cga", EFFICIENTVIT_SELECT_ISA(cga_cpu)); }
+#endif

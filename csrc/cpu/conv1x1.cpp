@@ -2,6 +2,10 @@
 // with the weights packed panel-major (the convolutions of PatchMerging, where oneDNN reaches
 // 35-43 GMAC/s on this core and the GEMM here ~50); optionally followed by PatchMerging's
 // depthwise 3x3 stride-2 convolution and ReLU, on bands of rows held in cache.
+#undef EFFICIENTVIT_ISA_FILE
+#define EFFICIENTVIT_ISA_FILE "cpu/conv1x1.cpp"
+#include "cpu/foreach_isa.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -12,7 +16,7 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/packed_weights.h"
 
-namespace efficientvit::cpu {
+EFFICIENTVIT_ISA_BEGIN
 namespace {
 
 // The packed parameters (conv1x1_pack): the weight transposed, padded to whole vectors (zeros)
@@ -130,15 +134,8 @@ at::Tensor run_conv1x1(const at::Tensor& x, at::TensorList packed, int64_t Co, b
   return output.contiguous(output_memory_format(x));
 }
 
-// The three entry points: the op (packs, then runs), the packing alone, and the op on packed
-// weights.
-
-at::Tensor conv1x1_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                       bool relu, const std::optional<at::Tensor>& dw_weight,
-                       const std::optional<at::Tensor>& dw_bias) {
-  check_conv1x1(x, weight, bias, dw_weight, dw_bias);
-  return run_conv1x1(x, pack_conv1x1(weight, bias, dw_weight, dw_bias), weight.size(0), relu);
-}
+// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
+// the op, which packs once per set of weights (cached_packing) and runs.
 
 at::Tensor conv1x1_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool relu) {
   return run_conv1x1(x, weights.tensors, weights.sizes[0], relu);
@@ -160,6 +157,20 @@ Packed conv1x1_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
       std::vector<int64_t>{weight.size(0)}, weight.size(1), weight.scalar_type());
 }
 
-}  // namespace efficientvit::cpu
+at::Tensor conv1x1_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       bool relu, const std::optional<at::Tensor>& dw_weight,
+                       const std::optional<at::Tensor>& dw_bias) {
+  check_conv1x1(x, weight, bias, dw_weight, dw_bias);
+  std::vector<at::Tensor> weights{weight, bias};
+  if (dw_weight) weights.insert(weights.end(), {*dw_weight, *dw_bias});
+  const Packed packed = cached_packing("conv1x1", weights, {}, [&] {
+    return conv1x1_pack_cpu(weight, bias, dw_weight, dw_bias);
+  });
+  return conv1x1_packed_cpu(x, *packed, relu);
+}
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("conv1x1", &efficientvit::cpu::conv1x1_cpu); }
+EFFICIENTVIT_ISA_END
+
+#if EFFICIENTVIT_ISA_LAST_PASS
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("conv1x1", EFFICIENTVIT_SELECT_ISA(conv1x1_cpu)); }
+#endif

@@ -1,12 +1,14 @@
 // Building blocks shared by the CPU kernels: SIMD vectors, a small register-blocked GEMM,
-// strided tile copies and the input/output layout handling.
-#pragma once
+// strided tile copies and the input/output layout handling. Included once per
+// instruction-set pass of a kernel file (cpu/foreach_isa.h), so no include guard: its code is
+// the pass's.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 
 #include "checks.h"
+#include "cpu/isa.h"
 
 #include <algorithm>
 #include <array>
@@ -15,11 +17,13 @@
 #include <utility>
 #include <vector>
 
-namespace efficientvit::cpu {
+EFFICIENTVIT_ISA_BEGIN
 
 // One SIMD register of T, as a GCC/Clang vector type, so the same code compiles to AVX-512,
-// AVX2, SSE or NEON depending on -march.
-#if defined(__AVX512F__)
+// AVX2, SSE or NEON: the pass's level, or in the baseline pass the build's flags.
+#if defined(EFFICIENTVIT_ISA_VEC_BYTES)
+constexpr int kVecBytes = EFFICIENTVIT_ISA_VEC_BYTES;
+#elif defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #elif defined(__AVX__)
 constexpr int kVecBytes = 32;
@@ -355,4 +359,4 @@ inline DenseIO dense_input_and_output(const at::Tensor& x, int64_t out_channels 
           format == at::MemoryFormat::ChannelsLast};
 }
 
-}  // namespace efficientvit::cpu
+EFFICIENTVIT_ISA_END

@@ -2,6 +2,10 @@
 // pass over x: every output vector sums its K*K taps in a register and is finished (bias, ReLU,
 // residual) and written once. Vectors run along the channels of a pixel for channels-last x,
 // along a row of one channel for contiguous x.
+#undef EFFICIENTVIT_ISA_FILE
+#define EFFICIENTVIT_ISA_FILE "cpu/dwconv.cpp"
+#include "cpu/foreach_isa.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,7 +16,7 @@
 #include "checks.h"
 #include "cpu/cpu_utils.h"
 
-namespace efficientvit::cpu {
+EFFICIENTVIT_ISA_BEGIN
 namespace {
 
 // [relu](v) [+ x0], for a value or a vector of values.
@@ -150,6 +154,8 @@ at::Tensor dwconv_cpu(const at::Tensor& x, const at::Tensor& weight, const at::T
 }
 
 }  // namespace
-}  // namespace efficientvit::cpu
+EFFICIENTVIT_ISA_END
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("dwconv", &efficientvit::cpu::dwconv_cpu); }
+#if EFFICIENTVIT_ISA_LAST_PASS
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("dwconv", EFFICIENTVIT_SELECT_ISA(dwconv_cpu)); }
+#endif

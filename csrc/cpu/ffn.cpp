@@ -1,6 +1,10 @@
 // Pointwise MLP on CPU: [x +] w2 relu(w1 x + b1) + b2, over tiles of tokens. A tile's hidden
 // activation (M channels; 288 KiB at M = 768, fp32) lives in a per-thread buffer that stays in
 // L2 and never reaches memory.
+#undef EFFICIENTVIT_ISA_FILE
+#define EFFICIENTVIT_ISA_FILE "cpu/ffn.cpp"
+#include "cpu/foreach_isa.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,7 +14,7 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/packed_weights.h"
 
-namespace efficientvit::cpu {
+EFFICIENTVIT_ISA_BEGIN
 namespace {
 
 // The packed parameters (ffn_pack): the weights transposed, padded to whole vectors (zeros) and
@@ -54,15 +58,8 @@ void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
   });
 }
 
-// The entry points: the op (packs, then runs), the packing alone, and the op on packed weights.
-
-at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                   const at::Tensor& w2, const at::Tensor& b2, bool residual) {
-  check_ffn(x, w1, b1, w2, b2);
-  const DenseIO io = dense_input_and_output(x);
-  run_ffn(io, pack_ffn(w1, b1, w2, b2), residual);
-  return io.output;
-}
+// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
+// the op, which packs once per set of weights (cached_packing) and runs.
 
 at::Tensor ffn_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool residual) {
   const DenseIO io = dense_input_and_output(x);
@@ -81,6 +78,16 @@ Packed ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor
                                             std::vector<int64_t>{}, w1.size(1), w1.scalar_type());
 }
 
-}  // namespace efficientvit::cpu
+at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                   const at::Tensor& w2, const at::Tensor& b2, bool residual) {
+  check_ffn(x, w1, b1, w2, b2);
+  const Packed packed = cached_packing("ffn", {w1, b1, w2, b2}, {},
+                                       [&] { return ffn_pack_cpu(w1, b1, w2, b2); });
+  return ffn_packed_cpu(x, *packed, residual);
+}
 
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("ffn", &efficientvit::cpu::ffn_cpu); }
+EFFICIENTVIT_ISA_END
+
+#if EFFICIENTVIT_ISA_LAST_PASS
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) { m.impl("ffn", EFFICIENTVIT_SELECT_ISA(ffn_cpu)); }
+#endif

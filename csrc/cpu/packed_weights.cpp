@@ -8,6 +8,13 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <vector>
+
 #include "checks.h"
 #include "inference_only.h"
 
@@ -26,6 +33,131 @@ at::Tensor PackedWeights::run(const at::Tensor& x, bool flag) const {
   return kernel(x, *this, flag);
 }
 
+namespace {
+
+// A weight as the cache identifies it (see cached_packing): by its storage, or, if small, by its
+// value. (A graph compiler may rebuild a small constant on every call, into new memory: an
+// AOTInductor package rebuilds the stem's 8-value bias.)
+constexpr int64_t kByValueBytes = 1024;
+
+struct WeightId {
+  explicit WeightId(const at::Tensor& t)
+      : address(t.storage().unsafeGetStorageImpl()), offset(t.storage_offset()),
+        sizes(t.sizes().vec()), strides(t.strides().vec()), dtype(t.scalar_type()),
+        storage(t.storage().getWeakStorageImpl()) {
+    if (t.nbytes() <= kByValueBytes) {
+      value = t.contiguous().clone();
+    } else {
+      version = t._version();
+    }
+  }
+
+  bool is(const at::Tensor& t) const {
+    if (t.scalar_type() != dtype || !t.sizes().equals(sizes)) return false;
+    if (value.defined()) {
+      const at::Tensor dense = t.contiguous();
+      return std::memcmp(dense.data_ptr(), value.data_ptr(), value.nbytes()) == 0;
+    }
+    return t.storage().unsafeGetStorageImpl() == address && !storage.expired() &&
+           t.storage_offset() == offset && t.strides().equals(strides) &&
+           t._version() == version;
+  }
+
+  bool freed() const { return !value.defined() && storage.expired(); }
+
+  const c10::StorageImpl* address;
+  int64_t offset;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // expired once freed
+  at::Tensor value;                                   // a small weight's copy
+  uint32_t version = 0;                               // a larger one's version counter
+};
+
+struct CacheEntry {
+  std::string op;
+  std::vector<double> scalars;
+  std::vector<WeightId> weights;
+  Packed packed;
+  size_t bytes;
+};
+
+struct PackingCache {
+  std::mutex mutex;
+  std::list<CacheEntry> entries;  // most recently used first
+  size_t bytes = 0;
+};
+
+PackingCache& cache() {
+  static PackingCache* instance = new PackingCache();  // never destroyed: used until exit
+  return *instance;
+}
+
+bool matches(const CacheEntry& e, const char* op, at::TensorList weights,
+             const std::vector<double>& scalars) {
+  if (e.op != op || e.scalars != scalars || e.weights.size() != weights.size()) return false;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (!e.weights[i].is(weights[i])) return false;
+  }
+  return true;
+}
+
+bool expired(const CacheEntry& e) {
+  return std::any_of(e.weights.begin(), e.weights.end(),
+                     [](const WeightId& w) { return w.freed(); });
+}
+
+}  // namespace
+
+Packed cached_packing(const char* op, at::TensorList weights, std::vector<double> scalars,
+                      c10::function_ref<Packed()> pack) {
+  const auto recorded_pack = [&] {
+    RECORD_FUNCTION(std::string("efficientvit_cpu::pack (") + op + ")",
+                    std::vector<c10::IValue>());
+    return pack();
+  };
+  if (std::any_of(weights.begin(), weights.end(),
+                  [](const at::Tensor& w) { return w.is_inference(); })) {
+    return recorded_pack();
+  }
+  PackingCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
+    if (matches(*it, op, weights, scalars)) {
+      c.entries.splice(c.entries.begin(), c.entries, it);
+      return it->packed;
+    }
+  }
+  Packed packed = recorded_pack();
+  size_t bytes = 0;
+  for (const at::Tensor& t : packed->tensors) bytes += t.nbytes();
+  std::vector<WeightId> ids(weights.begin(), weights.end());
+  c.entries.push_front({op, std::move(scalars), std::move(ids), packed, bytes});
+  c.bytes += bytes;
+  // Drop the entries whose weights were freed, then the least recently used beyond the bound.
+  for (auto it = std::next(c.entries.begin()); it != c.entries.end();) {
+    if (expired(*it)) {
+      c.bytes -= it->bytes;
+      it = c.entries.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  while ((c.bytes > kPackingCacheBytes || c.entries.size() > kPackingCacheEntries) &&
+         c.entries.size() > 1) {
+    c.bytes -= c.entries.back().bytes;
+    c.entries.pop_back();
+  }
+  return packed;
+}
+
+void clear_packing_cache() {
+  PackingCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.entries.clear();
+  c.bytes = 0;
+}
+
 }  // namespace efficientvit::cpu
 
 #define EFFICIENTVIT_PACKED_WEIGHTS "__torch__.torch.classes.efficientvit_cpu.PackedWeights"
@@ -42,12 +174,12 @@ TORCH_LIBRARY(efficientvit_cpu, m) {
       "conv1x1_pack(Tensor weight, Tensor bias, Tensor? dw_weight=None, Tensor? dw_bias=None) -> "
       EFFICIENTVIT_PACKED_WEIGHTS);
   m.def("patch_embed_pack(Tensor[] weights, Tensor[] biases) -> " EFFICIENTVIT_PACKED_WEIGHTS);
+  m.def("clear_packing_cache() -> ()", &efficientvit::cpu::clear_packing_cache);
 }
 
 TORCH_LIBRARY_IMPL(efficientvit_cpu, CPU, m) {
-  using namespace efficientvit::cpu;
-  m.impl("cga_pack", &cga_pack_cpu);
-  m.impl("ffn_pack", &ffn_pack_cpu);
-  m.impl("conv1x1_pack", &conv1x1_pack_cpu);
-  m.impl("patch_embed_pack", &patch_embed_pack_cpu);
+  m.impl("cga_pack", EFFICIENTVIT_SELECT_ISA(cga_pack_cpu));
+  m.impl("ffn_pack", EFFICIENTVIT_SELECT_ISA(ffn_pack_cpu));
+  m.impl("conv1x1_pack", EFFICIENTVIT_SELECT_ISA(conv1x1_pack_cpu));
+  m.impl("patch_embed_pack", EFFICIENTVIT_SELECT_ISA(patch_embed_pack_cpu));
 }

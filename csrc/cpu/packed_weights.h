@@ -8,7 +8,10 @@
 // Python ~25 us more than a method call does, several times a small kernel's time.)
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 #include <torch/custom_class.h>
+
+#include "cpu/isa.h"
 
 #include <optional>
 #include <string>
@@ -41,17 +44,47 @@ struct PackedWeights : torch::CustomClassHolder {
 
 using Packed = c10::intrusive_ptr<PackedWeights>;
 
-// Each op's packing (defined beside the op's kernel, registered by packed_weights.cpp, where
-// the class is, so that its type is known first).
-Packed cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
-                    const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-                    const at::Tensor& attention_bias, const at::Tensor& proj_weight,
-                    const at::Tensor& proj_bias, int64_t window_size, double scale);
-Packed ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                    const at::Tensor& b2);
-Packed conv1x1_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
-                        const std::optional<at::Tensor>& dw_weight,
-                        const std::optional<at::Tensor>& dw_bias);
-Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases);
+// The packing of an op's weights: made by pack on the first call with these weights and reused
+// by later calls with the same weights, unchanged, so the ops called with plain weights (as
+// exported, compiled and AOTInductor graphs call them) pack once, not on every call. A weight is
+// the same while its storage lives, at the same offset, sizes, strides and dtype, with the same
+// version counter (every in-place change bumps it; a change through .data does not: call
+// clear_packing_cache() after one); a weight of at most 1 KB is the same while its sizes, dtype
+// and values are. Inference tensors have no version counter: they are packed on every call.
+// scalars: the op's other arguments that the packing depends on. Holds at most
+// kPackingCacheBytes of packed weights and kPackingCacheEntries packings, the least recently used
+// dropped first, and none for freed weights.
+Packed cached_packing(const char* op, at::TensorList weights, std::vector<double> scalars,
+                      c10::function_ref<Packed()> pack);
+void clear_packing_cache();
+constexpr size_t kPackingCacheBytes = size_t{1} << 30;
+constexpr size_t kPackingCacheEntries = 1024;
+
+// Each op's packing, one per instruction-set level (defined beside the op's kernel, in the
+// level's namespace, see cpu/isa.h; registered by packed_weights.cpp, where the class is, so that
+// its type is known first, with the level chosen at load).
+#define EFFICIENTVIT_DECLARE_PACKINGS                                                          \
+  Packed cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,                \
+                      const at::Tensor& dw_weight, const at::Tensor& dw_bias,                  \
+                      const at::Tensor& attention_bias, const at::Tensor& proj_weight,         \
+                      const at::Tensor& proj_bias, int64_t window_size, double scale);         \
+  Packed ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,        \
+                      const at::Tensor& b2);                                                   \
+  Packed conv1x1_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,                    \
+                          const std::optional<at::Tensor>& dw_weight,                          \
+                          const std::optional<at::Tensor>& dw_bias);                           \
+  Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases);
+namespace baseline {
+EFFICIENTVIT_DECLARE_PACKINGS
+}
+#if EFFICIENTVIT_MULTI_ISA
+namespace avx2 {
+EFFICIENTVIT_DECLARE_PACKINGS
+}
+namespace avx512 {
+EFFICIENTVIT_DECLARE_PACKINGS
+}
+#endif
+#undef EFFICIENTVIT_DECLARE_PACKINGS
 
 }  // namespace efficientvit::cpu

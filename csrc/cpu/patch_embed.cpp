@@ -5,6 +5,10 @@
 // input value (read in place from NCHW x) times a vector of weights, and blocks of pixels along
 // an output row share each weight load. The others: implicit GEMMs on rows of the one before,
 // computed as they are needed and held in cache (StemChain).
+#undef EFFICIENTVIT_ISA_FILE
+#define EFFICIENTVIT_ISA_FILE "cpu/patch_embed.cpp"
+#include "cpu/foreach_isa.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,7 +20,7 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/packed_weights.h"
 
-namespace efficientvit::cpu {
+EFFICIENTVIT_ISA_BEGIN
 namespace {
 
 // Output channels per vector: 8 fp32 fill a 256-bit register, and 8 | Co in every EfficientViT
@@ -280,14 +284,8 @@ at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, int64_t out_chan
   return output;
 }
 
-// The three entry points: the op (packs, then runs), the packing alone, and the op on packed
-// weights.
-
-at::Tensor patch_embed_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-                           bool final_relu) {
-  check_patch_embed(x, weights, biases);
-  return run_stem(x, pack_stem(weights, biases), weights.back().size(0), final_relu);
-}
+// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
+// the op, which packs once per set of weights (cached_packing) and runs.
 
 at::Tensor patch_embed_packed_cpu(const at::Tensor& x, const PackedWeights& weights,
                                   bool final_relu) {
@@ -307,8 +305,21 @@ Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases) {
       std::vector<int64_t>{weights.back().size(0)}, weights[0].size(1), weights[0].scalar_type());
 }
 
-}  // namespace efficientvit::cpu
-
-TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
-  m.impl("patch_embed", &efficientvit::cpu::patch_embed_cpu);
+at::Tensor patch_embed_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                           bool final_relu) {
+  check_patch_embed(x, weights, biases);
+  std::vector<at::Tensor> tensors(weights.begin(), weights.end());
+  tensors.insert(tensors.end(), biases.begin(), biases.end());
+  const Packed packed = cached_packing("patch_embed", tensors, {}, [&] {
+    return patch_embed_pack_cpu(weights, biases);
+  });
+  return patch_embed_packed_cpu(x, *packed, final_relu);
 }
+
+EFFICIENTVIT_ISA_END
+
+#if EFFICIENTVIT_ISA_LAST_PASS
+TORCH_LIBRARY_IMPL(efficientvit, CPU, m) {
+  m.impl("patch_embed", EFFICIENTVIT_SELECT_ISA(patch_embed_cpu));
+}
+#endif
