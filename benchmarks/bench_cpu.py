@@ -12,11 +12,9 @@
 Writes <out>.json (device, versions, date) and <out>.md.
 """
 import argparse
-import datetime
 import io
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -24,7 +22,7 @@ import torch
 import efficientvit_kernels as K
 import python_ref as R
 from efficientvit_kernels.testing import layer_shapes, random_dwconv_params, random_ffn_params, relative_error
-from efficientvit_kernels.timing import device_name, time_interleaved
+from efficientvit_kernels.timing import run_metadata, time_interleaved
 
 
 def median_times(runners, inputs, **kwargs):
@@ -131,7 +129,7 @@ def bench_ffn_dwconv(models, batch, rates):
     return rows
 
 
-def onnx_session(model, x):
+def onnx_session(model, x, threads=1):
     try:
         import onnxruntime as ort
     except ImportError:
@@ -140,7 +138,7 @@ def onnx_session(model, x):
     torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False,
                       opset_version=17)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
     return lambda t: session.run(None, {"x": t.numpy()})
 
@@ -182,7 +180,7 @@ def bench_models(models, batch, resolution, compile_reference, rates):
 
 def markdown(meta, layers, ffn_dwconv, models):
     out = [f"# CPU benchmark, {meta['date']}", "",
-           f"{meta['device']}; torch {meta['torch']}; {meta['threads']} thread; batch {meta['batch']}; fp32; "
+           f"{meta['device']}; CPU kernels {meta['cpu_isa']} (built: {', '.join(meta['built_isas'])}); torch {meta['torch']}; {meta['threads']} thread; batch {meta['batch']}; fp32; "
            f"median of timed runs after warm-up, two inputs alternated; the runners of a row are "
            f"timed in interleaved rounds (one call each per round), so their ratios hold on a "
            f"machine whose speed drifts.", "",
@@ -251,8 +249,7 @@ def main():
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    meta = dict(device=device_name("cpu"), torch=torch.__version__, **versions, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    meta = dict(run_metadata("cpu"), **versions,
                 threads=args.threads, batch=args.batch, resolution=args.resolution,
                 copy_bytes_per_s=rates[0], matmul_macs_per_s=rates[1],
                 onednn_matmul_macs_per_s=rates[2], ffn_gemm_macs_per_s=rates[3],

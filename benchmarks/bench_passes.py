@@ -9,10 +9,8 @@ Writes <out>.json (device, versions, date, every timing's 10th/50th/90th percent
 <out>.md.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -22,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import efficientvit_kernels as K  # noqa: E402
 import python_ref as R  # noqa: E402
-from efficientvit_kernels.timing import device_name, time_interleaved  # noqa: E402
+from efficientvit_kernels.timing import run_metadata, time_interleaved  # noqa: E402
 
 
 def variants(model):
@@ -56,13 +54,12 @@ def main(argv=None):
                                  rounds=timing.samples, relative_to_all_passes=timing.median / base))
             print(f"  {name} batch {batch}: " + ", ".join(
                 f"{k} {v.median * 1e3:.2f} ms" for k, v in t.items()), file=sys.stderr)
-    meta = dict(device=device_name("cpu"), torch=torch.__version__, python=platform.python_version(),
-                date=datetime.datetime.now().isoformat(timespec="seconds"), threads=1,
+    meta = dict(run_metadata("cpu"), threads=1,
                 command="python benchmarks/bench_passes.py " + " ".join(argv or sys.argv[1:]))
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     lines = [f"# Conversion passes on CPU, {meta['date'][:10]}", "",
-             f"{meta['device']}; torch {meta['torch']}; 1 thread; fp32; 224x224; `{meta['command']}`.",
+             f"{meta['device']}; CPU kernels {meta['cpu_isa']} (built: {', '.join(meta['built_isas'])}); torch {meta['torch']}; 1 thread; fp32; 224x224; `{meta['command']}`.",
              "Medians of interleaved rounds; time relative to the model with every default pass "
              "(above 1: slower without the pass). `all passes (copy)` is the same model timed "
              "again: how far two identical runners differ in this run.", "",

@@ -10,21 +10,18 @@ torch.compile of it). Prints one table (img/s, latency, speedup, error); exits 1
 fails, 2 (one line on stderr) if an option is wrong.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 
 import torch
 
 import python_ref
 
-from . import __version__, convert
+from . import convert
 from .modules import BACKENDS, backend_ops
 from .testing import errors, tolerance
-from .timing import device_name, time_interleaved
+from .timing import device_name, run_metadata, time_interleaved
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -170,15 +167,6 @@ def _table(rows, args):
     return "\n".join(lines)
 
 
-def _commit():
-    """The git commit of the checkout this package runs from, or None."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv=None):
     args = _parse(argv)
     if args.device == "cpu":
@@ -206,9 +194,7 @@ def main(argv=None):
           + (f", {args.threads} thread(s)" if args.device == "cpu" else ""))
     print(_table(rows, args))
     if args.json:
-        meta = dict(device_name=device, efficientvit_kernels=__version__, commit=_commit(),
-                    torch=torch.__version__, python=platform.python_version(),
-                    date=datetime.datetime.now().isoformat(timespec="seconds"),
+        meta = dict(run_metadata(args.device),
                     **{k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
                        for k, v in vars(args).items() if k not in ("json", "checkpoint_state")})
         with open(args.json, "w") as f:

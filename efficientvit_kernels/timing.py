@@ -3,14 +3,17 @@ measured). ``time_interleaved`` times several runners against each other in inte
 rounds (CPU: wall clock; CUDA: events per call); ``time_gpu`` times one CUDA callable with
 ``triton.testing.do_bench`` (L2 cleared before each call). Both return ``Timing``: quantiles,
 not only the median, so the spread of a run is reported with it."""
+import datetime
+import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["Timing", "device_name", "time_interleaved", "time_gpu"]
+__all__ = ["Timing", "device_name", "run_metadata", "time_interleaved", "time_gpu"]
 
 
 class Timing(NamedTuple):
@@ -94,3 +97,23 @@ def device_name(device):
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _commit():
+    """The git commit of the checkout this package runs from, or None."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(device):
+    """What a results file records about the run: the device, the library's version, commit and
+    build (CPU instruction-set levels built and the one running), torch and Python versions,
+    date and time."""
+    from . import __version__, ops
+    return dict(device=device_name(device), efficientvit_kernels=__version__, commit=_commit(),
+                built_isas=ops.built_isas(), cpu_isa=ops.cpu_isa(), torch=torch.__version__,
+                python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

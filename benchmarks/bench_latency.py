@@ -1,0 +1,113 @@
+"""CPU latency: each model's forward at batch 1 (and 16) on one thread (and two), fused against
+the eager reference, ONNX Runtime on the same folded model, and the fused model's deployment
+forms (torch.export's module, optionally an AOTInductor package), optionally torch.compile of
+the reference; all timed in this process in interleaved rounds.
+
+    python benchmarks/bench_latency.py [--models m0,m1,m2,m3,m4,m5] [--batches 1,16]
+        [--threads 1,2] [--seconds 20] [--aoti] [--compile] [--out benchmarks/results/cpu_latency]
+
+Writes <out>.json (device, versions, build, date; every timing's 10th/50th/90th percentiles)
+and <out>.md (medians with the 10-90% spread; ratios against ONNX Runtime).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import efficientvit_kernels as K  # noqa: E402
+import python_ref as R  # noqa: E402
+from bench_cpu import onnx_session  # noqa: E402
+from efficientvit_kernels.testing import assert_close  # noqa: E402
+from efficientvit_kernels.timing import run_metadata, time_interleaved  # noqa: E402
+
+
+def runners(name, batch, threads, args, workdir):
+    """{label: forward} for one model, each checked against the float64 reference first."""
+    model = R.randomize_(R.build(name))
+    folded = R.fold_batchnorm(model)
+    x = torch.randn(batch, 3, 224, 224)
+    fused = K.convert(model)
+    out = {"eager": model}
+    if args.compile:
+        out["torch.compile"] = torch.compile(model)
+    session = onnx_session(folded, x, threads)
+    if session is not None:
+        out["onnxruntime"] = lambda t: torch.from_numpy(session(t)[0])
+    out["fused"] = fused
+    program = torch.export.export(fused, (x,))
+    out["fused, exported"] = program.module()
+    if args.aoti:
+        path = os.path.join(workdir, f"{name}_b{batch}.pt2")
+        torch._inductor.aoti_compile_and_package(program, package_path=path)
+        out["fused, AOTInductor"] = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        ref = folded.double()(x.double())
+        for label, fn in out.items():
+            assert_close(fn(x), ref, torch.float32, what=f"{name} {label}")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="m0,m1,m2,m3,m4,m5")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--seconds", type=float, default=20.0, help="timing budget per row")
+    p.add_argument("--aoti", action="store_true", help="add an AOTInductor package (compiles)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile of the reference")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_latency"))
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
+        for threads in map(int, args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for batch in map(int, args.batches.split(",")):
+                for name in args.models.split(","):
+                    fns = runners(name, batch, threads, args, workdir)
+                    inputs = [torch.randn(batch, 3, 224, 224) for _ in range(2)]
+                    timings = time_interleaved(fns, inputs, warmup=5, budget_s=args.seconds,
+                                               max_rounds=2000)
+                    rows.append(dict(model=name, batch=batch, threads=threads, ms_p10_median_p90={
+                        k: [v.p10 * 1e3, v.median * 1e3, v.p90 * 1e3] for k, v in timings.items()},
+                        rounds=timings["fused"].samples))
+                    print(f"{name} b{batch} t{threads}: " + ", ".join(
+                        f"{k} {v.median * 1e3:.2f} ms" for k, v in timings.items()),
+                        file=sys.stderr)
+    meta = dict(run_metadata("cpu"), seconds_per_row=args.seconds,
+                command="python benchmarks/bench_latency.py " + " ".join(argv or sys.argv[1:]))
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta, rows):
+    labels = list(rows[0]["ms_p10_median_p90"])
+    lines = [f"# CPU latency, {meta['date'][:10]}", "",
+             f"{meta['device']}; CPU kernels {meta['cpu_isa']} (built: "
+             f"{', '.join(meta['built_isas'])}); torch {meta['torch']}; fp32; 224x224; commit "
+             f"{(meta['commit'] or '?')[:10]}; `{meta['command']}`.", "",
+             "Median forward, ms (10th-90th percentile), all forms of a row timed in "
+             "interleaved rounds; `x ORT`: ONNX Runtime's median / fused's (above 1: fused is "
+             "faster).", "",
+             "| model | batch | threads | " + " | ".join(labels) + " | x ORT |",
+             "|---|---|---|" + "---|" * (len(labels) + 1)]
+    for r in rows:
+        t = r["ms_p10_median_p90"]
+        cells = [f"{t[k][1]:.2f} ({t[k][0]:.2f}-{t[k][2]:.2f})" for k in labels]
+        vs_ort = f"{t['onnxruntime'][1] / t['fused'][1]:.2f}" if "onnxruntime" in t else "-"
+        lines.append(f"| {r['model'].upper()} | {r['batch']} | {r['threads']} | "
+                     + " | ".join(cells) + f" | {vs_ort} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
