@@ -1,8 +1,6 @@
 """Inference modules holding folded weights (as buffers) that call the fused ops."""
 import functools
-import operator
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,116 +42,43 @@ def backend_ops(backend):
     return ops
 
 
-class _Packing(NamedTuple):
-    """A module's packed weights and what they were packed from."""
-    packed: object      # a torch.classes.efficientvit_cpu.PackedWeights
-    run: object         # its run(x, flag) method, bound once (a lookup costs a few us a call)
-    weights: tuple      # the buffers packed
-    versions: list      # their version counters then
-    dtype: torch.dtype  # their dtype
-
-
-def _versions(tensors):
-    # An inference tensor (made under torch.inference_mode) has no version counter; it can only
-    # change in place inside inference mode (call repack() after that).
-    return [-1 if t.is_inference() else t._version for t in tensors]
-
-
 class _Fused(nn.Module):
-    """Shared plumbing: the backend, a device check for the compiled backends, and the weights
-    packed for the CPU kernel where the module's op has one that reads packed weights.
+    """Shared plumbing: the backend, a device check for the compiled backends, and the op call.
 
-    Packing happens at construction (in ``convert``) for weights on CPU, and again before a
-    CPU call whenever a weight buffer was replaced (``.to()``, assignment) or changed in
-    place since (its version counter moved, as ``load_state_dict`` and in-place ops do). A
-    write through ``.data`` moves no version counter: call ``repack()`` after one. Under
-    ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` the module calls the op on the
-    unpacked weights, so a traced graph never holds a stale packing. The packing is private to the build and is
-    neither copied nor pickled: a copy packs again at its first CPU call.
+    On CPU the op packs the module's weights on its first call and reuses the packing while the
+    weight buffers are unchanged (see ``ops.clear_packing_cache``, to call after a write through
+    ``.data``). The module holds no packing: copies, pickles, ``.to()``, ``torch.compile``,
+    ``torch.export`` and ``torch.jit.trace`` see plain buffers and the public op.
     """
 
     _op = None          # the op's name in torch.ops.efficientvit
     _weight_names = ()  # the buffers the op reads, in its argument order
-    _packs = False      # the CPU backend packs the op's weights (efficientvit_cpu.<op>_pack)
 
     def __init__(self, backend):
         super().__init__()
         backend_ops(backend)  # an unknown or unavailable backend fails here
         self.backend = backend
-        self._packed = None
 
     def _set_weights(self, **weights):
         for name, t in weights.items():
             self.register_buffer(name, t.detach().clone().contiguous())
-        if self._packs_for_cpu() and all(t.device.type == "cpu" for t in self._weights()):
-            self.repack()
 
     def _weights(self):
         return tuple(self._buffers[name] for name in self._weight_names)
 
-    def _packs_for_cpu(self):
-        return self._packs and self.backend in ("auto", "cpu")
-
-    def _pack_args(self):
-        """The pack op's arguments after the weights."""
-        return ()
-
     def _flags(self):
-        """The op's arguments after the weights and the pack arguments (for an op with packed
-        weights: the one flag its kernel on them takes)."""
+        """The op's arguments after the weights."""
         return ()
-
-    def repack(self):
-        """Packs the weights for the CPU kernel now (see the class docstring for when)."""
-        weights = self._weights()
-        pack = getattr(torch.ops.efficientvit_cpu, f"{self._op}_pack")
-        packed = pack(*self._pack_inputs(), *self._pack_args())
-        self._packed = _Packing(packed, packed.run, weights, _versions(weights), weights[0].dtype)
-
-    def _pack_inputs(self):
-        """The pack op's weight arguments."""
-        return self._weights()
-
-    def _cpu_packing(self, x):
-        """The packing when the CPU kernel on packed weights serves x, else None."""
-        # Traced and compiled graphs record the public op: the packing's method is no op
-        # (a tracer would not see its kernel).
-        if (x.device.type != "cpu" or not self._packs_for_cpu() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()):
-            return None
-        weights = self._weights()
-        packing = self._packed
-        # The common case first, in few Python steps (it runs before every op): the same
-        # buffers, unchanged, packed for x's dtype (so all on CPU).
-        if (packing is not None and packing.dtype == x.dtype
-                and all(map(operator.is_, weights, packing.weights))
-                and _versions(weights) == packing.versions):
-            return packing
-        if any(t.device.type != "cpu" or t.dtype != x.dtype for t in weights):
-            return None  # the plain op reports the mismatch
-        self.repack()
-        return self._packed
 
     def forward(self, x):
         if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
             raise RuntimeError(f"{type(self).__name__} was converted with backend={self.backend!r} "
                                f"but got a tensor on {x.device}")
-        packing = self._cpu_packing(x)
-        if packing is not None:
-            return packing.run(x, *self._flags())
         return getattr(backend_ops(self.backend), self._op)(x, *self._op_args())
 
     def _op_args(self):
         """The op's arguments after x."""
-        return (*self._weights(), *self._pack_args(), *self._flags())
-
-    def _apply(self, fn, recurse=True):
-        self._packed = None  # the buffers are replaced; repacked at the next CPU call
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        return {**state, "_packed": None}
+        return (*self._weights(), *self._flags())
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: fail with a way out, not deep inside the compiler
@@ -170,7 +95,6 @@ class FusedCGA(_Fused):
     _op = "cga"
     _weight_names = ("qkv_weight", "qkv_bias", "dw_weight", "dw_bias", "attention_bias",
                      "proj_weight", "proj_bias")
-    _packs = True
 
     def __init__(self, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
                  proj_bias, window_size, scale, residual, backend="auto"):
@@ -182,11 +106,8 @@ class FusedCGA(_Fused):
                           dw_bias=dw_bias, attention_bias=attention_bias, proj_weight=proj_weight,
                           proj_bias=proj_bias)
 
-    def _pack_args(self):
-        return self.window_size, self.scale
-
     def _flags(self):
-        return (self.residual,)
+        return self.window_size, self.scale, self.residual
 
     def extra_repr(self):
         heads, kd, K = self.dw_weight.shape[:3]
@@ -218,7 +139,6 @@ class FusedFFN(_Fused):
 
     _op = "ffn"
     _weight_names = ("w1", "b1", "w2", "b2")
-    _packs = True
 
     def __init__(self, w1, b1, w2, b2, residual, backend="auto"):
         super().__init__(backend)
@@ -239,7 +159,6 @@ class FusedConv1x1(_Fused):
     convolution and ReLU after it, ``relu(dwconv(y) + dw_bias)``, in the same op."""
 
     _op = "conv1x1"
-    _packs = True
 
     def __init__(self, weight, bias, relu, dw_weight=None, dw_bias=None, backend="auto"):
         super().__init__(backend)
@@ -247,9 +166,6 @@ class FusedConv1x1(_Fused):
         depthwise = {} if dw_weight is None else {"dw_weight": dw_weight, "dw_bias": dw_bias}
         self._weight_names = ("weight", "bias", *depthwise)
         self._set_weights(weight=weight, bias=bias, **depthwise)
-
-    def _flags(self):
-        return (self.relu,)
 
     def _op_args(self):
         weight, bias, *depthwise = self._weights()
@@ -266,7 +182,6 @@ class FusedPatchEmbed(_Fused):
     (the last only with ``final_relu``), in one op (``patch_embed``; channels-last output)."""
 
     _op = "patch_embed"
-    _packs = True
 
     def __init__(self, weights, biases, final_relu, backend="auto"):
         super().__init__(backend)
@@ -280,15 +195,9 @@ class FusedPatchEmbed(_Fused):
         self._weight_names = tuple(tensors)
         self._set_weights(**tensors)
 
-    def _pack_inputs(self):
-        tensors = self._weights()  # weight0, bias0, weight1, ...
-        return list(tensors[::2]), list(tensors[1::2])
-
-    def _flags(self):
-        return (self.final_relu,)
-
     def _op_args(self):
-        return (*self._pack_inputs(), self.final_relu)
+        tensors = self._weights()  # weight0, bias0, weight1, ...
+        return list(tensors[::2]), list(tensors[1::2]), self.final_relu
 
     def extra_repr(self):
         tensors = self._weights()

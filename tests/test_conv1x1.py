@@ -171,7 +171,7 @@ def test_fused_conv1x1_module():
     module = K.FusedConv1x1(weight, bias, relu=True)
     with torch.no_grad():
         assert_close(module(x), ref)
-        module.weight.mul_(2)  # repacked: the version counter moved
+        module.weight.mul_(2)  # repacked: the version counter moved (the op's cache)
         assert_close(module(x), functional.conv1x1(x, 2 * weight, bias, True))
         # the spec path, which the module takes on devices without the op
         assert_close(K.FusedConv1x1(weight, bias, True, backend="reference")(x), ref)
