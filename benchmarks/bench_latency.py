@@ -44,8 +44,9 @@ def runners(name, batch, threads, args, workdir):
     program = torch.export.export(fused, (x,))
     out["fused, exported"] = program.module()
     if args.aoti:
-        path = os.path.join(workdir, f"{name}_b{batch}.pt2")
-        torch._inductor.aoti_compile_and_package(program, package_path=path)
+        path = os.path.join(workdir, f"{name}_b{batch}.pt2")  # one package for all threads
+        if not os.path.exists(path):
+            torch._inductor.aoti_compile_and_package(program, package_path=path)
         out["fused, AOTInductor"] = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
         ref = folded.double()(x.double())
