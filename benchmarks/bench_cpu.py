@@ -139,6 +139,9 @@ def onnx_session(model, x, threads=1):
                       opset_version=17)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    # Its worker threads would otherwise spin for a while after each run, on the core the next
+    # runner of an interleaved round needs (that doubled the fused model's time at 2 threads).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
     return lambda t: session.run(None, {"x": t.numpy()})
 

@@ -99,16 +99,18 @@ def markdown(meta, rows):
              f"{', '.join(meta['built_isas'])}); torch {meta['torch']}; fp32; 224x224; commit "
              f"{(meta['commit'] or '?')[:10]}; `{meta['command']}`.", "",
              "Median forward, ms (10th-90th percentile), all forms of a row timed in "
-             "interleaved rounds; `x ORT`: ONNX Runtime's median / fused's (above 1: fused is "
-             "faster).", "",
-             "| model | batch | threads | " + " | ".join(labels) + " | x ORT |",
-             "|---|---|---|" + "---|" * (len(labels) + 1)]
+             "interleaved rounds; `x ORT`: ONNX Runtime's median over the fused model's, eager "
+             "and as an AOTInductor package (above 1: fused is faster).", "",
+             "| model | batch | threads | " + " | ".join(labels) + " | x ORT | x ORT, AOTI |",
+             "|---|---|---|" + "---|" * (len(labels) + 2)]
     for r in rows:
         t = r["ms_p10_median_p90"]
         cells = [f"{t[k][1]:.2f} ({t[k][0]:.2f}-{t[k][2]:.2f})" for k in labels]
-        vs_ort = f"{t['onnxruntime'][1] / t['fused'][1]:.2f}" if "onnxruntime" in t else "-"
+        for form in ("fused", "fused, AOTInductor"):
+            cells.append(f"{t['onnxruntime'][1] / t[form][1]:.2f}"
+                         if "onnxruntime" in t and form in t else "-")
         lines.append(f"| {r['model'].upper()} | {r['batch']} | {r['threads']} | "
-                     + " | ".join(cells) + f" | {vs_ort} |")
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
