@@ -1,9 +1,9 @@
-// Weights packed once for a CPU kernel, ahead of the calls: a private detail of the CPU backend,
-// which FusedCGA, FusedFFN, FusedConv1x1 and FusedPatchEmbed use on CPU. The op X_pack
-// (parameters) returns a PackedWeights (schemas in packed_weights.cpp, namespace
-// efficientvit_cpu); its method run(x, flag) computes op X on x. The tensors are in the
-// kernel's layout (transposed, padded to the build's vector width, ...) and stay inside the
-// object; the sizes the packing fixed travel with them, so no call can contradict them.
+// Weights packed once for a CPU kernel, ahead of the calls: a private detail of the CPU backend.
+// The ops pack through cached_packing (below); the op X_pack (parameters) returns a
+// PackedWeights too (schemas in packed_weights.cpp, namespace efficientvit_cpu), whose method
+// run(x, flag) computes op X on x. The tensors are in the kernel's layout (transposed, padded to
+// the running instruction-set level's vector width, ...) and stay inside the object; the sizes
+// the packing fixed travel with them, so no call can contradict them.
 // (run is a method, not an op taking the object: a custom-class argument costs an op call from
 // Python ~25 us more than a method call does, several times a small kernel's time.)
 #pragma once
