@@ -345,7 +345,9 @@ def source_profiles(source, ptxas_output, sass_by_arch=None):
         if not rec["entry"]:
             continue  # device functions: their frames count in their callers' cumulative stack
         kernel = short_name(rec["name"])
-        threads, dynamic = launches.get(kernel.split("<")[0], (None, None))
+        # a source that launches its kernel's variants through one pointer has one launch
+        only = next(iter(launches.values())) if len(launches) == 1 else (None, None)
+        threads, dynamic = launches.get(kernel.split("<")[0], only)
         shared = rec["static_shared_bytes"] + (dynamic or 0)
         instr = sass.get(rec["arch"], {}).get(rec["mangled"], {})
         rows.append({

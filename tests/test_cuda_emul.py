@@ -90,6 +90,9 @@ DWCONV_CASES = {
     # 7x7 kernel wider than the map; 2 blocks, the second partial
     "k7_cl": (4, 7, 1, 3, 9, True, False, True),
     "batch0": (4, 3, 0, 3, 3, False, False, True),
+    # channels last, 16 channels: 16-byte packs of 4 (fp32) or 8 (16-bit) channels per thread
+    "k3_cl_packs": (16, 3, 2, 5, 3, True, True, True),
+    "k5_cl_packs": (24, 5, 1, 4, 6, True, False, False),
 }
 
 
@@ -106,6 +109,28 @@ def run_dwconv(ops, case, dtype, order=FORWARD, seed=0):
 @pytest.mark.parametrize("case", list(DWCONV_CASES))
 def test_dwconv_emul(emul, case, dtype):
     check(*run_dwconv(emul, DWCONV_CASES[case], dtype), dtype)
+
+
+def unaligned_channels_last(x):
+    """x, channels last, in a storage that starts one element past a 16-byte boundary."""
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)[1:]
+    out = storage.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+    out.copy_(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.data_ptr() % 16 != 0
+    return out
+
+
+def run_dwconv_unaligned(ops, dtype):
+    """16 channels last, as k3_cl_packs, but x not 16-byte aligned: one channel per thread."""
+    weight, bias = random_dwconv_params(16, 3, dtype=dtype)
+    x = unaligned_channels_last(random_input(2, 16, 5, 3, dtype=dtype))
+    out = ops.dwconv(x, weight, bias, True, True, FORWARD, 0)
+    return out, functional.dwconv(x.double(), weight.double(), bias.double(), True, True)
+
+
+@DTYPES
+def test_dwconv_emul_unaligned(emul, dtype):
+    check(*run_dwconv_unaligned(emul, dtype), dtype)
 
 
 # ffn cases: (C, M, B, H, W, channels_last, residual, smem_target or None)
@@ -154,6 +179,9 @@ MUTANTS = {
     # padding rows of a window past the map's bottom edge read as tokens, past the end of x
     "cga_padding_bound": ("cga.cuh", "if (y < p.H && x < p.W)", "if (y <= p.H && x < p.W)",
                           "global memory: x[2400] is out of bounds (2400 elements)"),
+    # 16-byte packs planned for an x that is not 16-byte aligned
+    "dwconv_unaligned_packs": ("dwconv.cuh", "C % V == 0 && aligned16(x) &&", "C % V == 0 &&",
+                               "is not 16-byte aligned"),
 }
 
 
@@ -188,20 +216,27 @@ def mutants(tmp_path_factory):
         return dict(zip(MUTANTS, pool.map(one, MUTANTS)))
 
 
-def emulated_checks(ops):
-    """The failures of a few emulated checks (test_cga_emul's) that reach every planted bug."""
+def emulated_checks(ops, name):
+    """The failures of a few emulated checks (test_cga_emul's, or test_dwconv_emul_unaligned's
+    for a dwconv mutant) that reach every planted bug."""
+    if MUTANTS[name][0] == "dwconv.cuh":
+        runs = [(f"dwconv unaligned {t}", t, lambda t=t: run_dwconv_unaligned(ops, t))
+                for t in (torch.float32, torch.float16)]
+    else:
+        runs = [(f"cga padded {t}", t, lambda t=t: run_cga(ops, CGA_CASES["padded"], t))
+                for t in (torch.float32, torch.float16)]
     failures = []
-    for case, dtype in (("padded", torch.float32), ("padded", torch.float16)):
+    for what, dtype, run in runs:
         try:
-            check(*run_cga(ops, CGA_CASES[case], dtype), dtype)
+            check(*run(), dtype)
         except (AssertionError, RuntimeError) as e:
-            failures.append(f"cga {case} {dtype}: {str(e).splitlines()[0]}")
+            failures.append(f"{what}: {str(e).splitlines()[0]}")
     return failures
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_emul_catches_mutant(mutants, name):
-    failures = emulated_checks(mutants[name])
+    failures = emulated_checks(mutants[name], name)
     print(f"{name}: " + "; ".join(failures))
     assert failures, f"mutant {name} passed the emulated checks"
     assert all(MUTANTS[name][3] in f for f in failures), failures

@@ -118,6 +118,42 @@ void allow_smem(Kernel* kernel, int64_t bytes) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// V consecutive elements of T, 16 bytes where V = kVec16<T>: what one thread moves in one
+// 128-bit global access (LDG.E.128 / STG.E.128). V = 1 is a plain scalar access.
+template <class T>
+constexpr int kVec16 = 16 / sizeof(T);
+
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// The pack at p, which must be aligned to its size (the emulation checks it).
+template <class T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(global_ptr<const T> p) {
+  Pack<T, V> r;
+#ifdef EFFICIENTVIT_EMULATION
+  if (const T* s = p.span(V)) std::copy(s, s + V, r.v);
+#else
+  r = *reinterpret_cast<const Pack<T, V>*>(p);
+#endif
+  return r;
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_pack(global_ptr<T> p, const Pack<T, V>& r) {
+#ifdef EFFICIENTVIT_EMULATION
+  if (T* s = p.span(V)) std::copy(r.v, r.v + V, s);
+#else
+  *reinterpret_cast<Pack<T, V>*>(p) = r;
+#endif
+}
+
+// Whether a tensor's data can be read in 16-byte packs along its last, contiguous, dimension.
+inline bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
 // Row length, in elements, of a matrix in shared memory: padded to 4 mod 32, so that
 // successive rows start on different banks.
 __host__ __device__ inline int64_t padded(int64_t n) { return n + (36 - n % 32) % 32; }

@@ -17,17 +17,13 @@ at::Tensor dwconv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   if (out.numel() == 0) return out;
 
   const at::Tensor xc = x.contiguous(format), wc = weight.contiguous(), bc = bias.contiguous();
-  const DwconvLaunch plan = plan_dwconv(xc);
+  const DwconvLaunch plan = plan_dwconv(xc, format, out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   EFFICIENTVIT_DISPATCH(x.scalar_type(), "efficientvit_dwconv_cuda", [&] {
     using T = scalar_t;
     const DwconvArgs<T> args = dwconv_args<T>(plan, xc, format, out, wc, bc, relu, residual);
-    const unsigned blocks = static_cast<unsigned>(plan.blocks);
-    if (!plan.wide) {
-      dwconv_kernel<T, int32_t><<<blocks, kThreads, 0, stream>>>(args);
-    } else {
-      dwconv_kernel<T, int64_t><<<blocks, kThreads, 0, stream>>>(args);
-    }
+    const DwconvKernel<T> kernel = dwconv_kernel_for<T>(plan);
+    kernel<<<static_cast<unsigned>(plan.blocks), kThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -1,9 +1,12 @@
 // Depthwise KxK convolution, zero padding K/2: out = [x +] [relu](dwconv(x) + bias). The kernel
 // and its launch plan, shared by dwconv.cu and the CPU emulation (tests/emulation).
 //
-// One thread per output element, walking the tensor in memory order so that a warp reads
-// and writes consecutive addresses; the K*K neighbours it reads were loaded by nearby
-// threads and come from L1/L2, so device memory sees x once and out once.
+// Each thread computes V consecutive channels of one pixel, walking the tensor in memory order
+// so that a warp reads and writes consecutive addresses; the K*K neighbours it reads were
+// loaded by nearby threads and come from L1/L2, so device memory sees x once and out once.
+// Channels-last with C a multiple of 16 bytes' worth: V fills 16 bytes, every access of x and
+// out is one 128-bit load or store, and the index arithmetic (divisions) is paid once per V
+// outputs, outside the K*K loop. Otherwise V = 1.
 #pragma once
 
 #include <algorithm>
@@ -28,55 +31,84 @@ struct DwconvArgs {
 };
 
 // I: the index type, 32-bit where the tensor allows (64-bit division is several times slower).
-template <class T, class I>
+// V: channels per thread (1, or kVec16<T> with channels last).
+template <class T, class I, int V>
 __global__ void __launch_bounds__(kThreads) dwconv_kernel(const DwconvArgs<T> p) {
-  const I C = p.C, H = p.H, W = p.W, total = static_cast<I>(p.total);
+  const I C = p.C, H = p.H, W = p.W, items = static_cast<I>(p.total / V);
   const I sh = p.channels_last ? W * C : W, sw = p.channels_last ? C : 1;
   const int K = p.K, pad = p.K / 2;
-  for (I e = blockIdx.x * static_cast<I>(blockDim.x) + threadIdx.x; e < total;
+  for (I e = blockIdx.x * static_cast<I>(blockDim.x) + threadIdx.x; e < items;
        e += static_cast<I>(gridDim.x) * blockDim.x) {
-    // e walks memory order, so it is also the element's offset in x and out
+    // item e covers elements e*V .. e*V+V-1 in memory order, also their offsets in x and out
+    const I at = e * V;
     I c, y, x;
     if (p.channels_last) {
-      c = e % C;
-      x = e / C % W;
-      y = e / (C * W) % H;
+      const I pixel = at / C;
+      c = at - pixel * C;
+      x = pixel % W;
+      y = pixel / W % H;
     } else {
-      x = e % W;
-      y = e / W % H;
-      c = e / (W * H) % C;
+      x = at % W;
+      y = at / W % H;
+      c = at / (W * H) % C;
     }
-    const global_ptr<const T> plane = p.x + (e - y * sh - x * sw);  // (b, c, 0, 0)
-    const global_ptr<const T> wc = p.weight + c * K * K;
-    float acc = to_float(p.bias[c]);
+    const global_ptr<const T> plane = p.x + (at - y * sh - x * sw);  // (b, c, 0, 0)
+    float acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = to_float(p.bias[c + v]);
     for (int ky = 0; ky < K; ++ky) {
       const I yy = y + ky - pad;
       if (yy < 0 || yy >= H) continue;
       for (int kx = 0; kx < K; ++kx) {
         const I xx = x + kx - pad;
         if (xx < 0 || xx >= W) continue;
-        acc += to_float(wc[ky * K + kx]) * to_float(plane[yy * sh + xx * sw]);
+        const Pack<T, V> in = load_pack<T, V>(plane + (yy * sh + xx * sw));
+        const int tap = ky * K + kx;
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] += to_float(p.weight[(c + v) * K * K + tap]) * to_float(in.v[v]);
       }
     }
-    if (p.relu) acc = relu(acc);
-    if (p.residual) acc += to_float(p.x[e]);
-    p.out[e] = T(acc);
+    Pack<T, V> result;
+    const Pack<T, V> skip = p.residual ? load_pack<T, V>(p.x + at) : Pack<T, V>{};
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      float r = p.relu ? relu(acc[v]) : acc[v];
+      if (p.residual) r += to_float(skip.v[v]);
+      result.v[v] = T(r);
+    }
+    store_pack<T, V>(p.out + at, result);
   }
 }
 
-// The launch plan of a dwconv call: dwconv_kernel<T, I><<<blocks, kThreads>>>, I = int64_t
-// where wide, else int32_t.
+template <class T>
+using DwconvKernel = void (*)(DwconvArgs<T>);
+
+// The launch plan of a dwconv call: dwconv_kernel<T, I, V><<<blocks, kThreads>>>, I = int64_t
+// where wide, else int32_t; V = kVec16<T> where vector, else 1.
 struct DwconvLaunch {
   int64_t total, blocks;
-  bool wide;
+  bool wide, vector;
 };
 
-inline DwconvLaunch plan_dwconv(const at::Tensor& x) {
-  const int64_t total = x.numel();
+inline DwconvLaunch plan_dwconv(const at::Tensor& x, at::MemoryFormat format,
+                                const at::Tensor& out) {
+  const int64_t total = x.numel(), C = x.size(1), V = 16 / x.element_size();
+  const bool vector = format == at::MemoryFormat::ChannelsLast && C % V == 0 && aligned16(x) &&
+                      aligned16(out);
+  const int64_t items = vector ? total / V : total;
   // grid-stride loop: a few waves' worth of blocks covers any size
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 1 << 20);
-  // the loop index reaches total + one grid's worth of threads
-  return {total, blocks, total + blocks * kThreads > INT32_MAX};
+  const int64_t blocks = std::min<int64_t>(ceil_div(items, kThreads), 1 << 20);
+  // the loop index reaches items + one grid's worth of threads, and the element offset total
+  return {total, blocks, std::max(total, items + blocks * kThreads) > INT32_MAX, vector};
+}
+
+// The kernel variant the plan launches.
+template <class T>
+DwconvKernel<T> dwconv_kernel_for(const DwconvLaunch& l) {
+  if (l.vector) {
+    return l.wide ? dwconv_kernel<T, int64_t, kVec16<T>> : dwconv_kernel<T, int32_t, kVec16<T>>;
+  }
+  return l.wide ? dwconv_kernel<T, int64_t, 1> : dwconv_kernel<T, int32_t, 1>;
 }
 
 // The kernel's arguments: x and out dense in `format`, weight and bias contiguous.

@@ -75,17 +75,12 @@ at::Tensor dwconv(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   if (out.numel() == 0) return out;
 
   const at::Tensor xc = x.contiguous(format), wc = weight.contiguous(), bc = bias.contiguous();
-  const DwconvLaunch plan = plan_dwconv(xc);
+  const DwconvLaunch plan = plan_dwconv(xc, format, out);
   EFFICIENTVIT_DISPATCH(x.scalar_type(), "efficientvit_dwconv_emulated", [&] {
     using T = scalar_t;
     const DwconvArgs<T> args = dwconv_args<T>(plan, xc, format, out, wc, bc, relu, residual);
-    const auto o = static_cast<Order>(order);
-    const auto s = static_cast<unsigned>(seed);
-    if (!plan.wide) {
-      emulation::launch(dwconv_kernel<T, int32_t>, plan.blocks, kThreads, 0, args, o, s);
-    } else {
-      emulation::launch(dwconv_kernel<T, int64_t>, plan.blocks, kThreads, 0, args, o, s);
-    }
+    emulation::launch(dwconv_kernel_for<T>(plan), plan.blocks, kThreads, 0, args,
+                      static_cast<Order>(order), static_cast<unsigned>(seed));
   });
   return out;
 }

@@ -97,6 +97,23 @@ class Checked {
   operator Checked<const T>() const { return {base_, size_, name_, at_}; }
 
   Checked operator+(int64_t i) const { return {base_, size_, name_, at_ + i}; }
+  // The n elements from here, for one access of n * sizeof(T) bytes (a vector load or store,
+  // an async copy): in bounds and aligned to its size, as the hardware requires; null if not.
+  T* span(int64_t n) const {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(base_ + at_);
+    if (at_ < 0 || at_ + n > size_) {
+      fail(std::string("global memory: ") + name_ + "[" + std::to_string(at_) + ":" +
+           std::to_string(at_ + n) + "] is out of bounds (" + std::to_string(size_) +
+           " elements)");
+      return nullptr;
+    }
+    if (address % (n * sizeof(T)) != 0) {
+      fail(std::string("global memory: ") + name_ + "[" + std::to_string(at_) + "] is not " +
+           std::to_string(n * sizeof(T)) + "-byte aligned");
+      return nullptr;
+    }
+    return base_ + at_;
+  }
   T& operator[](int64_t i) const {
     const int64_t at = at_ + i;
     if (at < 0 || at >= size_) {
