@@ -139,9 +139,16 @@ FFN_CASES = {
     "partial_rows": (24, 40, 1, 5, 7, False, True, None),
     # 81 pixels in two blocks of 64; hidden 300 = chunks of 128, 128, 44; 20 channels
     "chunks_cl": (20, 300, 1, 9, 9, True, False, None),
-    # a tiny shared-memory target: 16 rows per block, two images
-    "rows16": (8, 24, 2, 3, 5, False, True, 1),
+    # a tiny shared-memory target: 16 rows per block (fp32; 16-bit keeps 32), two images;
+    # hidden 12: less than one 16-bit k step
+    "rows16": (8, 12, 2, 3, 5, False, True, 1),
     "batch0": (8, 16, 0, 2, 2, False, True, None),
+    # channels last, C and M multiples of 8: 16-bit x and weights arrive by cp.async; 70 pixels
+    # in one block of 80 rows; hidden 72 = chunks of 32, 32 and 8 (16-bit)
+    "packs_cl": (32, 72, 1, 7, 10, True, True, None),
+    # NCHW: x element by element, the weights in packs; 130 pixels: two blocks of 128 rows
+    # (16-bit), the second with 2 pixels; hidden 40 = 32 + 8
+    "packs_nchw": (16, 40, 2, 5, 13, False, True, None),
 }
 
 
@@ -179,6 +186,16 @@ MUTANTS = {
     # padding rows of a window past the map's bottom edge read as tokens, past the end of x
     "cga_padding_bound": ("cga.cuh", "if (y < p.H && x < p.W)", "if (y <= p.H && x < p.W)",
                           "global memory: x[2400] is out of bounds (2400 elements)"),
+    # the first product starts before this chunk's W1 has landed (its copies still in flight)
+    "ffn_mma_early_read": ("ffn.cuh", "    cp_async_wait<1>();  // X and this chunk's W1",
+                           "    cp_async_wait<2>();  // X and this chunk's W1", "relative error"),
+    # the second product's k steps cover the whole chunk: past a first chunk under 16 (hidden 12
+    # of rows16), W2's columns were never written (NaN)
+    "ffn_mma_k_past_chunk": ("ffn.cuh", "mma_smem<T>(R, C, (mc + 15) / 16 * 16, H",
+                             "mma_smem<T>(R, C, chunk, H", "relative error"),
+    # ldmatrix's B rows for the second n8 tile pair taken 8 rows down instead of 16
+    "mma_smem_b_rows": ("cuda_utils.cuh", "ldmatrix_x4(b23, b_row + 16 * ldb + k);",
+                        "ldmatrix_x4(b23, b_row + 8 * ldb + k);", "relative error"),
     # 16-byte packs planned for an x that is not 16-byte aligned
     "dwconv_unaligned_packs": ("dwconv.cuh", "C % V == 0 && aligned16(x) &&", "C % V == 0 &&",
                                "is not 16-byte aligned"),
@@ -217,11 +234,14 @@ def mutants(tmp_path_factory):
 
 
 def emulated_checks(ops, name):
-    """The failures of a few emulated checks (test_cga_emul's, or test_dwconv_emul_unaligned's
-    for a dwconv mutant) that reach every planted bug."""
+    """The failures of a few emulated checks that reach every planted bug: test_cga_emul's,
+    test_ffn_emul's for the 16-bit ffn and its product, test_dwconv_emul_unaligned's for dwconv."""
     if MUTANTS[name][0] == "dwconv.cuh":
         runs = [(f"dwconv unaligned {t}", t, lambda t=t: run_dwconv_unaligned(ops, t))
                 for t in (torch.float32, torch.float16)]
+    elif name.startswith(("ffn", "mma_smem")):
+        runs = [(f"ffn {c} {t}", t, lambda c=c, t=t: run_ffn(ops, FFN_CASES[c], t))
+                for c in ("packs_cl", "rows16") for t in (torch.float16, torch.bfloat16)]
     else:
         runs = [(f"cga padded {t}", t, lambda t=t: run_cga(ops, CGA_CASES["padded"], t))
                 for t in (torch.float32, torch.float16)]

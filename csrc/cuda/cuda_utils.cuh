@@ -234,6 +234,63 @@ struct Mma<c10::BFloat16> {
   }
 };
 
+// Shared-memory address of a generic pointer into shared memory, as PTX's .shared operands take.
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+#ifdef EFFICIENTVIT_EMULATION
+  return 0;  // unused: the emulated instructions take the pointer
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// Starts an asynchronous 16-byte copy from global to shared memory (cp.async.cg: through L2
+// only, not L1). It lands by the cp_async_wait that covers its group: cp_async_commit closes
+// the thread's group of copies, and the barrier after the wait makes them visible to the block.
+template <class T>
+__device__ __forceinline__ void cp_async16(T* dst, global_ptr<const T> src) {
+#ifdef EFFICIENTVIT_EMULATION
+  if (const T* s = src.span(kVec16<T>)) emulation::cp_async(dst, s);
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(dst)), "l"(src));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef EFFICIENTVIT_EMULATION
+  emulation::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `pending` of the thread's newest committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef EFFICIENTVIT_EMULATION
+  emulation::cp_async_wait(pending);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+// ldmatrix .x4: four 8x8 matrices of 16-bit elements from shared memory, one warp-wide load.
+// Lane l gives the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned) and gets
+// in r[i] matrix i's elements (l / 4, 2 (l % 4) + {0, 1}): the layout of an mma.sync fragment.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef EFFICIENTVIT_EMULATION
+  emulation::ldmatrix_x4(r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row)));
+#endif
+}
+
+// Leading dimension, in elements, of a 16-bit matrix that mma_smem reads with ldmatrix: rows
+// whole 16-element k steps, plus 8 elements so that a row starts 16 bytes (mod 128) after the
+// one above it and the eight rows of one 8x8 matrix fall in different banks.
+__host__ __device__ inline int64_t ld_mma(int64_t k) { return (k + 15) / 16 * 16 + 8; }
+
 // fp32 inputs: each thread owns a 4x4 tile of outputs and runs FMAs in fp32, which keeps
 // fp32 results at fp32 accuracy (tensor cores would round operands to tf32).
 template <class A, class B, class E>
@@ -303,6 +360,50 @@ __device__ __forceinline__ void gemm_mma(int batch, int M, int N, int K, A a, B 
         const int m = m0 + 8 * h;
         if (m < M && n < N) epi(bi, m, n, acc[j][2 * h]);
         if (m < M && n + 1 < N) epi(bi, m, n + 1, acc[j][2 * h + 1]);
+      }
+    }
+  }
+}
+
+// Block-wide matrix product of 16-bit operands in shared memory: for m < M, n < N,
+//   epi(m, n, sum_{k < K} A[m * lda + k] * B[n * ldb + k]),
+// products in fp32 on tensor cores. A is M x K and B (weight-like, output x input) N x K, row
+// major with leading dimensions from ld_mma. The caller provides what the fragments read
+// beyond the product: M a multiple of 16; B rows up to the next multiple of 32 (their values
+// only reach masked-out columns); and zeros in both from column K to the next multiple of 16.
+// Each warp takes 16 x 32 output tiles; per 16-wide k step one ldmatrix gives its A fragment
+// and two give the B fragments of its four n8 tiles, for four mma.sync (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16"). Every thread of the block calls it; no barrier inside.
+template <class T, class E>
+__device__ __forceinline__ void mma_smem(int M, int N, int K, const T* A, int lda, const T* B,
+                                         int ldb, E epi) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int tiles_m = M / 16, tiles = tiles_m * ((N + 31) / 32);
+  for (int item = threadIdx.x / 32; item < tiles; item += blockDim.x / 32) {
+    const int m0 = item % tiles_m * 16, n0 = item / tiles_m * 32;
+    // A: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8 (a0..a3);
+    // B: lane l addresses row l % 8 + 8 (l / 16), column 8 (l / 8 % 2): b0, b1 of two n8 tiles
+    const T* a_row = A + (m0 + lane % 16) * lda + lane / 16 * 8;
+    const T* b_row = B + (n0 + lane % 8 + lane / 16 * 8) * ldb + lane / 8 % 2 * 8;
+    float acc[4][4] = {};
+    for (int k = 0; k < K; k += 16) {
+      uint32_t a[4], b01[4], b23[4];
+      ldmatrix_x4(a, a_row + k);
+      ldmatrix_x4(b01, b_row + k);
+      ldmatrix_x4(b23, b_row + 16 * ldb + k);
+      Mma<T>::run(acc[0], a, {b01[0], b01[1]});
+      Mma<T>::run(acc[1], a, {b01[2], b01[3]});
+      Mma<T>::run(acc[2], a, {b23[0], b23[1]});
+      Mma<T>::run(acc[3], a, {b23[2], b23[3]});
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + 8 * j + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // rows g and g + 8
+        const int m = m0 + g + 8 * h;
+        if (n < N) epi(m, n, acc[j][2 * h]);
+        if (n + 1 < N) epi(m, n + 1, acc[j][2 * h + 1]);
       }
     }
   }

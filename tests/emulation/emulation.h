@@ -10,9 +10,16 @@
 //     thread writes later in the same phase, so gives a wrong answer deterministically.
 //   - __syncthreads: reached by every thread of the block, else the launch fails.
 //   - warp collectives, all 32 lanes meeting (full mask only; a lane missing fails the
-//     launch): __shfl_xor_sync, and mma.sync m16n8k16 row.col f32 += f16/bf16 x f16/bf16
+//     launch): __shfl_xor_sync, mma.sync m16n8k16 row.col f32 += f16/bf16 x f16/bf16
 //     (mma_m16n8k16, called by Mma<T>::run) with the fragment layouts of the PTX ISA, products
-//     of the 16-bit operands exact, sums in fp32.
+//     of the 16-bit operands exact, sums in fp32; and ldmatrix m8n8 .x4 (ldmatrix_x4), every
+//     lane's 16-byte row checked to lie in the dynamic shared memory, aligned, and all rows
+//     read when the last lane arrives, as one warp-wide load.
+//   - cp.async of 16 bytes, global to shared (cp_async): the source is read and checked when
+//     the copy is issued, and the bytes land in shared memory only when the issuing thread
+//     waits for its group (cp_async_wait after cp_async_commit), so a read before the wait, or
+//     by another thread before the barrier after it, sees the old contents (NaN). A thread that
+//     ends with copies not waited for fails the launch.
 //   - threadIdx, blockIdx, blockDim, gridDim (x only: y and z are 0 and 1).
 //   - dynamic shared memory: exactly the launch's bytes, 16-byte aligned, filled with NaN
 //     (0x7fc0 halves: NaN as fp32, fp16 and bf16; a huge offset as int64) at each block's start;
@@ -143,12 +150,23 @@ struct Warp {
   int arrived = 0;
   float shfl[2][32];
   uint32_t a[2][32][4], b[2][32][2];
+  const unsigned char* rows[2][32];  // ldmatrix: each lane's row address
+  uint32_t loaded[2][32][4];          // ldmatrix: each lane's registers
+};
+
+// A cp.async in flight: its bytes, read at issue, and where and when they land.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+  unsigned group;  // the commit group it belongs to (the thread's count of commits at issue)
 };
 
 struct Fiber {
   ucontext_t context;
   State state;
   unsigned round;  // collectives this thread has entered
+  std::vector<AsyncCopy> copies;
+  unsigned commits;
 };
 
 struct Block {
@@ -184,21 +202,92 @@ inline void yield(State state) {
 inline void syncthreads() { yield(State::kBarrier); }
 
 // The running lane enters its next warp collective: returns the buffer round (0 or 1) once
-// all 32 lanes of its warp have deposited theirs.
-template <class Deposit>
-int warp_meet(Deposit deposit) {
+// all 32 lanes of its warp have deposited theirs; the last lane to arrive runs `complete`
+// first, before any lane goes on.
+template <class Deposit, class Complete>
+int warp_meet(Deposit deposit, Complete complete) {
   Fiber& f = block.fibers[block.current];
   const int lane = block.current % 32, round = f.round++ % 2;
   Warp& w = block.warps[block.current / 32];
   deposit(w, round, lane);
   if (++w.arrived == 32) {
     w.arrived = 0;
+    complete(w, round);
     for (int l = 0; l < 32; ++l) block.fibers[block.current - lane + l].state = State::kRunnable;
     yield(State::kRunnable);
   } else {
     yield(State::kWarp);
   }
   return round;
+}
+
+template <class Deposit>
+int warp_meet(Deposit deposit) {
+  return warp_meet(deposit, [](Warp&, int) {});
+}
+
+// Whether [p, p + bytes) lies in the launch's dynamic shared memory, aligned to `align`; fails
+// the launch (naming `what`) if not.
+inline bool in_smem(const void* p, size_t bytes, size_t align, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const unsigned char* start = dynamic_smem();
+  if (c < start || c + bytes > start + block.smem_bytes) {
+    fail(std::string(what) + ": shared-memory address outside the launch's " +
+         std::to_string(block.smem_bytes) + " bytes");
+    return false;
+  }
+  if (static_cast<size_t>(c - start) % align != 0) {
+    fail(std::string(what) + ": shared-memory address not " + std::to_string(align) +
+         "-byte aligned");
+    return false;
+  }
+  return true;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of matrix
+// l / 8 (8 16-bit elements), and gets in r[i] matrix i's elements (l / 4, 2 (l % 4) + {0, 1}).
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const int round = warp_meet(
+      [&](Warp& w, int rd, int l) { w.rows[rd][l] = static_cast<const unsigned char*>(row); },
+      [](Warp& w, int rd) {
+        for (int l = 0; l < 32; ++l) {
+          if (!in_smem(w.rows[rd][l], 16, 16, "ldmatrix")) return;
+        }
+        for (int l = 0; l < 32; ++l)
+          for (int i = 0; i < 4; ++i)
+            std::memcpy(&w.loaded[rd][l][i], w.rows[rd][8 * i + l / 4] + 4 * (l % 4), 4);
+      });
+  const int lane = block.current % 32;
+  std::copy(block.warps[block.current / 32].loaded[round][lane],
+            block.warps[block.current / 32].loaded[round][lane] + 4, r);
+}
+
+// cp.async.cg.shared.global, 16 bytes: read now, landed by cp_async_wait.
+inline void cp_async(void* dst, const void* src) {
+  if (!in_smem(dst, 16, 16, "cp.async")) return;
+  Fiber& f = block.fibers[block.current];
+  AsyncCopy c{static_cast<unsigned char*>(dst), {}, f.commits};
+  std::memcpy(c.bytes, src, 16);
+  f.copies.push_back(c);
+}
+
+// cp.async.commit_group: closes the running thread's group of copies.
+inline void cp_async_commit() { ++block.fibers[block.current].commits; }
+
+// cp.async.wait_group pending: the running thread's copies land, all but those of its newest
+// `pending` groups (and of its open group).
+inline void cp_async_wait(unsigned pending) {
+  Fiber& f = block.fibers[block.current];
+  const unsigned landed = f.commits > pending ? f.commits - pending : 0;
+  std::vector<AsyncCopy> still;
+  for (const AsyncCopy& c : f.copies) {
+    if (c.group < landed) {
+      std::memcpy(c.dst, c.bytes, 16);
+    } else {
+      still.push_back(c);
+    }
+  }
+  f.copies = std::move(still);
 }
 
 inline float shfl_xor(unsigned mask, float v, int offset) {
@@ -242,7 +331,9 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
 
 inline void fiber_main() {
   block.body();
-  block.fibers[block.current].state = State::kDone;  // uc_link returns to the scheduler
+  Fiber& f = block.fibers[block.current];
+  if (!f.copies.empty()) fail("a thread ended with cp.async copies it never waited for");
+  f.state = State::kDone;  // uc_link returns to the scheduler
 }
 
 inline void resume(int t) {
@@ -265,6 +356,8 @@ inline bool run_block(int threads, Order order, std::mt19937& rng) {
     makecontext(&f.context, fiber_main, 0);
     f.state = State::kRunnable;
     f.round = 0;
+    f.copies.clear();
+    f.commits = 0;
   }
   for (Warp& w : block.warps) w.arrived = 0;
   for (int t = 0; t < threads; ++t) block.order[t] = order == Order::kReverse ? threads - 1 - t : t;
