@@ -27,7 +27,9 @@ from efficientvit_kernels import cuda_static  # noqa: E402
 COLUMNS = (("registers", "regs"), ("stack_bytes", "local B"), ("static_shared_bytes", "smem B"),
            ("dynamic_shared_bytes", "dyn smem B"), ("threads", "threads"),
            ("blocks_per_sm", "blocks/SM"), ("tensor_core_instructions", "tensor-core"),
-           ("sass_instructions", "SASS"), ("widest_global_load_bits", "widest load"))
+           ("sass_instructions", "SASS"), ("mma_loop_density", "instr/MMA loop"),
+           ("cp_async", "cp.async"), ("ldmatrix", "ldmatrix"),
+           ("widest_global_load_bits", "widest load"), ("widest_global_store_bits", "widest store"))
 
 
 def triton_rows(archs, jobs):
@@ -52,7 +54,10 @@ def markdown(result):
              "kernels have no local arrays; 0 everywhere is the rule); `smem B`/`dyn smem B`: static / dynamic "
              "shared memory per block (CUDA: the planner's target, set at launch); "
              "`blocks/SM`: resident blocks those allow; `tensor-core`: HMMA/HGMMA "
-             "instructions; `widest load`: bits per thread of the widest global load.", ""]
+             "instructions; `instr/MMA loop`: SASS instructions per tensor-core instruction in "
+             "the worst innermost loop holding them (a GEMM main loop's overhead); `cp.async`, "
+             "`ldmatrix`: LDGSTS and LDSM instructions; `widest load`/`widest store`: bits per "
+             "thread of the widest global load and store.", ""]
     for arch in sorted({r["arch"] for r in result["rows"]}, reverse=True):
         lines += [f"## sm_{arch}", "",
                   "| backend | kernel | variant | " + " | ".join(h for _, h in COLUMNS) + " |",
@@ -63,7 +68,8 @@ def markdown(result):
             if "error" in r:
                 cells = [f"compile error: {r['error']}"] + [""] * (len(COLUMNS) - 1)
             else:
-                cells = ["-" if r.get(k) is None else str(r[k]) for k, _ in COLUMNS]
+                cells = ["-" if r.get(k) is None else f"{r[k]:.1f}" if isinstance(r[k], float)
+                         else str(r[k]) for k, _ in COLUMNS]
             lines.append(f"| {r['backend']} | {r['kernel']} | {r.get('variant', '')} | "
                          + " | ".join(cells) + " |")
         lines.append("")

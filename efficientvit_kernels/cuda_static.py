@@ -12,8 +12,9 @@ launch, so a row's ``dynamic_shared_bytes`` is what the source plans for, read f
 launches: 0 where a launch passes 0; kSmemTarget (cuda_utils.cuh, 80 KB) where it passes a
 plan's bytes and the source plans against kSmemTarget (cga.cu and ffn.cu shrink their tile,
 windows or pixel rows per block, until the plan fits it, exceed it only where one window or 16
-rows need more, and plan less for small shapes); None otherwise. ``threads`` is the launch's
-block size (kThreads). ``blocks_per_sm`` is the occupancy those bytes and ptxas's registers
+rows need more, and plan less for small shapes; ffn's fp16/bf16 variants keep at least 64 rows
+where the device allows, past kSmemTarget for 256 channels or more); None otherwise.
+``threads`` is the launch's block size (kThreads). ``blocks_per_sm`` is the occupancy those bytes and ptxas's registers
 allow on a device of the architecture's limits (A100 / H100 class) under the largest
 shared-memory carve-out: the design point; a small shape may fit more blocks, one big window
 fewer. Needs a source checkout (csrc/ is not installed).
@@ -214,7 +215,10 @@ def function_sass(object_path, arch):
 
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 # "/*0040*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;": offset, optional predicate, opcode
-_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-fA-F]+\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_.]*)")
+_INSTRUCTION = re.compile(
+    r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
+# a branch's target address: "BRA 0x32b0", "BRA P1, 0x1540"
+_BRANCH_TARGET = re.compile(r"0x([0-9a-fA-F]+)\s*$")
 # mma.sync (HMMA, IMMA, ...), Hopper's wgmma (HGMMA, QGMMA, ...), Blackwell's tcgen05 (UTC*MMA)
 _TENSOR_CORE = re.compile(r"^(?:[HIDBQO]MMA|[HIQB]GMMA|UTC\w*MMA)$")
 _WIDTHS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "16": 16, "64": 64, "128": 128, "256": 256}
@@ -226,14 +230,34 @@ def _access_bits(opcode):
     return max((_WIDTHS[m] for m in opcode.split(".")[1:] if m in _WIDTHS), default=32)
 
 
+def mma_loop_density(code):
+    """Instructions per tensor-core instruction in the tensor-core loops of one function's code
+    ([(address, base opcode, operands)], NOPs left out): the worst over its innermost loops that
+    hold tensor-core instructions (a loop: a backward branch and the code from its target to
+    it), None where no loop holds one. What a GEMM's main loop spends around each MMA."""
+    loops = []
+    for address, base, operands in code:
+        target = _BRANCH_TARGET.search(operands) if base == "BRA" else None
+        if target and int(target.group(1), 16) <= address:
+            body = [b for a, b, _ in code if int(target.group(1), 16) <= a <= address]
+            tensor = sum(1 for b in body if _TENSOR_CORE.match(b))
+            if tensor:
+                loops.append((int(target.group(1), 16), address, len(body), tensor))
+    innermost = [(n, t) for start, end, n, t in loops
+                 if not any(start <= s2 and e2 <= end and (s2, e2) != (start, end)
+                            for s2, e2, *_ in loops)]
+    return max((n / t for n, t in innermost), default=None)
+
+
 def sass_stats(sass_text):
     """Per-function instruction mix of one architecture's ``cuobjdump -sass`` listing.
 
     {mangled name: {"instructions" (NOP padding not counted), "tensor_core", "local_memory"
-    (LDL/STL), "widest_global_load_bits", "widest_global_store_bits" (0 if none; LDG/STG only,
-    generic LD/ST not counted), "cp_async" (LDGSTS), "ldmatrix" (LDSM)}}.
+    (LDL/STL), "widest_global_load_bits", "widest_global_store_bits" (0 if none; LDG, LDGSTS
+    and STG, generic LD/ST not counted), "cp_async" (LDGSTS), "ldmatrix" (LDSM),
+    "mma_loop_density" (``mma_loop_density``)}}.
     """
-    stats, current = {}, None
+    stats, code, current = {}, {}, None
     for line in sass_text.splitlines():
         if m := _FUNCTION.match(line):
             if m.group(1) in stats:
@@ -242,14 +266,16 @@ def sass_stats(sass_text):
                 "instructions": 0, "tensor_core": 0, "local_memory": 0,
                 "widest_global_load_bits": 0, "widest_global_store_bits": 0, "cp_async": 0,
                 "ldmatrix": 0}
+            code[m.group(1)] = []
             continue
         m = _INSTRUCTION.match(line)
         if current is None or m is None:
             continue
-        opcode = m.group(1)
+        opcode = m.group(2)
         base = opcode.split(".")[0]
         if base == "NOP":
             continue
+        code[next(reversed(code))].append((int(m.group(1), 16), base, m.group(3)))
         current["instructions"] += 1
         if _TENSOR_CORE.match(base):
             current["tensor_core"] += 1
@@ -261,10 +287,14 @@ def sass_stats(sass_text):
         elif base == "STG":
             current["widest_global_store_bits"] = max(current["widest_global_store_bits"],
                                                       _access_bits(opcode))
-        elif base == "LDGSTS":
+        elif base == "LDGSTS":  # cp.async: a global load too
             current["cp_async"] += 1
+            current["widest_global_load_bits"] = max(current["widest_global_load_bits"],
+                                                     _access_bits(opcode))
         elif base == "LDSM":
             current["ldmatrix"] += 1
+    for name, instructions in code.items():
+        stats[name]["mma_loop_density"] = mma_loop_density(instructions)
     return stats
 
 
@@ -371,6 +401,7 @@ def source_profiles(source, ptxas_output, sass_by_arch=None):
             "widest_global_store_bits": instr.get("widest_global_store_bits"),
             "cp_async": instr.get("cp_async"),
             "ldmatrix": instr.get("ldmatrix"),
+            "mma_loop_density": instr.get("mma_loop_density"),
         })
     return rows
 
@@ -436,13 +467,15 @@ _COLUMNS = (("kernel", "kernel"), ("arch", "sm"), ("registers", "regs"), ("stack
             ("threads", "threads"), ("blocks_per_sm", "blocks/SM"),
             ("sass_instructions", "instrs"), ("tensor_core_instructions", "tensor"),
             ("local_memory_instructions", "LDL/STL"), ("widest_global_load_bits", "ld bits"),
-            ("widest_global_store_bits", "st bits"), ("cp_async", "LDGSTS"), ("ldmatrix", "LDSM"))
+            ("widest_global_store_bits", "st bits"), ("cp_async", "LDGSTS"), ("ldmatrix", "LDSM"),
+            ("mma_loop_density", "instr/MMA"))
 
 
 def format_profiles(rows):
     """Profile rows as a plain-text table ("-" for unknown)."""
     cells = [[h for _, h in _COLUMNS]]
-    cells += [["-" if r.get(k) is None else str(r[k]) for k, _ in _COLUMNS] for r in rows]
+    cells += [["-" if r.get(k) is None else f"{r[k]:.1f}" if isinstance(r[k], float) else str(r[k])
+               for k, _ in _COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths))) for row in cells)

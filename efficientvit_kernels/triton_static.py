@@ -194,6 +194,7 @@ def profile(launch, arch):
         "widest_global_load_bits": stats["widest_global_load_bits"],
         "widest_global_store_bits": stats["widest_global_store_bits"],
         "cp_async": stats["cp_async"], "ldmatrix": stats["ldmatrix"],
+        "mma_loop_density": stats["mma_loop_density"],
         "compile_seconds": round(seconds, 2),
     }
 

@@ -1,5 +1,6 @@
 """The CUDA sources compile with nvcc for sm_80 and sm_90, also on machines without a GPU, and
-their kernels pass the static resource gate (efficientvit_kernels/cuda_static.py).
+their kernels pass the static resource gate (efficientvit_kernels/cuda_static.py) and meet
+their design targets (DESIGN_TARGETS below).
 
 setup.py builds csrc/cuda/*.cu only where torch has CUDA, so on a CPU-only CI machine a
 syntax or type error in them would land unnoticed; this test compiles each file (`nvcc -c`)
@@ -10,6 +11,7 @@ nvcc's resource report and the kernels' profile table. The compile test is skipp
 when nvcc is not installed; the parser and gate tests run everywhere.
 """
 import os
+import re
 import sys
 import tempfile
 
@@ -53,9 +55,11 @@ SASS = """\
         /*0070*/                   LDSM.16.M88.4 R16, [R0] ;
         /*0080*/             @!UP0 LDL R2, [R1] ;
         /*0090*/                   STG.E.64 desc[UR4][R2.64], R12 ;
-        /*00a0*/                   EXIT ;
-        /*00b0*/                   BRA 0xb0;
-        /*00c0*/                   NOP;
+        /*00a0*/               @P1 BRA 0x40 ;
+        /*00b0*/               @P2 BRA P3, 0x20 ;
+        /*00c0*/                   EXIT ;
+        /*00d0*/                   BRA 0xd0;
+        /*00e0*/                   NOP;
 \t\t..........
 
 \t\tFunction : _Z5cleanPf
@@ -89,13 +93,15 @@ def test_short_name():
 
 def test_sass_stats():
     stats = cuda_static.sass_stats(SASS)
+    # two loops hold the HMMA, 0x40-0xa0 (7 instructions) inside 0x20-0xb0; the innermost
+    # counts. BRA 0xd0 loops on itself, with no tensor-core instruction.
     assert stats["_Z5spillPf"] == {
-        "instructions": 12, "tensor_core": 1, "local_memory": 2, "widest_global_load_bits": 128,
-        "widest_global_store_bits": 64, "cp_async": 1, "ldmatrix": 1}
+        "instructions": 14, "tensor_core": 1, "local_memory": 2, "widest_global_load_bits": 128,
+        "widest_global_store_bits": 64, "cp_async": 1, "ldmatrix": 1, "mma_loop_density": 7.0}
     # LTC128B is a cache hint, not a 128-bit access
     assert stats["_Z5cleanPf"] == {
         "instructions": 3, "tensor_core": 0, "local_memory": 0, "widest_global_load_bits": 32,
-        "widest_global_store_bits": 8, "cp_async": 0, "ldmatrix": 0}
+        "widest_global_store_bits": 8, "cp_async": 0, "ldmatrix": 0, "mma_loop_density": None}
     with pytest.raises(ValueError):
         cuda_static.sass_stats(SASS + SASS)
 
@@ -168,5 +174,68 @@ def test_cuda_sources_compile():
     if cuda_static.cuobjdump_path():
         assert all(r["sass_instructions"] for r in rows), [
             (r["kernel"], r["arch"]) for r in rows if not r["sass_instructions"]]
-    violations = cuda_static.resource_violations(rows)
+    violations = cuda_static.resource_violations(rows) + design_violations(rows)
     assert not violations, "static resource gate:\n" + "\n".join(violations)
+
+
+# The design targets of the CUDA kernels, per variant (kernel name pattern): tensor-core
+# kernels stage operands by cp.async and feed mma.sync from ldmatrix with at most 12 SASS
+# instructions per MMA in their loops, and load 128 bits at a time; the fused kernels keep
+# two blocks per multiprocessor at the planner's design point; dwconv's channels-last packs
+# load and store 128 bits.
+DESIGN_TARGETS = {
+    r"(cga|ffn)_kernel<c10::(Half|BFloat16)>": dict(
+        tensor_core=True, max_mma_loop_density=12, cp_async=True, ldmatrix=True, load_bits=128,
+        min_blocks_per_sm=2),
+    r"(cga|ffn)_kernel<float>": dict(min_blocks_per_sm=2),
+    r"dwconv_kernel<float, \w+, 4>|dwconv_kernel<c10::\w+, \w+, 8>": dict(
+        load_bits=128, store_bits=128),
+}
+
+
+def design_violations(rows):
+    """What misses DESIGN_TARGETS, one line per finding; every target names some kernel."""
+    found, matched = [], set()
+    for r in rows:
+        for pattern, target in DESIGN_TARGETS.items():
+            if not re.fullmatch(pattern, r["kernel"]):
+                continue
+            matched.add(pattern)
+            where, misses = f"{r['kernel']} sm_{r['arch']}", []
+            if target.get("tensor_core") and not r["tensor_core_instructions"]:
+                misses.append("no tensor-core instruction")
+            density = r["mma_loop_density"]
+            if "max_mma_loop_density" in target and (
+                    density is None or density > target["max_mma_loop_density"]):
+                misses.append(f"{density} instructions per MMA in its loops")
+            if target.get("cp_async") and not r["cp_async"]:
+                misses.append("no cp.async (LDGSTS)")
+            if target.get("ldmatrix") and not r["ldmatrix"]:
+                misses.append("no ldmatrix (LDSM)")
+            if r["widest_global_load_bits"] < target.get("load_bits", 0):
+                misses.append(f"widest global load {r['widest_global_load_bits']} bits")
+            if r["widest_global_store_bits"] < target.get("store_bits", 0):
+                misses.append(f"widest global store {r['widest_global_store_bits']} bits")
+            if r["blocks_per_sm"] < target.get("min_blocks_per_sm", 0):
+                misses.append(f"{r['blocks_per_sm']} blocks per multiprocessor")
+            found += [f"{where}: {m}" for m in misses]
+    found += [f"no kernel matches the design target {p}" for p in DESIGN_TARGETS if p not in matched]
+    return found
+
+
+def test_design_violations():
+    """The targets' checks on canned rows: a kernel meeting them, one missing each."""
+    good = dict(kernel="ffn_kernel<c10::Half>", arch=90, tensor_core_instructions=8,
+                mma_loop_density=2.5, cp_async=2, ldmatrix=6, widest_global_load_bits=128,
+                widest_global_store_bits=16, blocks_per_sm=2)
+    rows = [good, dict(good, kernel="cga_kernel<c10::BFloat16>"),
+            dict(good, kernel="cga_kernel<float>"), dict(good, kernel="ffn_kernel<float>"),
+            dict(good, kernel="dwconv_kernel<float, int, 4>", widest_global_store_bits=128)]
+    assert design_violations(rows) == []
+    bad = dict(good, tensor_core_instructions=0, mma_loop_density=40.0, cp_async=0, ldmatrix=0,
+               widest_global_load_bits=16, blocks_per_sm=1)
+    found = design_violations([bad] + rows[1:])
+    assert len(found) == 6 and all(f.startswith("ffn_kernel<c10::Half> sm_90: ") for f in found)
+    assert "40.0 instructions per MMA" in found[1] and "1 blocks" in found[5]
+    assert design_violations(rows[:1]) == [
+        f"no kernel matches the design target {p}" for p in list(DESIGN_TARGETS)[1:]]

@@ -28,7 +28,7 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.b
                                  ids=lambda t: str(t).split(".")[1])
 
 
-# cga cases: (C, heads, kernels, window, B, H, W, channels_last, smem_target or None)
+# cga cases: (C, heads, kernels, window, B, H, W, channels_last, smem_target or None[, key dim])
 CGA_CASES = {
     # one whole-map window of 49 tokens, one head, 7x7 queries: four 16-row tiles, the last partial
     "whole_map": (16, 1, (7,), 7, 1, 7, 7, False, None),
@@ -39,12 +39,15 @@ CGA_CASES = {
     # as "padded" but a tiny shared-memory target: one window per block
     "one_window_per_block": (40, 4, (5, 3, 3, 1), 4, 2, 6, 5, False, 1),
     "batch0": (16, 2, (3, 3), 4, 0, 4, 4, False, None),
+    # no dimension a multiple of 8: value dim 9, key dim 8 (half a 16-bit k step), 36 channels;
+    # 5x5 windows (rows padded to 32 for 16-bit, two windows per block), partial at two edges
+    "odd_dims": (36, 4, (3, 5, 3, 1), 5, 1, 7, 6, True, None, 8),
 }
 
 
 def run_cga(ops, case, dtype, order=FORWARD, seed=0, residual=True):
-    C, heads, kernels, ws, B, H, W, cl, target = case
-    params = random_cga_params(C, heads, kernels, ws, dtype=dtype)
+    C, heads, kernels, ws, B, H, W, cl, target, *key_dim = case
+    params = random_cga_params(C, heads, kernels, ws, *key_dim, dtype=dtype)
     x = random_input(B, C, H, W, dtype=dtype, channels_last=cl)
     out = ops.cga(x, *cga_args(params), residual, order, seed, target or ops.smem_target())
     assert out.shape == x.shape and out.dtype == dtype
@@ -72,14 +75,16 @@ def test_cga_emul_thread_orders(emul, order, dtype):
 
 
 def test_cga_emul_plans(emul):
-    """The cases reach several windows per block, and one where the target says so."""
-    def wpb(case):
-        C, heads, kernels, ws, B, H, W, _, target = CGA_CASES[case]
-        p = random_cga_params(C, heads, kernels, ws)
-        return emul.cga_windows_per_block(random_input(B, C, H, W), p["qkv_weight"],
+    """The cases reach several windows per block, and one where the target says so; 16-bit
+    rows pad each window to a multiple of 16 (3x3 windows: 16 rows, four windows)."""
+    def wpb(case, dtype):
+        C, heads, kernels, ws, B, H, W, _, target, *key_dim = CGA_CASES[case]
+        p = random_cga_params(C, heads, kernels, ws, *key_dim, dtype=dtype)
+        return emul.cga_windows_per_block(random_input(B, C, H, W, dtype=dtype), p["qkv_weight"],
                                           p["dw_weight"], ws, target or emul.smem_target())
-    assert (wpb("whole_map"), wpb("padded"), wpb("heads8"), wpb("one_window_per_block")) == (
-        1, 4, 7, 1)
+    cases = ("whole_map", "padded", "heads8", "one_window_per_block", "odd_dims")
+    assert [wpb(c, torch.float32) for c in cases] == [1, 4, 7, 1, 2]
+    assert [wpb(c, torch.float16) for c in cases] == [1, 4, 4, 1, 2]
 
 
 # dwconv cases: (C, K, B, H, W, channels_last, relu, residual)
@@ -173,33 +178,51 @@ def test_ffn_dwconv_emul_thread_orders(emul, order):
     check(*run_dwconv(emul, DWCONV_CASES["k3_cl"], torch.float32, ORDERS[order], 5), torch.float32)
 
 
-# Planted bugs: (file under csrc/cuda, the text, its replacement, what the failure says)
+# Planted bugs: (file under csrc/cuda, the text, its replacement, what the failure says, the
+# emulated runs that must catch it: "op case" names, each run in the dtypes of CHECK_DTYPES)
 MUTANTS = {
-    # the barrier between the query dwconv (writes Q2) and the scores product (reads it): the
-    # scores read shared memory still NaN
+    # fp32: the barrier between the query dwconv (writes Q2) and the scores product (reads
+    # it): the scores read shared memory still NaN
     "cga_missing_syncthreads": ("cga.cuh",
                                 "      Q2[r * ldq2 + c] = acc;\n    }\n    __syncthreads();\n",
-                                "      Q2[r * ldq2 + c] = acc;\n    }\n", "relative error inf"),
-    # B fragments built from the next column: n = g + 1 instead of g
-    "mma_fragment_off_by_one": ("cuda_utils.cuh", "const int n = n0 + 8 * j + g;",
-                                "const int n = n0 + 8 * j + g + 1;", "relative error"),
+                                "      Q2[r * ldq2 + c] = acc;\n    }\n", "relative error inf",
+                                ("cga padded",)),
     # padding rows of a window past the map's bottom edge read as tokens, past the end of x
     "cga_padding_bound": ("cga.cuh", "if (y < p.H && x < p.W)", "if (y <= p.H && x < p.W)",
-                          "global memory: x[2400] is out of bounds (2400 elements)"),
+                          "global memory: x[2400] is out of bounds (2400 elements)",
+                          ("cga padded",)),
+    # 16-bit: attention weights written up to N only: P's k padding past 49 (or 25) tokens
+    # stays NaN
+    "cga_mma_p_padding": ("cga.cuh", "for (int n = lane; n < np; n += 32) {",
+                          "for (int n = lane; n < N; n += 32) {", "relative error",
+                          ("cga whole_map", "cga odd_dims")),
+    # 16-bit: the next head's qkv weight staged before this head's product has read the
+    # current one (right after the cascade): the product multiplies by the next head's
+    "cga_mma_early_stage": ("cga.cuh", "    cp_async_wait<0>();\n    __syncthreads();\n    // q (fp32",
+                            "    if (i + 1 < p.heads) stage_wqkv(i + 1);\n    cp_async_wait<0>();\n"
+                            "    __syncthreads();\n    // q (fp32", "relative error",
+                            ("cga padded", "cga odd_dims")),
+    # a warp tile's results written one column to the right
+    "mma_epilogue_off_by_one": ("cuda_utils.cuh", "const int n = n0 + 8 * j + 2 * t;",
+                                "const int n = n0 + 8 * j + 2 * t + 1;", "relative error",
+                                ("cga padded", "ffn packs_cl")),
+    # ldmatrix's B rows for the second n8 tile pair taken 8 rows down instead of 16
+    "mma_smem_b_rows": ("cuda_utils.cuh", "ldmatrix_x4(b23, b_row + 16 * ldb + k);",
+                        "ldmatrix_x4(b23, b_row + 8 * ldb + k);", "relative error",
+                        ("ffn packs_cl",)),
     # the first product starts before this chunk's W1 has landed (its copies still in flight)
     "ffn_mma_early_read": ("ffn.cuh", "    cp_async_wait<1>();  // X and this chunk's W1",
-                           "    cp_async_wait<2>();  // X and this chunk's W1", "relative error"),
+                           "    cp_async_wait<2>();  // X and this chunk's W1", "relative error",
+                           ("ffn packs_cl",)),
     # the second product's k steps cover the whole chunk: past a first chunk under 16 (hidden 12
     # of rows16), W2's columns were never written (NaN)
     "ffn_mma_k_past_chunk": ("ffn.cuh", "mma_smem<T>(R, C, (mc + 15) / 16 * 16, H",
-                             "mma_smem<T>(R, C, chunk, H", "relative error"),
-    # ldmatrix's B rows for the second n8 tile pair taken 8 rows down instead of 16
-    "mma_smem_b_rows": ("cuda_utils.cuh", "ldmatrix_x4(b23, b_row + 16 * ldb + k);",
-                        "ldmatrix_x4(b23, b_row + 8 * ldb + k);", "relative error"),
+                             "mma_smem<T>(R, C, chunk, H", "relative error", ("ffn rows16",)),
     # 16-byte packs planned for an x that is not 16-byte aligned
     "dwconv_unaligned_packs": ("dwconv.cuh", "C % V == 0 && aligned16(x) &&", "C % V == 0 &&",
-                               "is not 16-byte aligned"),
+                               "is not 16-byte aligned", ("dwconv unaligned",)),
 }
+CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def mutant_root(name, directory):
@@ -212,7 +235,7 @@ def mutant_root(name, directory):
         if f.endswith(".cuh"):
             shutil.copy(os.path.join(ROOT, "csrc", "cuda", f),
                         os.path.join(directory, "csrc", "cuda"))
-    source, old, new, _ = MUTANTS[name]
+    source, old, new, *_ = MUTANTS[name]
     path = os.path.join(directory, "csrc", "cuda", source)
     with open(path) as f:
         text = f.read()
@@ -234,23 +257,21 @@ def mutants(tmp_path_factory):
 
 
 def emulated_checks(ops, name):
-    """The failures of a few emulated checks that reach every planted bug: test_cga_emul's,
-    test_ffn_emul's for the 16-bit ffn and its product, test_dwconv_emul_unaligned's for dwconv."""
-    if MUTANTS[name][0] == "dwconv.cuh":
-        runs = [(f"dwconv unaligned {t}", t, lambda t=t: run_dwconv_unaligned(ops, t))
-                for t in (torch.float32, torch.float16)]
-    elif name.startswith(("ffn", "mma_smem")):
-        runs = [(f"ffn {c} {t}", t, lambda c=c, t=t: run_ffn(ops, FFN_CASES[c], t))
-                for c in ("packs_cl", "rows16") for t in (torch.float16, torch.bfloat16)]
-    else:
-        runs = [(f"cga padded {t}", t, lambda t=t: run_cga(ops, CGA_CASES["padded"], t))
-                for t in (torch.float32, torch.float16)]
+    """The failures of the emulated runs that must catch mutant ``name`` (test_cga_emul's,
+    test_ffn_emul's, test_dwconv_emul_unaligned's cases), in every dtype."""
     failures = []
-    for what, dtype, run in runs:
-        try:
-            check(*run(), dtype)
-        except (AssertionError, RuntimeError) as e:
-            failures.append(f"{what}: {str(e).splitlines()[0]}")
+    for run in MUTANTS[name][4]:
+        op, case = run.split()
+        for dtype in CHECK_DTYPES:
+            try:
+                if op == "cga":
+                    check(*run_cga(ops, CGA_CASES[case], dtype), dtype)
+                elif op == "ffn":
+                    check(*run_ffn(ops, FFN_CASES[case], dtype), dtype)
+                else:
+                    check(*run_dwconv_unaligned(ops, dtype), dtype)
+            except (AssertionError, RuntimeError) as e:
+                failures.append(f"{run} {dtype}: {str(e).splitlines()[0]}")
     return failures
 
 

@@ -20,7 +20,7 @@ at::Tensor cga_cuda(const at::Tensor& x, const at::Tensor& qkv_weight, const at:
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
   if (out.numel() == 0) return out;
 
-  const CgaLaunch plan = plan_cga(dims, kSmemTarget, smem_limit());
+  const CgaLaunch plan = plan_cga(dims, x.element_size(), kSmemTarget, smem_limit());
   const at::Tensor xc = x.contiguous(format);
   const at::Tensor params[] = {qkv_weight.contiguous(), qkv_bias.contiguous(),
                                dw_weight.contiguous(),  dw_bias.contiguous(),

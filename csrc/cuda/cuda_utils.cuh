@@ -195,11 +195,6 @@ struct Mma;
 
 template <>
 struct Mma<c10::Half> {
-  // Two values rounded to fp16 in one register, the first in the low half.
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
 #ifdef EFFICIENTVIT_EMULATION
@@ -216,10 +211,6 @@ struct Mma<c10::Half> {
 
 template <>
 struct Mma<c10::BFloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
 #ifdef EFFICIENTVIT_EMULATION
@@ -291,10 +282,95 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 // one above it and the eight rows of one 8x8 matrix fall in different banks.
 __host__ __device__ inline int64_t ld_mma(int64_t k) { return (k + 15) / 16 * 16 + 8; }
 
-// fp32 inputs: each thread owns a 4x4 tile of outputs and runs FMAs in fp32, which keeps
-// fp32 results at fp32 accuracy (tensor cores would round operands to tf32).
+// Block-wide matrix product of 16-bit operands in shared memory: for each batch entry
+// bi < batch and m < M, n < N,
+//   epi(bi, m, n, sum_{k < K} A[bi * a_step + m * lda + k] * B[bi * b_step + n * ldb + k]),
+// products in fp32 on tensor cores. A is M x K and B (weight-like, output x input) N x K, row
+// major with leading dimensions from ld_mma; steps in elements, multiples of 8. The caller
+// provides what the fragments read beyond the product: M a multiple of 16; B rows up to the
+// next multiple of 32 (their values only reach masked-out columns); and zeros in both from
+// column K to the next multiple of 16. Each warp takes 16 x 32 output tiles; per 16-wide k step
+// one ldmatrix gives its A fragment and two give the B fragments of its four n8 tiles, for four
+// mma.sync (PTX ISA, "Matrix Fragments for mma.m16n8k16"). Every thread of the block calls
+// it; no barrier inside.
+template <class T, class E>
+__device__ __forceinline__ void mma_smem(int batch, int M, int N, int K, const T* A, int lda,
+                                         int a_step, const T* B, int ldb, int b_step, E epi) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int tiles_m = M / 16, tiles = tiles_m * ((N + 31) / 32);
+  for (int item = threadIdx.x / 32; item < batch * tiles; item += blockDim.x / 32) {
+    const int bi = item / tiles, tile = item - bi * tiles;
+    const int m0 = tile % tiles_m * 16, n0 = tile / tiles_m * 32;
+    // A: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8 (a0..a3);
+    // B: lane l addresses row l % 8 + 8 (l / 16), column 8 (l / 8 % 2): b0, b1 of two n8 tiles
+    const T* a_row = A + bi * a_step + (m0 + lane % 16) * lda + lane / 16 * 8;
+    const T* b_row = B + bi * b_step + (n0 + lane % 8 + lane / 16 * 8) * ldb + lane / 8 % 2 * 8;
+    float acc[4][4] = {};
+    for (int k = 0; k < K; k += 16) {
+      uint32_t a[4], b01[4], b23[4];
+      ldmatrix_x4(a, a_row + k);
+      ldmatrix_x4(b01, b_row + k);
+      ldmatrix_x4(b23, b_row + 16 * ldb + k);
+      Mma<T>::run(acc[0], a, {b01[0], b01[1]});
+      Mma<T>::run(acc[1], a, {b01[2], b01[3]});
+      Mma<T>::run(acc[2], a, {b23[0], b23[1]});
+      Mma<T>::run(acc[3], a, {b23[2], b23[3]});
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + 8 * j + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // rows g and g + 8
+        const int m = m0 + g + 8 * h;
+        if (n < N) epi(bi, m, n, acc[j][2 * h]);
+        if (n + 1 < N) epi(bi, m, n + 1, acc[j][2 * h + 1]);
+      }
+    }
+  }
+}
+
+// One product (batch 1) of mma_smem.
+template <class T, class E>
+__device__ __forceinline__ void mma_smem(int M, int N, int K, const T* A, int lda, const T* B,
+                                         int ldb, E epi) {
+  mma_smem<T>(1, M, N, K, A, lda, 0, B, ldb, 0,
+              [&](int, int m, int n, float v) { epi(m, n, v); });
+}
+
+// Stages a rows x cols matrix of 16-bit T into shared memory (row r at dst + r * ldd) and zeros
+// columns cols .. the next multiple of 16. Row r, if present(r), starts at start(r) with its
+// elements col_stride apart; else it is zeros. 16-byte cp.async where `packs` says the rows are
+// contiguous and 16-byte aligned, element by element (plain stores) elsewhere.
+template <class T, class Present, class Start>
+__device__ __forceinline__ void stage_rows(int rows, int cols, int64_t col_stride, bool packs,
+                                           T* dst, int ldd, Present present, Start start) {
+  constexpr int V = kVec16<T>;
+  const int packs_per_row = (cols + 15) / 16 * 16 / V;
+  for (int e = threadIdx.x; e < rows * packs_per_row; e += blockDim.x) {
+    const int r = e / packs_per_row, c = (e - r * packs_per_row) * V;
+    T* d = dst + r * ldd + c;
+    if (!present(r)) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) d[i] = T(0.f);
+    } else if (packs && c + V <= cols) {
+      cp_async16(d, start(r) + c);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) d[i] = c + i < cols ? start(r)[(c + i) * col_stride] : T(0.f);
+    }
+  }
+}
+
+// Block-wide fp32 matrix product: for each batch entry bi < batch,
+//   epi(bi, m, n, sum_k a(bi, m, k) * b(bi, n, k))   for m < M, n < N,
+// with b indexed like a weight matrix (output, input). Operands come through accessors
+// returning float, called only in bounds, so one routine serves activations in shared memory
+// and weights in global memory. Each thread owns 4x4 tiles of outputs and runs FMAs in fp32,
+// which keeps fp32 results at fp32 accuracy (tensor cores would round operands to tf32);
+// 16-bit operands go through mma_smem. Every thread of the block must call it; it has no
+// barrier: the caller syncs before (operands written) and after (results written).
 template <class A, class B, class E>
-__device__ __forceinline__ void gemm_fma(int batch, int M, int N, int K, A a, B b, E epi) {
+__device__ __forceinline__ void block_gemm(int batch, int M, int N, int K, A a, B b, E epi) {
   constexpr int TM = 4, TN = 4;
   const int tiles_m = (M + TM - 1) / TM, tiles_n = (N + TN - 1) / TN;
   const int items = batch * tiles_m * tiles_n;
@@ -319,108 +395,6 @@ __device__ __forceinline__ void gemm_fma(int batch, int M, int N, int K, A a, B 
 #pragma unroll
       for (int j = 0; j < TN; ++j)
         if (m0 + i < M && n0 + j < N) epi(bi, m0 + i, n0 + j, acc[i][j]);
-  }
-}
-
-// fp16/bf16 inputs: each warp computes 16x32 tiles with mma.sync, operands rounded to T
-// (as a 16-bit matrix product would), products accumulated in fp32. Fragments are built
-// straight from the accessors (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane l holds
-// rows l/4 and l/4+8, columns 2(l%4)+{0,1} and +8 of A; B likewise with n = l/4.
-template <class T, class A, class B, class E>
-__device__ __forceinline__ void gemm_mma(int batch, int M, int N, int K, A a, B b, E epi) {
-  constexpr int NT = 4;  // n8 tiles per warp tile: one A fragment feeds four MMAs
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int tiles_m = (M + 15) / 16, tiles_n = (N + 8 * NT - 1) / (8 * NT);
-  const int items = batch * tiles_m * tiles_n;
-  for (int item = threadIdx.x / 32; item < items; item += blockDim.x / 32) {
-    const int tm = item % tiles_m, rest = item / tiles_m;
-    const int m0 = tm * 16 + g, n0 = rest % tiles_n * 8 * NT, bi = rest / tiles_n;
-    const auto ga = [&](int m, int k) { return m < M && k < K ? a(bi, m, k) : 0.f; };
-    const auto gb = [&](int n, int k) { return n < N && k < K ? b(bi, n, k) : 0.f; };
-    float acc[NT][4] = {};
-    for (int k0 = 0; k0 < K; k0 += 16) {
-      const int k = k0 + 2 * t;
-      const uint32_t af[4] = {Mma<T>::pack(ga(m0, k), ga(m0, k + 1)),
-                              Mma<T>::pack(ga(m0 + 8, k), ga(m0 + 8, k + 1)),
-                              Mma<T>::pack(ga(m0, k + 8), ga(m0, k + 9)),
-                              Mma<T>::pack(ga(m0 + 8, k + 8), ga(m0 + 8, k + 9))};
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int n = n0 + 8 * j + g;
-        const uint32_t bf[2] = {Mma<T>::pack(gb(n, k), gb(n, k + 1)),
-                                Mma<T>::pack(gb(n, k + 8), gb(n, k + 9))};
-        Mma<T>::run(acc[j], af, bf);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int n = n0 + 8 * j + 2 * t;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // rows m0 and m0 + 8
-        const int m = m0 + 8 * h;
-        if (m < M && n < N) epi(bi, m, n, acc[j][2 * h]);
-        if (m < M && n + 1 < N) epi(bi, m, n + 1, acc[j][2 * h + 1]);
-      }
-    }
-  }
-}
-
-// Block-wide matrix product of 16-bit operands in shared memory: for m < M, n < N,
-//   epi(m, n, sum_{k < K} A[m * lda + k] * B[n * ldb + k]),
-// products in fp32 on tensor cores. A is M x K and B (weight-like, output x input) N x K, row
-// major with leading dimensions from ld_mma. The caller provides what the fragments read
-// beyond the product: M a multiple of 16; B rows up to the next multiple of 32 (their values
-// only reach masked-out columns); and zeros in both from column K to the next multiple of 16.
-// Each warp takes 16 x 32 output tiles; per 16-wide k step one ldmatrix gives its A fragment
-// and two give the B fragments of its four n8 tiles, for four mma.sync (PTX ISA, "Matrix
-// Fragments for mma.m16n8k16"). Every thread of the block calls it; no barrier inside.
-template <class T, class E>
-__device__ __forceinline__ void mma_smem(int M, int N, int K, const T* A, int lda, const T* B,
-                                         int ldb, E epi) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int tiles_m = M / 16, tiles = tiles_m * ((N + 31) / 32);
-  for (int item = threadIdx.x / 32; item < tiles; item += blockDim.x / 32) {
-    const int m0 = item % tiles_m * 16, n0 = item / tiles_m * 32;
-    // A: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8 (a0..a3);
-    // B: lane l addresses row l % 8 + 8 (l / 16), column 8 (l / 8 % 2): b0, b1 of two n8 tiles
-    const T* a_row = A + (m0 + lane % 16) * lda + lane / 16 * 8;
-    const T* b_row = B + (n0 + lane % 8 + lane / 16 * 8) * ldb + lane / 8 % 2 * 8;
-    float acc[4][4] = {};
-    for (int k = 0; k < K; k += 16) {
-      uint32_t a[4], b01[4], b23[4];
-      ldmatrix_x4(a, a_row + k);
-      ldmatrix_x4(b01, b_row + k);
-      ldmatrix_x4(b23, b_row + 16 * ldb + k);
-      Mma<T>::run(acc[0], a, {b01[0], b01[1]});
-      Mma<T>::run(acc[1], a, {b01[2], b01[3]});
-      Mma<T>::run(acc[2], a, {b23[0], b23[1]});
-      Mma<T>::run(acc[3], a, {b23[2], b23[3]});
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = n0 + 8 * j + 2 * t;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // rows g and g + 8
-        const int m = m0 + g + 8 * h;
-        if (n < N) epi(m, n, acc[j][2 * h]);
-        if (n + 1 < N) epi(m, n + 1, acc[j][2 * h + 1]);
-      }
-    }
-  }
-}
-
-// Block-wide matrix product: for each batch entry bi < batch,
-//   epi(bi, m, n, sum_k a(bi, m, k) * b(bi, n, k))   for m < M, n < N,
-// with b indexed like a weight matrix (output, input). Operands come through accessors
-// returning float, called only in bounds, so one routine serves activations in shared memory
-// and weights in global memory. Every thread of the block must call it; it has no barrier:
-// the caller syncs before (operands written) and after (results written).
-template <class T, class A, class B, class E>
-__device__ __forceinline__ void block_gemm(int batch, int M, int N, int K, A a, B b, E epi) {
-  if constexpr (std::is_same_v<T, float>) {
-    gemm_fma(batch, M, N, K, a, b, epi);
-  } else {
-    gemm_mma<T>(batch, M, N, K, a, b, epi);
   }
 }
 

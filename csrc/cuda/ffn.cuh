@@ -63,30 +63,6 @@ struct FfnArgs {
   bool x_packs, w1_packs, w2_packs;  // rows of x (and out), w1, w2 in 16-byte packs
 };
 
-// Stages a rows x cols matrix of 16-bit T into shared memory (row r at dst + r * ldd) and zeros
-// columns cols .. the next multiple of 16. Row r, if present(r), starts at start(r) with its
-// elements col_stride apart; else it is zeros. 16-byte cp.async where `packs` says the rows are
-// contiguous and 16-byte aligned, element by element (plain stores) elsewhere.
-template <class T, class Present, class Start>
-__device__ __forceinline__ void stage_rows(int rows, int cols, int64_t col_stride, bool packs,
-                                           T* dst, int ldd, Present present, Start start) {
-  constexpr int V = kVec16<T>;
-  const int packs_per_row = (cols + 15) / 16 * 16 / V;
-  for (int e = threadIdx.x; e < rows * packs_per_row; e += blockDim.x) {
-    const int r = e / packs_per_row, c = (e - r * packs_per_row) * V;
-    T* d = dst + r * ldd + c;
-    if (!present(r)) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) d[i] = T(0.f);
-    } else if (packs && c + V <= cols) {
-      cp_async16(d, start(r) + c);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) d[i] = c + i < cols ? start(r)[(c + i) * col_stride] : T(0.f);
-    }
-  }
-}
-
 template <class T>
 __device__ __forceinline__ void ffn_fma(const FfnArgs<T>& p, const FfnPlan& L, const T* X, T* H,
                                         float* Y) {
@@ -94,13 +70,13 @@ __device__ __forceinline__ void ffn_fma(const FfnArgs<T>& p, const FfnPlan& L, c
   for (int m0 = 0; m0 < M; m0 += L.chunk) {
     const int mc = min(static_cast<int>(L.chunk), M - m0);
     // H = relu(w1[m0:m0+mc] x + b1[m0:m0+mc])
-    block_gemm<T>(
+    block_gemm(
         1, R, mc, C, [&](int, int m, int k) { return to_float(X[m * ldx + k]); },
         [&](int, int n, int k) { return to_float(p.w1[static_cast<int64_t>(m0 + n) * C + k]); },
         [&](int, int m, int n, float v) { H[m * ldh + n] = T(relu(v + to_float(p.b1[m0 + n]))); });
     __syncthreads();
     // Y += w2[:, m0:m0+mc] H
-    block_gemm<T>(
+    block_gemm(
         1, R, C, mc, [&](int, int m, int k) { return to_float(H[m * ldh + k]); },
         [&](int, int n, int k) { return to_float(p.w2[static_cast<int64_t>(n) * M + m0 + k]); },
         [&](int, int m, int n, float v) { Y[m * ldy + n] += v; });

@@ -41,7 +41,7 @@ at::Tensor cga(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tens
   at::Tensor out = poisoned_output(x, format);
   if (out.numel() == 0) return out;
 
-  const CgaLaunch plan = plan_cga(dims, smem_target, kSmemLimit);
+  const CgaLaunch plan = plan_cga(dims, x.element_size(), smem_target, kSmemLimit);
   const at::Tensor xc = x.contiguous(format);
   const at::Tensor params[] = {qkv_weight.contiguous(), qkv_bias.contiguous(),
                                dw_weight.contiguous(),  dw_bias.contiguous(),
@@ -63,7 +63,7 @@ int64_t cga_windows_per_block(const at::Tensor& x, const at::Tensor& qkv_weight,
   const int64_t heads = qkv_weight.size(0), kd = dw_weight.size(1), d = x.size(1) / heads;
   const CgaDims dims{x.size(0), x.size(1), x.size(2), x.size(3), heads, kd, d,
                      dw_weight.size(3), window_size};
-  return plan_cga(dims, smem_target, kSmemLimit).wpb;
+  return plan_cga(dims, x.element_size(), smem_target, kSmemLimit).wpb;
 }
 
 at::Tensor dwconv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

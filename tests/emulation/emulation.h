@@ -27,10 +27,8 @@
 //   - global memory through Checked<T> (cuda_utils.cuh's global_ptr<T>): every access is
 //     checked against the tensor it points into; the first out-of-bounds index fails the
 //     launch with the tensor's name, the index, the block and the thread.
-//   - __global__, __device__, __host__, __forceinline__, __launch_bounds__; __half2,
-//     __nv_bfloat162, __floats2half2_rn, __floats2bfloat162_rn (round to nearest even, as
-//     c10::Half and c10::BFloat16 convert); __expf as expf; min(int, int) (fmaxf, fmaf, abs
-//     and INFINITY are the host's).
+//   - __global__, __device__, __host__, __forceinline__, __launch_bounds__; __expf as expf;
+//     min(int, int) (fmaxf, fmaf, abs and INFINITY are the host's).
 // Not supported: static __shared__, atomics, other warp intrinsics or partial masks, warps of
 // fewer than 32 threads, 2-D/3-D grids or blocks, streams, fast-math approximations (__expf
 // and division are exact here), and any concurrency between blocks.
@@ -62,17 +60,6 @@
 using std::min;
 
 inline float __expf(float v) { return std::exp(v); }
-
-struct alignas(4) __half2 {
-  c10::Half x, y;
-};
-struct alignas(4) __nv_bfloat162 {
-  c10::BFloat16 x, y;
-};
-inline __half2 __floats2half2_rn(float lo, float hi) { return {c10::Half(lo), c10::Half(hi)}; }
-inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
-  return {c10::BFloat16(lo), c10::BFloat16(hi)};
-}
 
 namespace efficientvit {
 namespace emulation {
