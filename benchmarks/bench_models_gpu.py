@@ -49,6 +49,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
+import gpu_ops  # noqa: E402
 import python_ref  # noqa: E402
 from bench_gpu import _version, measure_ceilings, time_backend  # noqa: E402
 from efficientvit_kernels.testing import relative_error  # noqa: E402
@@ -163,7 +164,7 @@ def _failed(results, name, batch, backend, e):
                                   f"{str(e)[:200]}")
 
 
-def _measure_model(name, batches, results):
+def _measure_model(name, batches, ceilings, results):
     """Checks and times eager and the fused models of one model; returns the eager model and
     [(batch, work)] for the compile phase (work: the call's bytes and FLOPs)."""
     model = python_ref.randomize_(python_ref.build(name))
@@ -197,7 +198,35 @@ def _measure_model(name, batches, results):
                         img_per_s=batch / us * 1e6, cuda_graph=batch == 1, **work)
         del xs, want
         torch.cuda.empty_cache()
+    try:
+        _measure_ops(name, model, runners, plan[-1][0], ceilings, results)
+    except Exception as e:  # the breakdown is extra: its failure is a note
+        results.add(kind="note", text=f"{name}: no op breakdown: {type(e).__name__}: {e}")
     return runners["eager"], plan
+
+
+def _measure_ops(name, model, runners, batch, ceilings, results):
+    """Each runner's time per op kind at ``batch`` beside the kinds' floors and the CUDA
+    kernels' predicted times (benchmarks/gpu_ops.py)."""
+    bandwidth, rate = ceilings
+    x = _inputs(batch, 1, seed=batch)[0]
+    fused = convert(model, backend="reference").half().cuda()
+    work = gpu_ops.kind_work(copy.deepcopy(model).half().cuda().eval(), fused, x)
+    floor = {k: floor_seconds(b, f, bandwidth, rate) * 1e3 for k, (b, f) in work.items()}
+    static = gpu_ops.static_rows()
+    restaged = gpu_ops.restaged_bytes(runners["cuda"], x) if "cuda" in runners else {}
+    predicted = {k: gpu_ops.predict_ms(k, *work[k], restaged.get(k, 0), bandwidth, rate, static)
+                 for k in gpu_ops.KINDS}
+    for backend, fn in runners.items():
+        try:
+            ms = gpu_ops.measure_kinds(fn, x)
+        except Exception as e:  # the breakdown is extra: its failure is a note
+            results.add(kind="note", text=f"{name}: no op breakdown for {backend}: {e}")
+            continue
+        results.add(kind="ops", model=name, batch=batch, backend=backend, ms=ms, floor_ms=floor,
+                    predicted_ms=predicted if backend == "cuda" else None)
+    del x, fused
+    torch.cuda.empty_cache()
 
 
 def _compile(eager, mode):
@@ -237,7 +266,9 @@ def measure(args):
                 copy_bandwidth_bytes_per_s=bandwidth, matmul_flops_per_s=rates["float16"],
                 dtype="float16", resolution=RESOLUTION, layout="NCHW",
                 compile_mode=args.compile_mode)
-    measured = [(name, *_measure_model(name, args.batches, results)) for name in args.models]
+    ceilings = (bandwidth, rates["float16"])
+    measured = [(name, *_measure_model(name, args.batches, ceilings, results))
+                for name in args.models]
     results.add(kind="phase", phase="compile")
     for name, eager, plan in measured:
         _measure_compiled(name, eager, plan, args.compile_mode, results)
@@ -293,9 +324,11 @@ def _ratio(a, b):
 def render(lines):
     """The Markdown report of a results file: header, speed table, correctness table, notes."""
     meta = next((r for r in lines if r["kind"] == "meta"), None)
-    times, checks, notes, order = {}, {}, [], {}
+    times, checks, ops, notes, order = {}, {}, {}, [], {}
     for r in lines:
-        if r["kind"] in ("time", "check"):
+        if r["kind"] == "ops":
+            ops.setdefault((r["model"], r["batch"]), {})[r["backend"]] = r
+        elif r["kind"] in ("time", "check"):
             order.setdefault(r["model"], len(order))
             table = times if r["kind"] == "time" else checks
             table.setdefault((r["model"], r["batch"]), {})[r["backend"]] = r
@@ -339,6 +372,20 @@ def render(lines):
             cells = [("-" if c not in row else f"{row[c]['error']:.1e}"
                       + ("" if row[c]["ok"] else " FAIL")) for c in ("eager",) + FUSED]
             out.append(f"| {model} | {batch} | " + " | ".join(cells) + " |")
+    for (model, batch), row in ops.items():
+        out += ["", f"{model} at batch {batch}, ms per forward by op kind (benchmarks/gpu_ops.py: "
+                "CUDA events around each op; floor per kind; the CUDA kernels' time predicted "
+                "from their static profile):", "",
+                "| op | " + " | ".join(f"{b} ms" for b in row) + " | cuda predicted ms | "
+                "cuda / predicted | floor ms |", "|---" * (len(row) + 4) + "|"]
+        cuda = row.get("cuda", {})
+        predicted = cuda.get("predicted_ms") or {}
+        floor = next(iter(row.values()))["floor_ms"]
+        for kind in (*gpu_ops.KINDS, "other", "forward"):
+            p = predicted.get(kind)
+            m = cuda.get("ms", {}).get(kind)
+            out.append(f"| {kind} | " + " | ".join(_fmt(r["ms"].get(kind), ".3f") for r in row.values())
+                       + f" | {_fmt(p, '.3f')} | {_ratio(m, p)} | {_fmt(floor.get(kind), '.3f')} |")
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"

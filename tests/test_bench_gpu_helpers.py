@@ -73,3 +73,66 @@ def test_report_rows_ratios_floor_and_failures():
 def test_report_without_meta_has_no_floor():
     rows = [line for line in B.render(_lines()[1:]).splitlines() if line.startswith("| m4 | 2048")]
     assert rows[0].endswith("| - | - | - |") and "1.00x" in rows[0]
+
+
+# benchmarks/gpu_ops.py: the per-op-kind breakdown (its CUDA-event timing needs a GPU)
+import gpu_ops as G  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["m0", "m4"])
+def test_reference_and_fused_split_into_the_same_ops(name):
+    model = python_ref.build(name)
+    kinds = [k for k, _ in G.ops_of(model)]
+    assert kinds == [k for k, _ in G.ops_of(convert(model, backend="reference"))]
+    depth = sum(python_ref.MODEL_CONFIGS[name]["depth"])
+    # per block: two dwconv + ffn pairs and an attention; before and after each of the two
+    # patch mergings one more pair
+    assert {k: kinds.count(k) for k in G.KINDS} == {
+        "stem": 1, "dwconv": 2 * depth + 4, "ffn": 2 * depth + 4, "attention": depth,
+        "patch merging": 2, "head": 1}
+
+
+def test_kind_work_counts_every_flop_once():
+    model = python_ref.randomize_(python_ref.build("m0"))
+    fused = convert(model, backend="reference")
+    work = G.kind_work(model, fused, torch.randn(2, 3, 64, 64))
+    assert sum(f for _, f in work.values()) == 2 * 2 * python_ref.count_macs(model, 64)
+    assert all(b > 0 and f > 0 for b, f in work.values())
+
+
+def test_restaged_weights_follow_the_design_point():
+    fused = convert(python_ref.build("m4"), backend="reference")
+
+    def weights(module):
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    ffn = fused.blocks3[2][1]  # 384 channels: 64 rows a block, 98 pixels in two
+    assert G.restaged_weight_bytes("ffn", ffn, torch.empty(2, 384, 7, 7)) == 2 * weights(ffn)
+    attention = fused.blocks1[0].mixer
+    # 14x14 in 7x7 windows: four windows an image, one a block
+    assert G.restaged_weight_bytes("attention", attention, torch.empty(3, 128, 14, 14)) == (
+        12 * weights(attention))
+    assert G.restaged_weight_bytes("dwconv", attention, torch.empty(1, 128, 14, 14)) == 0
+
+
+def test_prediction_is_the_slower_ceiling_over_the_busy_share():
+    static = {G.KERNELS["ffn"]: dict(blocks_per_sm=2, threads=256),
+              G.KERNELS["attention"]: dict(blocks_per_sm=1, threads=256)}
+    # FLOPs bound: 1e12 FLOPs at half of 1e15; bytes bound: (1e9 + 5e9 / 2.5) / 1e12
+    assert G.predict_ms("ffn", 1e9, 1e12, 0, 1e12, 1e15, static) == pytest.approx(2.0)
+    assert G.predict_ms("ffn", 1e9, 1e9, 5e9, 1e12, 1e15, static) == pytest.approx(3.0)
+    # one block of 8 warps: half of the 16 that hide latency, twice the time
+    assert G.predict_ms("attention", 1e9, 1e12, 0, 1e12, 1e15, static) == pytest.approx(4.0)
+    assert G.predict_ms("stem", 1e9, 1e12, 0, 1e12, 1e15, static) is None
+
+
+def test_report_has_the_op_table():
+    ms = {k: 1.0 for k in G.KINDS} | {"other": 0.5, "forward": 6.5}
+    floor = {k: 0.25 for k in G.KINDS}
+    lines = _lines() + [
+        dict(kind="ops", model="m4", batch=2048, backend="eager", ms=ms, floor_ms=floor,
+             predicted_ms=None),
+        dict(kind="ops", model="m4", batch=2048, backend="cuda", ms=dict(ms, ffn=3.0),
+             floor_ms=floor, predicted_ms={k: 1.5 if k == "ffn" else None for k in G.KINDS})]
+    text = B.render(lines)
+    assert "| ffn | 1.000 | 3.000 | 1.500 | 2.00x | 0.250 |" in text
+    assert "| forward | 6.500 | 6.500 | - | - | - |" in text

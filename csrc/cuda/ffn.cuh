@@ -60,7 +60,7 @@ struct FfnArgs {
   int64_t pixels, hw;
   int C, M, rows;
   bool residual;
-  bool x_packs, w1_packs, w2_packs;  // rows of x (and out), w1, w2 in 16-byte packs
+  bool x_packs, w1_packs, w2_packs;  // rows of x and out, w1, w2 in 16-byte packs
 };
 
 template <class T>
@@ -167,11 +167,24 @@ __global__ void __launch_bounds__(kThreads, 2) ffn_kernel(const FfnArgs<T> p) {
     ffn_fma<T>(p, L, X, H, Y);
   }
 
+  const auto result = [&](int r, int c) {
+    return T(Y[r * ldy + c] + (p.residual ? to_float(X[r * ldx + c]) : 0.f));
+  };
+  if (p.x_packs) {  // channels last: 16-byte stores
+    constexpr int V = kVec16<T>;
+    const int packs = C / V;
+    for (int e = threadIdx.x; e < R * packs; e += blockDim.x) {
+      const int r = e / packs, c = (e - r * packs) * V;
+      if (rowoff[r] < 0) continue;
+      Pack<T, V> y;
+#pragma unroll
+      for (int v = 0; v < V; ++v) y.v[v] = result(r, c + v);
+      store_pack<T, V>(p.out + (rowoff[r] + c), y);
+    }
+    return;
+  }
   for_tile(R, C, p.s.c, [&](int r, int c) {
-    const int64_t o = rowoff[r];
-    if (o < 0) return;
-    const float v = Y[r * ldy + c] + (p.residual ? to_float(X[r * ldx + c]) : 0.f);
-    p.out[o + c * p.s.c] = T(v);
+    if (rowoff[r] >= 0) p.out[rowoff[r] + c * p.s.c] = result(r, c);
   });
 }
 
@@ -220,10 +233,10 @@ FfnArgs<T> ffn_args(const FfnLaunch& l, const at::Tensor& x, at::MemoryFormat fo
           static_cast<int>(w1.size(0)),
           static_cast<int>(l.smem.rows),
           residual,
-          // 16-byte packs (16-bit only): rows of channels (channels last), of w1 and of w2's
-          // chunks, whose starts are multiples of C, C and M (and of the chunk) elements
+          // 16-byte packs (16-bit only): rows of channels (channels last) of x and out, of w1
+          // and of w2's chunks, whose starts are multiples of C, C and M (and of the chunk)
           l.smem.mma && format == at::MemoryFormat::ChannelsLast && x.size(1) % 8 == 0 &&
-              aligned16(x),
+              aligned16(x) && aligned16(out),
           l.smem.mma && w1.size(1) % 8 == 0 && aligned16(w1),
           l.smem.mma && w2.size(1) % 8 == 0 && aligned16(w2)};
 }

@@ -1,0 +1,216 @@
+"""Where a model's GPU time goes, op kind by op kind, beside each kind's floor and, for the CUDA
+kernels, a time predicted from their static profile (benchmarks/results/gpu_static.json), so
+that one GPU run says where the prediction is wrong. Used by bench_models_gpu.py at each
+model's largest batch; its pieces run on CPU (tests/test_bench_gpu_helpers.py).
+
+Kinds: the stem (patch embedding), dwconv (a residual depthwise convolution), ffn, attention
+(the residual local-window attention), patch merging (with its squeeze-excite), head; what the
+forward does outside them (pooling, flatten) is "other". A reference model and its converted
+(fused) form split into the same ops.
+
+Per kind, over one forward at the measured batch:
+- measured: the sum of its ops' times, each between CUDA events recorded by forward hooks;
+- floor: max(bytes / copy bandwidth, FLOPs / matmul rate): bytes as model_traffic counts
+  them (inputs and output once, weights once), FLOPs as torch's FlopCounterMode counts the
+  reference op;
+- predicted (the CUDA backend's fused kinds: dwconv, ffn, attention): the larger of
+    FLOPs / (matmul rate x MMA_SYNC_SHARE)          tensor-core time (fp16 / bf16)
+    (bytes + restaged weight bytes / L2_OVER_DRAM) / copy bandwidth
+  divided by min(1, resident warps per multiprocessor / WARPS_TO_HIDE_LATENCY), resident warps
+  from the kernel's fp16 sm_90 row of the static profile. Restaged weights: each block reads
+  the op's weights once (ffn: 64 pixel rows a block from 256 channels up, else 128; attention:
+  64 token rows a block, one 7x7 window or four 4x4), as the planners' design point has it.
+The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
+the library's matrix product (wgmma on Hopper), L2 serving restaged weights at 2.5x the copy
+bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's latencies.
+"""
+import json
+import os
+
+import torch
+from torch import nn
+
+import python_ref
+from efficientvit_kernels.modules import FusedCGA, FusedDWConv, FusedFFN, FusedPatchMerging
+from python_ref.model import FFN, Conv2d_BN, LocalWindowAttention, PatchMerging, Residual
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATIC = os.path.join(ROOT, "benchmarks", "results", "gpu_static.json")
+
+KINDS = ("stem", "dwconv", "ffn", "attention", "patch merging", "head")
+MMA_SYNC_SHARE = 0.5
+L2_OVER_DRAM = 2.5
+WARPS_TO_HIDE_LATENCY = 16
+# The CUDA kernel of each fused kind, as the static profile names its fp16 variant
+KERNELS = {"dwconv": "dwconv_kernel<c10::Half, int, 8>", "ffn": "ffn_kernel<c10::Half>",
+           "attention": "cga_kernel<c10::Half>"}
+_CLASSES = ((FFN, "ffn"), (FusedFFN, "ffn"), (LocalWindowAttention, "attention"),
+            (FusedCGA, "attention"), (FusedDWConv, "dwconv"), (PatchMerging, "patch merging"),
+            (FusedPatchMerging, "patch merging"))
+
+
+def op_kind(module):
+    """The kind of a module of a reference or fused EfficientViT body, None for a container."""
+    inner = module.m if isinstance(module, Residual) else module
+    for cls, kind in _CLASSES:
+        if isinstance(inner, cls):
+            return kind
+    if isinstance(inner, Conv2d_BN) and inner.c.groups == inner.c.in_channels > 1:
+        return "dwconv"
+    return None
+
+
+def ops_of(model):
+    """[(kind, module)] of an EfficientViT (reference or converted), in forward order."""
+    out = []
+
+    def walk(module):
+        for child in module.children():
+            kind = op_kind(child)
+            if kind:
+                out.append((kind, child))
+            else:
+                walk(child)
+
+    for name, child in model.named_children():
+        if name in ("patch_embed", "head"):
+            out.append(("stem" if name == "patch_embed" else "head", child))
+        else:
+            walk(child)
+    return out
+
+
+@torch.no_grad()
+def kind_work(reference, fused, x):
+    """{kind: (bytes, FLOPs)} of one forward of ``fused`` on x: bytes as model_traffic counts
+    them, per op; FLOPs of the same ops of ``reference`` (the unfused model x came for), which
+    FlopCounterMode can see into."""
+    from torch.utils.flop_counter import FlopCounterMode
+    moved = {}
+
+    def count(kind, module):
+        weights = sum(t.numel() * t.element_size()
+                      for t in (*module.parameters(), *module.buffers()))
+
+        def hook(_, inputs, output):
+            moved[kind] = moved.get(kind, 0) + weights + sum(
+                t.numel() * t.element_size() for t in (*inputs, output) if torch.is_tensor(t))
+        return module.register_forward_hook(hook)
+
+    calls = []  # (kind, reference op, its inputs): counted after the forward, hooks removed
+
+    def capture(kind, module):
+        return module.register_forward_hook(lambda _, inputs, out: calls.append(
+            (kind, module, inputs)))
+
+    hooks = [count(k, m) for k, m in ops_of(fused)]
+    hooks += [capture(k, m) for k, m in ops_of(reference)]
+    try:
+        fused(x)
+        reference(x.to(next(reference.parameters()).dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    flops = {}
+    for kind, module, inputs in calls:
+        with FlopCounterMode(display=False) as counter:
+            module(*inputs)
+        flops[kind] = flops.get(kind, 0) + counter.get_total_flops()
+    return {k: (moved.get(k, 0), flops.get(k, 0)) for k in KINDS}
+
+
+@torch.no_grad()
+def measure_kinds(model, x, repeats=3):
+    """{kind: milliseconds} of ``model(x)`` on the GPU (median of ``repeats`` forwards), and
+    "other": the forward's time outside the ops, and "forward": all of it."""
+    spans = []
+
+    def timed(kind, module):
+        def pre(*_):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            spans.append([kind, start, None])
+
+        def post(*_):
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            next(s for s in reversed(spans) if s[0] == kind and s[2] is None)[2] = end
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    hooks = [h for k, m in ops_of(model) for h in timed(k, m)]
+    runs = []
+    try:
+        for _ in range(repeats + 1):  # the first warms up
+            spans.clear()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            model(x)
+            end.record()
+            torch.cuda.synchronize()
+            times = {k: 0.0 for k in KINDS}
+            for kind, s, e in spans:
+                times[kind] += s.elapsed_time(e)
+            times["forward"] = begin.elapsed_time(end)
+            times["other"] = times["forward"] - sum(times[k] for k in KINDS)
+            runs.append(times)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: sorted(r[k] for r in runs[1:])[len(runs[1:]) // 2] for k in runs[1]}
+
+
+def static_rows(path=STATIC):
+    """{kernel: row} of the static profile's CUDA sm_90 rows ({} if the file is missing)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    return {r["kernel"]: r for r in rows if r["backend"] == "cuda" and r["arch"] == 90}
+
+
+def restaged_weight_bytes(kind, module, x):
+    """Bytes of weights the CUDA kernel's blocks read over all, for the fused op ``module`` on
+    input x: each block reads them once (the module docstring's design point)."""
+    weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    B, C, H, W = x.shape
+    if kind == "ffn":
+        blocks = -(-B * H * W // (64 if C >= 256 else 128))
+    elif kind == "attention":
+        ws = module.window_size
+        windows_per_block = max(1, 64 // (-(-ws * ws // 16) * 16))
+        blocks = -(-B * -(-H // ws) * -(-W // ws) // windows_per_block)
+    else:
+        return 0
+    return blocks * weights
+
+
+@torch.no_grad()
+def restaged_bytes(fused, x):
+    """{kind: restaged_weight_bytes over one forward of ``fused`` on x}."""
+    out = {}
+
+    def hook(kind):
+        def count(module, inputs, _):
+            out[kind] = out.get(kind, 0) + restaged_weight_bytes(kind, module, inputs[0])
+        return count
+
+    hooks = [m.register_forward_hook(hook(k)) for k, m in ops_of(fused)]
+    try:
+        fused(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def predict_ms(kind, bytes_, flops, restaged, bandwidth, matmul_rate, static):
+    """The predicted milliseconds of a fused kind on the CUDA backend (the module docstring's
+    model), None where the static profile lacks its kernel."""
+    row = static.get(KERNELS.get(kind))
+    if not row or not row.get("blocks_per_sm"):
+        return None
+    warps = row["blocks_per_sm"] * row["threads"] // 32
+    busy = min(1.0, warps / WARPS_TO_HIDE_LATENCY)
+    seconds = max(flops / (matmul_rate * MMA_SYNC_SHARE),
+                  (bytes_ + restaged / L2_OVER_DRAM) / bandwidth)
+    return seconds / busy * 1e3
