@@ -100,11 +100,15 @@ constexpr int kVecBlock = kVecBytes == 64 ? 4 : 2;
 
 // `blocks` blocks of MR rows x NV vectors, one below the other: one call covers a whole column
 // panel, so the per-call cost (arguments, spills) is paid per panel rather than per block.
+// next_panel, if not null, is brought into L2 during the first block, a row per k step: the
+// first block of a panel otherwise waits on memory for each row of a weight not in cache
+// (every weight, at batch 1), and the later blocks find it in cache.
 template <typename T, int MR, int NV>
 void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, MatA<T> init,
-                 MatA<T> residual, T* c, int64_t ldc, bool apply_relu) {
+                 MatA<T> residual, T* c, int64_t ldc, bool apply_relu, const T* next_panel) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
+  constexpr int64_t kRowBytes = NV * S::kLanes * sizeof(T);
   for (int64_t block = 0; block < blocks; ++block) {
     // The accumulators stay in registers only if the loops that set and finish them are
     // unrolled too: otherwise GCC keeps the array on the stack and copies it in and out around
@@ -117,7 +121,12 @@ void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, 
         acc[r][v] = !init.data        ? Vec{}
                     : init.col_stride ? S::load(init.data + r * init.row_stride + v * S::kLanes)
                                       : S::splat(init.data[r * init.row_stride]);
+    const char* prefetch = block == 0 ? reinterpret_cast<const char*>(next_panel) : nullptr;
     for (int64_t p = 0; p < k; ++p) {
+      if (prefetch) {
+        for (int64_t line = 0; line < kRowBytes; line += 64)
+          __builtin_prefetch(prefetch + p * kRowBytes + line, 0, 2);
+      }
       Vec bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = S::load(b + p * ldb + v * S::kLanes);
       const T* ap = a.data + p * a.col_stride;
@@ -142,7 +151,7 @@ void gemm_blocks(int64_t blocks, int64_t k, MatA<T> a, const T* b, int64_t ldb, 
 
 template <typename T>
 using GemmBlocksFn = void (*)(int64_t, int64_t, MatA<T>, const T*, int64_t, MatA<T>, MatA<T>, T*,
-                              int64_t, bool);
+                              int64_t, bool, const T*);
 
 // table[(mr - 1) * kVecBlock + nv - 1] = gemm_blocks<T, mr, nv>, for the edges of any m and n.
 template <typename T, size_t... I>
@@ -174,9 +183,11 @@ void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, M
     const MatA<T> init_j{init.data ? init.data + j * init.col_stride : nullptr, init.row_stride,
                          init.col_stride};
     const MatA<T> residual_j{residual.data ? residual.data + j : nullptr, residual.row_stride, 1};
+    // the next panel of a panel-major B starts where this one ends
+    const T* next = ldb == kPanelMajor && j + kPanelWidth<T> < n ? b_j + k * nv * L : nullptr;
     if (full > 0)
       table[(kRowBlock - 1) * kVecBlock + nv - 1](full, k, a, b_j, ldb_j, init_j, residual_j,
-                                                  c + j, ldc, apply_relu);
+                                                  c + j, ldc, apply_relu, next);
     if (rest > 0) {
       const int64_t i = full * kRowBlock;
       table[(rest - 1) * kVecBlock + nv - 1](
@@ -185,7 +196,7 @@ void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, M
            init.col_stride},
           {residual_j.data ? residual_j.data + i * residual.row_stride : nullptr,
            residual.row_stride, 1},
-          c + i * ldc + j, ldc, apply_relu);
+          c + i * ldc + j, ldc, apply_relu, full > 0 ? nullptr : next);
     }
   }
 }
