@@ -1,5 +1,7 @@
 // Pieces shared by the CUDA kernels: dtype dispatch, memory formats, shared-memory limits,
-// and the block-wide matrix product every fused kernel is built from.
+// 16-byte global accesses, asynchronous copies into shared memory (cp.async), and the
+// block-wide matrix products the fused kernels are built from: fp32 on FMAs (block_gemm),
+// fp16/bf16 on tensor cores from shared memory (ldmatrix + mma.sync, mma_smem).
 //
 // Only c10/ATen core headers are included (not ATen/cuda/CUDAContext.h, which pulls in
 // cuBLAS and cuSPARSE headers): that keeps compile times down and lets the sources compile
@@ -7,8 +9,8 @@
 //
 // The kernel headers (cga.cuh, dwconv.cuh, ffn.cuh) also compile as host C++ with
 // EFFICIENTVIT_EMULATION defined: tests/emulation/emulation.h then stands in for the CUDA
-// built-ins, global memory is reached through bounds-checked pointers (global_ptr) and the
-// tensor-core product through a C++ implementation (Mma<T>::run), so tests run the same kernel
+// built-ins, global memory is reached through bounds-checked pointers (global_ptr), and
+// mma.sync, ldmatrix and cp.async through C++ implementations, so tests run the same kernel
 // code on CPU (tests/test_cuda_emul.py).
 #pragma once
 

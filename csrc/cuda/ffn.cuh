@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2) ffn_kernel(const FfnArgs<T> p) {
   const auto result = [&](int r, int c) {
     return T(Y[r * ldy + c] + (p.residual ? to_float(X[r * ldx + c]) : 0.f));
   };
-  if (p.x_packs) {  // channels last: 16-byte stores
+  if (kMma && p.x_packs) {  // channels last: 16-byte stores
     constexpr int V = kVec16<T>;
     const int packs = C / V;
     for (int e = threadIdx.x; e < R * packs; e += blockDim.x) {
