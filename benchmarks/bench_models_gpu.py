@@ -3,11 +3,11 @@
 
 For each model (--models; random weights and batch-norm statistics from python_ref.randomize_)
 at batch 1 and at the largest power of two up to 2048 that fits (--batches), img/s of
-- eager: the reference, ``model.half().cuda().eval()``, NCHW: the layout the fused models keep
-  on GPU (``convert`` makes activations channels-last only for the CPU kernels);
+- eager: the reference, ``model.half().cuda().eval()``, NCHW, as the official code runs;
 - compile: ``torch.compile`` of eager (--compile-mode), timed after every other row, since
   how long it compiles is not bounded;
-- cuda, triton: ``convert(model, backend=...)``, folded in fp32, then ``.half().cuda()``.
+- cuda, triton: ``convert(model, backend=...)``, folded in fp32, then ``.half().cuda()``;
+  channels-last from the stem on (convert's "channels_last" pass).
 Batch 1 is latency: its calls are replayed from a CUDA graph (one call per input buffer), the
 compiled model's too. Times are medians of triton.testing.do_bench (CUDA events, warm-up
 excluded, L2 cleared), cycling through several input buffers (bench_gpu.time_backend).
@@ -264,7 +264,8 @@ def measure(args):
                 torch=torch.__version__, cuda=torch.version.cuda, triton=_version("triton"),
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 copy_bandwidth_bytes_per_s=bandwidth, matmul_flops_per_s=rates["float16"],
-                dtype="float16", resolution=RESOLUTION, layout="NCHW",
+                dtype="float16", resolution=RESOLUTION,
+                layout="eager NCHW, fused channels-last",
                 compile_mode=args.compile_mode)
     ceilings = (bandwidth, rates["float16"])
     measured = [(name, *_measure_model(name, args.batches, ceilings, results))

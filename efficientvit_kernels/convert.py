@@ -17,10 +17,12 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   one ``FusedPatchEmbed`` with channels-last output; PatchMerging's first 1x1 convolution, its
   depthwise convolution and their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution
   another.
-- ``"channels_last"`` (CPU models, backend "auto" or "cpu"): every remaining convolution gets
-  channels-last weights, so oneDNN runs it channels-last, and the activations stay
-  channels-last through the fused ops, which take either layout. (In M0-M5 after
-  "cpu_kernels" no convolution is left; it acts where a pass list or a model keeps some.)
+- ``"channels_last"`` (CPU models, backend "auto" or "cpu"; GPU models, backend "cuda" or
+  "triton", or "auto" on a CUDA model): every remaining convolution gets channels-last
+  weights, so oneDNN or cuDNN runs it channels-last, and the activations stay channels-last
+  through the fused ops, which take either layout. On CPU, after "cpu_kernels", no convolution
+  of M0-M5 is left; on GPU the stem's and PatchMerging's convolutions are, and channels-last
+  rows let the CUDA kernels move x and out in 16-byte packs.
 
 Nothing is computed in place, so no tensor a user's module may read again is overwritten
 (benchmarks/results/cpu_inplace_2026-12-01.md and cpu_passes.md: writing over inputs gained
@@ -260,7 +262,11 @@ _PASS_FUNCTIONS = {"cpu_kernels": _cpu_kernels, "channels_last": _channels_last}
 
 def _default_passes(model, backend):
     on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
-    return PASSES if backend in ("auto", "cpu") and on_cpu else ("fuse",)
+    if backend in ("auto", "cpu") and on_cpu:
+        return PASSES
+    if backend in ("cuda", "triton") or (backend == "auto" and not on_cpu):
+        return ("fuse", "channels_last")
+    return ("fuse",)
 
 
 def convert(model, backend="auto", passes=None):
@@ -273,8 +279,9 @@ def convert(model, backend="auto", passes=None):
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
-    docstring). Default: all three for a CPU model with backend "auto" or "cpu" (a 4-D output
-    of the model may then be channels-last; its values are the same), else "fuse".
+    docstring). Default: all three for a CPU model with backend "auto" or "cpu"; "fuse" and
+    "channels_last" for the GPU backends ("cuda", "triton", or "auto" on a CUDA model); else
+    "fuse". (A 4-D output of the model may be channels-last; its values are the same.)
 
     The input model is left as it was and shares nothing mutable with the copy. The copy
     pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or

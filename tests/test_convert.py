@@ -127,6 +127,19 @@ def test_passes(models, passes):
         K.convert(models["m0"], passes=("fuse", "fold"))
 
 
+def test_default_passes(models):
+    """All three for a CPU model on the CPU kernels; fuse and channels_last for the GPU
+    backends (channels-last rows for the CUDA kernels' 16-byte packs); fuse alone otherwise."""
+    from efficientvit_kernels.convert import _default_passes
+    model = models["m0"]
+    assert _default_passes(model, "auto") == _default_passes(model, "cpu") == K.PASSES
+    assert _default_passes(model, "cuda") == _default_passes(model, "triton") == (
+        "fuse", "channels_last")
+    assert _default_passes(model, "reference") == ("fuse",)
+    on_meta = copy.deepcopy(model).to("meta")  # a model on another device than the CPU
+    assert _default_passes(on_meta, "auto") == ("fuse", "channels_last")
+
+
 def test_backend_errors(models):
     with pytest.raises(ValueError, match="unknown backend"):
         K.convert(models["m0"], backend="tpu")
