@@ -184,8 +184,8 @@ MUTANTS = {
     # fp32: the barrier between the query dwconv (writes Q2) and the scores product (reads
     # it): the scores read shared memory still NaN
     "cga_missing_syncthreads": ("cga.cuh",
-                                "      Q2[r * ldq2 + c] = acc;\n    }\n    __syncthreads();\n",
-                                "      Q2[r * ldq2 + c] = acc;\n    }\n", "relative error inf",
+                                "ldq, t, c);\n    }\n    __syncthreads();\n    // scores",
+                                "ldq, t, c);\n    }\n    // scores", "relative error inf",
                                 ("cga padded",)),
     # padding rows of a window past the map's bottom edge read as tokens, past the end of x
     "cga_padding_bound": ("cga.cuh", "if (y < p.H && x < p.W)", "if (y <= p.H && x < p.W)",

@@ -82,6 +82,26 @@ struct CgaArgs {
   bool qkv_packs, proj_packs;  // 16-bit: weight rows in 16-byte packs (cp.async)
 };
 
+// q = dwconv_KxK(q) + bias at token t of a ws x ws window, channel c, zero padding at the
+// window's edge; q[token * ldq] is the window's q of that channel (fp32).
+template <class T>
+__device__ __forceinline__ float window_dwconv(global_ptr<const T> wd, global_ptr<const T> bd,
+                                               int K, int ws, const float* q, int ldq, int t,
+                                               int c) {
+  const int ty = t / ws, tx = t % ws;
+  float acc = to_float(bd[c]);
+  for (int ky = 0; ky < K; ++ky) {
+    const int y = ty + ky - K / 2;
+    if (y < 0 || y >= ws) continue;
+    for (int kx = 0; kx < K; ++kx) {
+      const int x = tx + kx - K / 2;
+      if (x < 0 || x >= ws) continue;
+      acc += to_float(wd[(c * K + ky) * K + kx]) * q[(y * ws + x) * ldq];
+    }
+  }
+  return acc;
+}
+
 // The heads, fp32: on return X holds out_0 .. out_{h-1}.
 template <class T>
 __device__ __forceinline__ void cga_heads_fma(const CgaArgs<T>& p, const CgaPlan& L,
@@ -112,19 +132,8 @@ __device__ __forceinline__ void cga_heads_fma(const CgaArgs<T>& p, const CgaPlan
     const global_ptr<const T> wd = p.dw_w + static_cast<int64_t>(i) * kd * K * K;
     const global_ptr<const T> bd = p.dw_b + i * kd;
     for (int e = threadIdx.x; e < R * kd; e += blockDim.x) {
-      const int r = e / kd, c = e % kd, t = r % N, first = r - t;
-      const int ty = t / ws, tx = t % ws;
-      float acc = to_float(bd[c]);
-      for (int ky = 0; ky < K; ++ky) {
-        const int y = ty + ky - K / 2;
-        if (y < 0 || y >= ws) continue;
-        for (int kx = 0; kx < K; ++kx) {
-          const int x = tx + kx - K / 2;
-          if (x < 0 || x >= ws) continue;
-          acc += to_float(wd[(c * K + ky) * K + kx]) * QKV[(first + y * ws + x) * ldq + c];
-        }
-      }
-      Q2[r * ldq2 + c] = acc;
+      const int r = e / kd, c = e % kd, t = r % N;
+      Q2[r * ldq2 + c] = window_dwconv(wd, bd, K, ws, QKV + (r - t) * ldq + c, ldq, t, c);
     }
     __syncthreads();
     // scores = scale q^T k + AB_i[|dy|, |dx|], window by window
@@ -246,22 +255,9 @@ __device__ __forceinline__ void cga_heads_mma(const CgaArgs<T>& p, const CgaPlan
     const global_ptr<const T> wd = p.dw_w + static_cast<int64_t>(i) * kd * K * K;
     const global_ptr<const T> bd = p.dw_b + i * kd;
     for (int e = threadIdx.x; e < R * kd; e += blockDim.x) {
-      const int r = e / kd, c = e - r * kd, t = r % np, first = r - t;
-      float acc = 0.f;
-      if (t < N) {
-        const int ty = t / ws, tx = t % ws;
-        acc = to_float(bd[c]);
-        for (int ky = 0; ky < K; ++ky) {
-          const int y = ty + ky - K / 2;
-          if (y < 0 || y >= ws) continue;
-          for (int kx = 0; kx < K; ++kx) {
-            const int x = tx + kx - K / 2;
-            if (x < 0 || x >= ws) continue;
-            acc += to_float(wd[(c * K + ky) * K + kx]) * Q[(first + y * ws + x) * ldq + c];
-          }
-        }
-      }
-      Q2[r * ldk + c] = T(acc);
+      const int r = e / kd, c = e - r * kd, t = r % np;  // rows past N: zeros
+      Q2[r * ldk + c] = T(t < N ? window_dwconv(wd, bd, K, ws, Q + (r - t) * ldq + c, ldq, t, c)
+                                : 0.f);
     }
     __syncthreads();
     // scores = scale q^T k + AB_i[|dy|, |dx|], window by window (rows past N left out)
