@@ -247,11 +247,14 @@ def mutant_root(name, directory):
 
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
-    """The mutants' ops, built two at a time (CI has two cores)."""
+    """The mutants' ops, built two at a time (CI has two cores). The directories are made
+    before the threads start: pytest's temporary-directory factory is not thread-safe."""
+    directories = {name: str(tmp_path_factory.mktemp(name)) for name in MUTANTS}
+
     def one(name):
-        directory = str(tmp_path_factory.mktemp(name))
-        root = mutant_root(name, os.path.join(directory, "src"))
-        return build_emulation(f"efficientvit_emul_{name}", root, os.path.join(directory, "build"))
+        root = mutant_root(name, os.path.join(directories[name], "src"))
+        return build_emulation(f"efficientvit_emul_{name}", root,
+                               os.path.join(directories[name], "build"))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return dict(zip(MUTANTS, pool.map(one, MUTANTS)))
 
