@@ -1,7 +1,7 @@
 """CPU latency: each model's forward at batch 1 (and 16) on one thread (and two), fused against
 the eager reference, ONNX Runtime on the same folded model, and the fused model's deployment
-forms (torch.export's module, optionally an AOTInductor package), optionally torch.compile of
-the reference; all timed in this process in interleaved rounds.
+forms (its C++ replay, cpu_graph; torch.export's module; optionally an AOTInductor package),
+optionally torch.compile of the reference; all timed in this process in interleaved rounds.
 
     python benchmarks/bench_latency.py [--models m0,m1,m2,m3,m4,m5] [--batches 1,16]
         [--threads 1,2] [--seconds 20] [--aoti] [--compile] [--out benchmarks/results/cpu_latency]
@@ -40,6 +40,7 @@ def runners(model, name, batch, threads, args, workdir):
     if session is not None:
         out["onnxruntime"] = lambda t: torch.from_numpy(session(t)[0])
     out["fused"] = fused
+    out["fused, cpu_graph"] = K.cpu_graph(fused, x)
     program = torch.export.export(fused, (x,))
     out["fused, exported"] = program.module()
     if args.aoti:
@@ -99,14 +100,15 @@ def markdown(meta, rows):
              f"{', '.join(meta['built_isas'])}); torch {meta['torch']}; fp32; 224x224; commit "
              f"{(meta['commit'] or '?')[:10]}; `{meta['command']}`.", "",
              "Median forward, ms (10th-90th percentile), all forms of a row timed in "
-             "interleaved rounds; `x ORT`: ONNX Runtime's median over the fused model's, eager "
-             "and as an AOTInductor package (above 1: fused is faster).", "",
-             "| model | batch | threads | " + " | ".join(labels) + " | x ORT | x ORT, AOTI |",
-             "|---|---|---|" + "---|" * (len(labels) + 2)]
+             "interleaved rounds; `x ORT`: ONNX Runtime's median over the fused model's, eager, "
+             "replayed by cpu_graph and as an AOTInductor package (above 1: fused is faster).", "",
+             "| model | batch | threads | " + " | ".join(labels)
+             + " | x ORT | x ORT, cpu_graph | x ORT, AOTI |",
+             "|---|---|---|" + "---|" * (len(labels) + 3)]
     for r in rows:
         t = r["ms_p10_median_p90"]
         cells = [f"{t[k][1]:.2f} ({t[k][0]:.2f}-{t[k][2]:.2f})" for k in labels]
-        for form in ("fused", "fused, AOTInductor"):
+        for form in ("fused", "fused, cpu_graph", "fused, AOTInductor"):
             cells.append(f"{t['onnxruntime'][1] / t[form][1]:.2f}"
                          if "onnxruntime" in t and form in t else "-")
         lines.append(f"| {r['model'].upper()} | {r['batch']} | {r['threads']} | "

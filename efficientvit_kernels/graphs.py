@@ -1,7 +1,22 @@
-"""CUDA-graph replay of a (fused) model for batch-1 latency, where launch overhead dominates."""
+"""Replays of a (fused) model for batch-1 latency, where the cost around each op dominates:
+``cuda_graph`` (a CUDA graph: no launch per op) and ``cpu_graph`` (one C++ program: no Python
+between the ops)."""
+import operator
+
 import torch
 
-__all__ = ["cuda_graph"]
+from . import ops  # noqa: F401  (loads the library that defines efficientvit_cpu.Program)
+
+__all__ = ["cuda_graph", "cpu_graph"]
+
+
+def _check_like(x, example, what):
+    if (not isinstance(x, torch.Tensor) or x.shape != example.shape or x.dtype != example.dtype
+            or x.device != example.device):
+        got = (f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
+               else type(x).__name__)
+        raise ValueError(f"{what} was captured for {tuple(example.shape)} {example.dtype} on "
+                         f"{example.device}, got {got}")
 
 
 @torch.no_grad()
@@ -26,11 +41,154 @@ def cuda_graph(module, example, warmup=3):
         static_out = module(static_in)
 
     def run(x):
-        if x.shape != static_in.shape or x.dtype != static_in.dtype or x.device != static_in.device:
-            raise ValueError(f"cuda_graph was captured for {tuple(static_in.shape)} {static_in.dtype} on "
-                             f"{static_in.device}, got {tuple(x.shape)} {x.dtype} on {x.device}")
+        _check_like(x, static_in, "cuda_graph")
         static_in.copy_(x)
         graph.replay()
         return static_out
+
+    return run
+
+
+# The CPU ops with a packing (efficientvit_cpu.X_pack): the argument PackedWeights.run takes as
+# its flag; the packing takes every other argument but x, in the op's order.
+_PACKED_FLAG = {"cga": "residual", "ffn": "residual", "conv1x1": "relu", "patch_embed": "final_relu"}
+
+
+class _Capture:
+    """Translates an exported program's graph into an efficientvit_cpu.Program."""
+
+    def __init__(self, exported):
+        self.program = torch.classes.efficientvit_cpu.Program()
+        self.slots = {}      # fx node -> the slot of its value (a tuple's first element)
+        self.constants = {}  # fx placeholder -> its tensor, copied at capture
+        self.reads = []      # per step, the slots it reads
+        self.list_outputs = set()  # the fx nodes whose slot holds a list (a Tensor[] output)
+        signature = exported.graph_signature
+        if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+            raise NotImplementedError("cpu_graph: the model writes to its buffers or input")
+        tensors = {**exported.constants, **exported.state_dict}
+        by_name = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+                   **signature.inputs_to_lifted_tensor_constants}
+        for node in exported.graph.nodes:
+            if node.op == "placeholder" and node.name in by_name:
+                self.constants[node] = tensors[by_name[node.name]].detach().clone()
+            elif node.op == "placeholder":
+                if self.slots:
+                    raise NotImplementedError("cpu_graph: the model takes more than one input")
+                self.slots[node] = 0
+            elif node.op == "call_function":
+                self.add(node)
+            elif node.op == "output":
+                self.finish(node)
+            else:
+                raise NotImplementedError(f"cpu_graph: no step for graph node {node.format_node()}")
+
+    def value(self, v):
+        """What an argument v stands for: (a constant, or None; the slot it reads, or -1; for a
+        list holding computed values, the slot of each element, -1 for a constant one)."""
+        if isinstance(v, torch.fx.Node):
+            if v in self.constants:
+                return self.constants[v], -1, []
+            return None, self.slots[v], []
+        if isinstance(v, (list, tuple)):
+            items = [self.value(item) for item in v]
+            if any(list_slots for _, _, list_slots in items):
+                raise NotImplementedError("cpu_graph: a list of lists of computed values")
+            constants = [c for c, _, _ in items]
+            slots = [slot for _, slot, _ in items]
+            return constants, -1, slots if any(s >= 0 for s in slots) else []
+        return v, -1, []
+
+    def arguments(self, node):
+        """Every argument of the node's operator, in its schema's order: {name: value(...)}."""
+        out = {}
+        for i, arg in enumerate(node.target._schema.arguments):
+            if i < len(node.args) and not arg.kwarg_only:
+                v = node.args[i]
+            elif arg.name in node.kwargs:
+                v = node.kwargs[arg.name]
+            elif arg.has_default_value():
+                v = arg.default_value
+            else:
+                raise NotImplementedError(f"cpu_graph: no value for {arg.name} in {node.format_node()}")
+            out[arg.name] = self.value(v)
+        return out
+
+    def add(self, node):
+        if node.target is operator.getitem:
+            base, index = node.args
+            if base in self.list_outputs:  # an element of a Tensor[] output: a step takes it
+                self.slots[node] = self.program.add_item(self.slots[base], index)
+                self.reads.append([self.slots[base]])
+            else:  # an output of a step with several: its own slot
+                self.slots[node] = self.slots[base] + index
+            return
+        if not isinstance(node.target, torch._ops.OpOverload):
+            raise NotImplementedError(f"cpu_graph: no step for {node.format_node()}")
+        args = self.arguments(node)
+        for arg in node.target._schema.arguments:  # the graph may keep in-place ops on buffers
+            writes = arg.alias_info is not None and arg.alias_info.is_write
+            if writes and args[arg.name][1] < 0 and not args[arg.name][2]:
+                raise NotImplementedError(f"cpu_graph: the model writes to its buffers or "
+                                          f"parameters ({node.format_node()})")
+        namespace, op = node.target._schema.name.split("::")
+        constants, slots, lists = zip(*args.values())
+        reads = [s for s in slots if s >= 0] + [s for list_slots in lists for s in list_slots if s >= 0]
+        flag = _PACKED_FLAG.get(op) if namespace == "efficientvit" else None
+        if flag is not None and reads == [args["x"][1]] and not any(lists):
+            packing = getattr(torch.ops.efficientvit_cpu, f"{op}_pack")
+            packed = packing(*(c for name, (c, _, _) in args.items() if name not in ("x", flag)))
+            self.slots[node] = self.program.add_packed(packed, args["x"][1], args[flag][0])
+        else:
+            self.slots[node] = self.program.add_op(
+                node.target._schema.name, node.target._schema.overload_name,
+                list(constants), list(slots), list(lists))
+        self.reads.append(reads)
+        returns = node.target._schema.returns
+        if len(returns) == 1 and isinstance(returns[0].type, torch.ListType):
+            self.list_outputs.add(node)
+
+    def finish(self, node):
+        (result,) = node.args
+        if not (isinstance(result, (list, tuple)) and len(result) == 1
+                and isinstance(result[0], torch.fx.Node) and result[0] in self.slots):
+            raise NotImplementedError("cpu_graph: the model must return one computed tensor")
+        output = self.slots[result[0]]
+        last_read = {}
+        for step, reads in enumerate(self.reads):
+            for slot in reads:
+                last_read[slot] = step
+        drop_after = [[] for _ in self.reads]
+        for slot, step in last_read.items():
+            if slot != output:
+                drop_after[step].append(slot)
+        self.program.finish(drop_after, output)
+
+
+@torch.no_grad()
+def cpu_graph(module, example):
+    """Captures ``module(example)`` on CPU as one C++ program; returns ``run(x)`` that replays it.
+
+    The forward is exported (``torch.export``) and each op of its graph becomes a step: the
+    fused ops' kernels run on weights packed at capture, every other op is called through the
+    dispatcher, and no Python runs between the steps (at batch 1, the Python around each op of
+    a converted model costs a large part of the forward). ``x`` must have ``example``'s shape,
+    dtype and device; the result is a new tensor.
+
+    The weights are taken at capture (packed or copied): changes made to the module afterwards
+    are not seen; capture again. Raises NotImplementedError for a graph with a step the program
+    cannot hold (an op that writes to a buffer or its input, several inputs or outputs).
+    """
+    if not isinstance(example, torch.Tensor) or example.device.type != "cpu":
+        raise ValueError("cpu_graph needs a CPU tensor")
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.device.type != "cpu":
+            raise ValueError(f"cpu_graph needs a CPU model, but {name} is on {t.device}")
+    program = _Capture(torch.export.export(module, (example,))).program
+    example = torch.empty_like(example)  # its shape, dtype and device; not the caller's values
+
+    def run(x):
+        _check_like(x, example, "cpu_graph")
+        return program.run(x)
 
     return run

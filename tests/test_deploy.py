@@ -1,18 +1,20 @@
 """Deployment paths of a converted model: torch.export saved and loaded in a fresh process
 (which registers the ops with `import efficientvit_kernels`), an AOTInductor package likewise,
-both packing the CPU weights once, not on every call; torch.jit.trace,
+both packing the CPU weights once, not on every call; cpu_graph's C++ replay; torch.jit.trace,
 torch.jit.script refused with a way out, and ONNX through the reference backend (where onnx
 and onnxruntime are installed: bootstrap.sh --bench)."""
+import copy
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch import nn
 
 import efficientvit_kernels as K
 import python_ref as R
-from efficientvit_kernels.testing import assert_close
+from efficientvit_kernels.testing import assert_close, packings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +62,103 @@ def test_aoti_package_loads_in_a_fresh_process(fused, tmp_path):
     path = torch._inductor.aoti_compile_and_package(program,
                                                     package_path=str(tmp_path / "m0_aoti.pt2"))
     _check_in_fresh_process("torch._inductor.aoti_load_package", path, fused, tmp_path)
+
+
+def _profiled_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_cpu_graph_replays_the_model(fused):
+    """The same kernels on the same weights: the same values, bit for bit, for any input of the
+    captured shape; the fused ops as their kernels on weights packed at capture."""
+    x = torch.randn(2, 3, 96, 96)
+    run = K.cpu_graph(fused, x)
+    for y in (x, torch.randn(2, 3, 96, 96).to(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert torch.equal(run(y), fused(y))
+    names = _profiled_ops(lambda: run(x))
+    assert {f"efficientvit_cpu::{op}_packed" for op in ("cga", "ffn", "conv1x1", "patch_embed")} <= names
+    assert not names & {f"efficientvit::{op}" for op in ("cga", "ffn", "conv1x1", "patch_embed")}
+    assert packings(lambda: run(x)) == 0
+    with torch.enable_grad():  # the replay records no graph
+        assert not run(x).requires_grad
+
+
+def test_cpu_graph_takes_the_weights_at_capture(fused):
+    model = copy.deepcopy(fused)
+    x = torch.randn(1, 3, 64, 64)
+    run = K.cpu_graph(model, x)
+    before = run(x)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.mul_(2)
+    assert torch.equal(run(x), before)
+
+
+def test_cpu_graph_checks_its_input(fused):
+    x = torch.randn(1, 3, 64, 64)
+    run = K.cpu_graph(fused, x)
+    for bad in (torch.randn(2, 3, 64, 64), x.double(), x.numpy()):
+        with pytest.raises(ValueError, match="captured for"):
+            run(bad)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        K.cpu_graph(fused, x.to("meta"))
+
+
+class _MaxOverChannels(nn.Module):
+    """An op with two outputs (values, indices), one of them used."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(5, 1, 1))
+
+    def forward(self, x):
+        return torch.max(x * self.scale, dim=1).values.relu()
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x * 2
+
+
+class _TwoOutputs(nn.Module):
+    def forward(self, x):
+        return x.relu(), x.sigmoid()
+
+
+def test_cpu_graph_of_other_modules():
+    """Any op runs through the dispatcher: a reference model (convolutions, batch norm, the
+    attention's indexing) and an op with two outputs; a graph no program holds is refused."""
+    model = R.randomize_(R.build("m0"), seed=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(K.cpu_graph(model, x)(x), model(x), torch.float32)
+        x5, max_over_channels = torch.randn(2, 5, 3, 4), _MaxOverChannels()
+        assert torch.equal(K.cpu_graph(max_over_channels, x5)(x5), max_over_channels(x5))
+    with pytest.raises(NotImplementedError, match="writes to its buffers"):
+        K.cpu_graph(_CountsCalls(), x)
+    with pytest.raises(NotImplementedError, match="one computed tensor"):
+        K.cpu_graph(_TwoOutputs(), x)
+
+
+def test_program_checks_its_steps():
+    program = torch.classes.efficientvit_cpu.Program()
+    with pytest.raises(ValueError, match="takes 1 arguments"):
+        program.add_op("aten::relu", "", [], [], [])
+    with pytest.raises(ValueError, match="no earlier step"):
+        program.add_op("aten::relu", "", [None], [1], [[]])
+    with pytest.raises(ValueError, match="not a list of tensors"):
+        program.add_op("aten::sum", "dim_IntList", [None, None, False, None], [0, -1, -1, -1],
+                       [[], [0], [], []])
+    with pytest.raises(RuntimeError, match="not finished"):
+        program.run(torch.zeros(1))
 
 
 def test_trace_records_the_ops(fused):

@@ -1,11 +1,13 @@
-// The CPU backend's private library: the PackedWeights class and, per op with packed weights,
-// its packing X_pack (see packed_weights.h). Not part of the public API: the layout and these
-// schemas may change with any build. Registered in this one file, in this order: an op's
-// schema names the class, which must be registered first (static initializers of different
-// files run in no set order).
+// The CPU backend's private library: the PackedWeights class, per op with packed weights its
+// packing X_pack (see packed_weights.h), and the Program class (program.h). Not part of the
+// public API: the layout and these schemas may change with any build. Registered in this one
+// file, in this order: a schema that names PackedWeights (X_pack's, Program.add_packed's) must
+// come after it (static initializers of different files run in no set order).
 #include "cpu/packed_weights.h"
 
 #include <ATen/record_function.h>
+
+#include "cpu/program.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -165,6 +167,13 @@ void clear_packing_cache() {
 TORCH_LIBRARY(efficientvit_cpu, m) {
   m.class_<efficientvit::cpu::PackedWeights>("PackedWeights")
       .def("run", &efficientvit::cpu::PackedWeights::run);
+  m.class_<efficientvit::cpu::Program>("Program")
+      .def(torch::init<>())
+      .def("add_op", &efficientvit::cpu::Program::add_op)
+      .def("add_packed", &efficientvit::cpu::Program::add_packed)
+      .def("add_item", &efficientvit::cpu::Program::add_item)
+      .def("finish", &efficientvit::cpu::Program::finish)
+      .def("run", &efficientvit::cpu::Program::run);
   m.def(
       "cga_pack(Tensor qkv_weight, Tensor qkv_bias, Tensor dw_weight, Tensor dw_bias, "
       "Tensor attention_bias, Tensor proj_weight, Tensor proj_bias, int window_size, "

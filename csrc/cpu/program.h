@@ -1,0 +1,61 @@
+// A model's forward captured once and replayed in C++ (efficientvit_kernels.cpu_graph): the
+// steps of an exported graph, each an operator called through the dispatcher or a fused op's
+// kernel on weights packed at capture, with no Python between them. At batch 1 the Python
+// around ~60 op calls costs about as much as the smallest stages' kernels.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/packed_weights.h"
+
+namespace efficientvit::cpu {
+
+struct Program : torch::CustomClassHolder {
+  // The values a run computes live in slots: slot 0 is the input, each step writes its outputs
+  // to the next free slots. Every add_* returns the first slot its step writes.
+
+  // An operator ("aten::linear", overload "" for the default), called with every argument of
+  // its schema, in order: arguments[i] where slots[i] < 0, else the value of slot slots[i]; or,
+  // where lists[i] is not empty, a list of tensors (Tensor[] or Tensor?[]) whose element j is
+  // the value of slot lists[i][j], or where that is negative, element j of arguments[i].
+  int64_t add_op(const std::string& name, const std::string& overload,
+                 std::vector<c10::IValue> arguments, std::vector<int64_t> slots,
+                 std::vector<std::vector<int64_t>> lists);
+  // A fused op's kernel on packed weights, on the value of slot `input` (PackedWeights::run).
+  int64_t add_packed(Packed packed, int64_t input, bool flag);
+  // Element `index` of the list in slot `list` (an operator's Tensor[] output).
+  int64_t add_item(int64_t list, int64_t index);
+  // The slots no step after `step` reads: dropped after it, so that memory is reused while
+  // still in cache. The output is the value of slot `output`, which must hold a tensor.
+  void finish(std::vector<std::vector<int64_t>> drop_after, int64_t output);
+
+  at::Tensor run(const at::Tensor& x) const;
+
+ private:
+  struct Step {
+    std::optional<c10::OperatorHandle> op;  // called boxed, or else
+    Packed packed;                          // run on slots[0], or else
+    int64_t item = -1;                      // this element of the list in slots[0]
+    bool flag = false;
+    std::vector<c10::IValue> arguments;
+    std::vector<int64_t> slots;
+    std::vector<std::vector<int64_t>> lists;
+    std::vector<bool> optional_elements;  // per list argument: Tensor?[] rather than Tensor[]
+    int64_t first_output = 0, outputs = 0;
+    std::vector<int64_t> drop;
+  };
+  int64_t add_step(Step step);
+  c10::IValue list_argument(const Step& step, size_t i,
+                            const std::vector<c10::IValue>& values) const;
+
+  std::vector<Step> steps_;
+  int64_t slot_count_ = 1;
+  int64_t output_ = -1;
+};
+
+}  // namespace efficientvit::cpu
