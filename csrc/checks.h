@@ -148,7 +148,8 @@ inline void check_patch_embed(const at::Tensor& x, at::TensorList weights, at::T
   check_patch_embed_params(x.size(1), {x, "x"}, weights, biases);
 }
 
-// The parameters of ffn for `channels` channels.
+// The parameters of ffn, and of squeeze_excite (the same two layers over channels, on the
+// image's mean), for `channels` channels.
 inline void check_ffn_params(int64_t channels, Like like, const at::Tensor& w1,
                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
   TORCH_CHECK_VALUE(w1.dim() == 2, "efficientvit: w1 must be 2-D (hidden, C), got ", w1.sizes());

@@ -33,10 +33,13 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def(
       "conv1x1(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor? dw_weight=None, "
       "Tensor? dw_bias=None) -> Tensor");
+  // Squeeze-excite, CPU only: x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2), one scale per
+  // image and channel; w1 (R, C), b1 (R), w2 (C, R), b2 (C) (PatchMerging's, R = C / 4).
+  m.def("squeeze_excite(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(efficientvit, Autograd, m) {
-  for (const char* op : {"cga", "dwconv", "ffn", "patch_embed", "conv1x1"})
+  for (const char* op : {"cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite"})
     m.impl(op, efficientvit::inference_only());
 }
 

@@ -10,10 +10,10 @@ from . import ops  # noqa: E402  (after __version__, which the build reads witho
 from .convert import PASSES, convert
 from .graphs import cpu_graph, cuda_graph
 from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,
-                      FusedPatchMerging)
+                      FusedPatchMerging, FusedSqueezeExcite)
 
 __all__ = ["ops", "convert", "cpu_graph", "cuda_graph", "BACKENDS", "PASSES", "FusedCGA", "FusedDWConv",
-           "FusedFFN", "FusedConv1x1", "FusedPatchEmbed", "FusedPatchMerging"]
+           "FusedFFN", "FusedConv1x1", "FusedPatchEmbed", "FusedPatchMerging", "FusedSqueezeExcite"]
 
 
 def _triton_serves_cuda():

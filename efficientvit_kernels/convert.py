@@ -16,7 +16,7 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   (3x3, stride 2, the first from the image's few channels, in a plain ``nn.Sequential``) ->
   one ``FusedPatchEmbed`` with channels-last output; PatchMerging's first 1x1 convolution, its
   depthwise convolution and their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution
-  another.
+  another, its squeeze-excite one ``FusedSqueezeExcite``.
 - ``"channels_last"`` (CPU models, backend "auto" or "cpu"; GPU models, backend "cuda" or
   "triton", or "auto" on a CUDA model): every remaining convolution gets channels-last
   weights, so oneDNN or cuDNN runs it channels-last, and the activations stay channels-last
@@ -43,7 +43,8 @@ import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
 from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,
-                      FusedPatchMerging, LinearSqueezeExcite, ResidualAdd, _Fused, backend_ops)
+                      FusedPatchMerging, FusedSqueezeExcite, LinearSqueezeExcite, ResidualAdd,
+                      _Fused, backend_ops)
 
 __all__ = ["PASSES", "convert"]
 
@@ -245,9 +246,24 @@ def _conv1x1_convolutions(model, backend):
             m.conv3 = FusedConv1x1(conv3.weight.flatten(1), _bias(conv3), False, backend=backend)
 
 
+def _linear_bias(linear):
+    return linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
+
+
+def _squeeze_excites(model, backend):
+    """Each squeeze-excite (a LinearSqueezeExcite, after "fuse") -> FusedSqueezeExcite."""
+    for m in model.modules():
+        for name, child in m._modules.items():
+            if isinstance(child, LinearSqueezeExcite):
+                m._modules[name] = FusedSqueezeExcite(
+                    child.fc1.weight, _linear_bias(child.fc1), child.fc2.weight,
+                    _linear_bias(child.fc2), backend=backend)
+
+
 def _cpu_kernels(model, backend):
     _stem_convolutions(model, backend)
     _conv1x1_convolutions(model, backend)
+    _squeeze_excites(model, backend)
 
 
 def _channels_last(model, backend):

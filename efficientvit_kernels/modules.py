@@ -10,20 +10,21 @@ import python_ref.functional
 from . import ops
 
 __all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedConv1x1", "FusedPatchEmbed",
-           "FusedPatchMerging", "LinearSqueezeExcite", "ResidualAdd", "backend_ops"]
+           "FusedPatchMerging", "FusedSqueezeExcite", "LinearSqueezeExcite", "ResidualAdd",
+           "backend_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 
 @functools.lru_cache(maxsize=None)
 def backend_ops(backend):
-    """The namespace whose ``cga``, ``dwconv``, ``ffn``, ``conv1x1`` and ``patch_embed``
-    implement ``backend``.
+    """The namespace whose ``cga``, ``dwconv``, ``ffn``, ``conv1x1``, ``patch_embed`` and
+    ``squeeze_excite`` implement ``backend``.
 
     "auto", "cpu" and "cuda" call ``torch.ops.efficientvit`` (the dispatcher picks the
-    kernel for the tensors' device); "triton" the Triton kernels (``conv1x1`` and
-    ``patch_embed``, which have none, through the dispatcher); "reference" the plain-PyTorch
-    spec.
+    kernel for the tensors' device); "triton" the Triton kernels (``conv1x1``, ``patch_embed``
+    and ``squeeze_excite``, which have none, through the dispatcher); "reference" the
+    plain-PyTorch spec.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -35,7 +36,7 @@ def backend_ops(backend):
             raise RuntimeError("backend='triton' needs the triton package, which is not importable")
         return SimpleNamespace(cga=triton_backend.cga, dwconv=triton_backend.dwconv,
                                ffn=triton_backend.ffn, conv1x1=ops.conv1x1,
-                               patch_embed=ops.patch_embed)
+                               patch_embed=ops.patch_embed, squeeze_excite=ops.squeeze_excite)
     if backend == "cuda" and not ops.has_compiled_kernels("cuda"):
         raise RuntimeError("backend='cuda': the CUDA kernels were not built (the build adds them "
                            "where torch has CUDA and nvcc is found); use backend='triton' or rebuild")
@@ -203,6 +204,22 @@ class FusedPatchEmbed(_Fused):
         tensors = self._weights()
         channels = [tensors[0].shape[1], *(w.shape[0] for w in tensors[::2])]
         return (f"channels={'->'.join(map(str, channels))}, final_relu={self.final_relu}, "
+                f"{super().extra_repr()}")
+
+
+class FusedSqueezeExcite(_Fused):
+    """Squeeze-excite, ``x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2)``, in one op
+    (``squeeze_excite``); w1 (R, C), w2 (C, R)."""
+
+    _op = "squeeze_excite"
+    _weight_names = ("w1", "b1", "w2", "b2")
+
+    def __init__(self, w1, b1, w2, b2, backend="auto"):
+        super().__init__(backend)
+        self._set_weights(w1=w1, b1=b1, w2=w2, b2=b2)
+
+    def extra_repr(self):
+        return (f"channels={self.w1.shape[1]}, reduced={self.w1.shape[0]}, "
                 f"{super().extra_repr()}")
 
 

@@ -1,5 +1,5 @@
 """Python face of the fused ops: ``torch.ops.efficientvit.{cga, dwconv, ffn, patch_embed,
-conv1x1}``.
+conv1x1, squeeze_excite}``.
 
 The schemas live in ``csrc/efficientvit.cpp``; the compiled library registers the CPU
 (and, where built, CUDA) kernels. This module documents each op, holds the ops' contract for
@@ -17,7 +17,7 @@ import python_ref.functional
 
 from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
 
-__all__ = ["cga", "dwconv", "ffn", "patch_embed", "conv1x1",
+__all__ = ["cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite",
            "check_cga", "check_dwconv", "check_ffn", "check_patch_embed", "check_conv1x1",
            "output_memory_format", "empty_output", "has_compiled_kernels"]
 
@@ -144,7 +144,8 @@ def check_dwconv(x, weight, bias):
 
 
 def check_ffn(x, w1, b1, w2, b2):
-    """Checks ffn arguments; returns the hidden width."""
+    """Checks ffn arguments (and squeeze_excite's: the same two layers); returns the hidden
+    width."""
     _check_input(x)
     if w1.dim() != 2:
         _fail(f"w1 must be 2-D (hidden, C), got {list(w1.shape)}")
@@ -268,6 +269,17 @@ def conv1x1(x, weight, bias, relu=False, dw_weight=None, dw_bias=None):
     return torch.ops.efficientvit.conv1x1(x, weight, bias, relu, dw_weight, dw_bias)
 
 
+def squeeze_excite(x, w1, b1, w2, b2):
+    """CPU: squeeze-excite, ``x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2)``, one scale per
+    image and channel: PatchMerging's, its 1x1 convolutions on the 1x1 map as matrices.
+
+    x (B, C, H, W), w1 (R, C), b1 (R,), w2 (C, R), b2 (C,) (the arguments ffn takes). Returns
+    x's shape, in ``output_memory_format(x)``. The mean, both layers and the scaling in one op:
+    as separate ops they cost several times their arithmetic at batch 1.
+    """
+    return torch.ops.efficientvit.squeeze_excite(x, w1, b1, w2, b2)
+
+
 @torch.library.register_fake("efficientvit::cga")
 def _cga_fake(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight,
               proj_bias, window_size, scale, residual):
@@ -293,14 +305,20 @@ def _conv1x1_fake(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     return empty_output(x, check_conv1x1(x, weight, bias, dw_weight, dw_bias))
 
 
+@torch.library.register_fake("efficientvit::squeeze_excite")
+def _squeeze_excite_fake(x, w1, b1, w2, b2):
+    check_ffn(x, w1, b1, w2, b2)
+    return empty_output(x)
+
+
 @torch.library.register_fake("efficientvit::patch_embed")
 def _patch_embed_fake(x, weights, biases, final_relu):
     return empty_output(x, check_patch_embed(x, weights, biases), torch.channels_last)
 
 
-# conv1x1 and patch_embed have CPU kernels only; on CUDA they run as their plain-PyTorch
-# definition (python_ref), checked and laid out as the contract says, so a model converted on
-# CPU still runs after .to("cuda").
+# conv1x1, patch_embed and squeeze_excite have CPU kernels only; on CUDA they run as their
+# plain-PyTorch definition (python_ref), checked and laid out as the contract says, so a model
+# converted on CPU still runs after .to("cuda").
 @torch.library.register_kernel("efficientvit::conv1x1", "cuda")
 def _conv1x1_composite(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     check_conv1x1(x, weight, bias, dw_weight, dw_bias)
@@ -313,3 +331,10 @@ def _patch_embed_composite(x, weights, biases, final_relu):
     check_patch_embed(x, weights, biases)
     y = python_ref.functional.patch_embed(x, weights, biases, final_relu)
     return y.contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_kernel("efficientvit::squeeze_excite", "cuda")
+def _squeeze_excite_composite(x, w1, b1, w2, b2):
+    check_ffn(x, w1, b1, w2, b2)
+    y = python_ref.functional.squeeze_excite(x, w1, b1, w2, b2)
+    return y.contiguous(memory_format=output_memory_format(x))

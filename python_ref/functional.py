@@ -14,13 +14,15 @@ ops in ``torch.ops.efficientvit`` take (see ``efficientvit_kernels/ops.py``):
 ``conv1x1``: x (B, C, H, W), weight (Co, C), bias (Co) [, dw_weight (Co, 3, 3), dw_bias (Co)]
 ``patch_embed``: x (B, Ci, H, W), weights[l] (C_l, C_{l-1}, 3, 3), biases[l] (C_l):
     ``x = [relu](conv3x3_stride2(x, weights[l]) + biases[l])`` for each l
+``squeeze_excite``: x (B, C, H, W), w1 (R, C), b1 (R), w2 (C, R), b2 (C):
+    ``x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2)``
 """
 import torch
 from torch.nn import functional as F
 
 from .model import attention_bias_index, window_partition, window_reverse
 
-__all__ = ["cga", "conv1x1", "dwconv", "ffn", "patch_embed"]
+__all__ = ["cga", "conv1x1", "dwconv", "ffn", "patch_embed", "squeeze_excite"]
 
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -89,3 +91,10 @@ def patch_embed(x, weights, biases, final_relu):
         if final_relu or i + 1 < len(weights):
             x = torch.relu(x)
     return x
+
+
+def squeeze_excite(x, w1, b1, w2, b2):
+    """Squeeze-excite: each image's channels scaled by ``sigmoid(w2 relu(w1 m + b1) + b2)``,
+    m the image's mean over its pixels (PatchMerging's, with its 1x1 convolutions as matrices)."""
+    hidden = torch.relu(x.mean((2, 3)) @ w1.t() + b1)
+    return x * torch.sigmoid(hidden @ w2.t() + b2)[:, :, None, None]

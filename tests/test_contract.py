@@ -28,11 +28,21 @@ def dwconv_call(x=None, weight=None, bias=None):
                         b if bias is None else bias, False, True)
 
 
-def ffn_call(**changes):
+def _mlp_params(**changes):
     p = dict(zip(("w1", "b1", "w2", "b2"), (t.float() for t in random_ffn_params(8, 16))))
     p["x"] = torch.randn(1, 8, 5, 5)
     p.update(changes)
+    return p
+
+
+def ffn_call(**changes):
+    p = _mlp_params(**changes)
     return ops.ffn, (p["x"], p["w1"], p["b1"], p["w2"], p["b2"], True)
+
+
+def squeeze_excite_call(**changes):
+    p = _mlp_params(**changes)
+    return ops.squeeze_excite, (p["x"], p["w1"], p["b1"], p["w2"], p["b2"])
 
 
 def conv1x1_call(**changes):
@@ -77,6 +87,11 @@ def _cases():
         "ffn dtype": (ffn_call(b1=torch.zeros(16, dtype=torch.float64)), "b1 has dtype"),
         "ffn w1 rank": (ffn_call(w1=torch.zeros(16, 8, 1, 1)), "w1 must be 2-D"),
         "ffn weight on meta": (ffn_call(w2=torch.zeros(8, 16, device="meta")), "w2 is on meta"),
+        "squeeze_excite channels": (squeeze_excite_call(x=torch.randn(1, 7, 5, 5)), "w1 must have shape"),
+        "squeeze_excite w2": (squeeze_excite_call(w2=torch.zeros(16, 8)), "w2 must have shape"),
+        "squeeze_excite integer x": (squeeze_excite_call(x=torch.ones(1, 8, 5, 5, dtype=torch.int32)),
+                                     "floating"),
+        "squeeze_excite on meta": (squeeze_excite_call(b2=torch.zeros(8, device="meta")), "b2 is on meta"),
         "conv1x1 channels": (conv1x1_call(x=torch.randn(1, 5, 4, 4)), "weight must have shape"),
         "conv1x1 dw alone": (conv1x1_call(dw_bias=None), "together"),
         "conv1x1 dw shape": (conv1x1_call(dw_weight=torch.zeros(16, 2, 2)), "dw_weight must have shape"),
@@ -119,11 +134,11 @@ def test_rejected_alike_by_kernel_and_fake(case):
     assert normalized(kernel.value) == normalized(fake.value)
 
 
-@pytest.mark.parametrize("op", ["cga", "dwconv", "ffn", "conv1x1", "patch_embed"])
+@pytest.mark.parametrize("op", ["cga", "dwconv", "ffn", "conv1x1", "patch_embed", "squeeze_excite"])
 def test_x_on_meta_with_cpu_weights(op):
     """x on the meta device, the weights on CPU: rejected (never an uninitialized result)."""
     call, args = {"cga": cga_call, "dwconv": dwconv_call, "ffn": ffn_call, "conv1x1": conv1x1_call,
-                  "patch_embed": patch_embed_call}[op]()
+                  "patch_embed": patch_embed_call, "squeeze_excite": squeeze_excite_call}[op]()
     with pytest.raises(ValueError, match="is on cpu but x is on meta"):
         call(args[0].to("meta"), *args[1:])
 

@@ -82,14 +82,17 @@ def test_convert_submodules(models):
 
 
 def test_stem_and_patch_merging(models):
-    """PatchMerging becomes FusedPatchMerging, its squeeze-excite a LinearSqueezeExcite, on CPU
-    its convolutions FusedConv1x1 (the first 1x1 with the depthwise one and
-    both ReLUs); on CPU the stem's convolutions and ReLUs become a FusedPatchEmbed; on CPU the
-    other convolutions' weights are channels-last; the caller's tensor is never written."""
+    """PatchMerging becomes FusedPatchMerging, its squeeze-excite a LinearSqueezeExcite (on CPU
+    a FusedSqueezeExcite), on CPU its convolutions FusedConv1x1 (the first 1x1 with the
+    depthwise one and both ReLUs); on CPU the stem's convolutions and ReLUs become a
+    FusedPatchEmbed; on CPU the other convolutions' weights are channels-last; the caller's
+    tensor is never written."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.FusedPatchMerging)]
-    assert len(merging) == 2 and all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in merging)
+    assert len(merging) == 2 and all(isinstance(m.se, K.FusedSqueezeExcite) for m in merging)
+    assert all(isinstance(m.se, K.modules.LinearSqueezeExcite) for m in
+               K.convert(model, passes=("fuse",)).modules() if isinstance(m, K.FusedPatchMerging))
     assert all(isinstance(m.conv1, K.FusedConv1x1) and m.conv1.relu and m.conv1.dw_weight.shape[1:] == (3, 3)
                and all(isinstance(getattr(m, n), torch.nn.Identity) for n in ("act1", "conv2", "act2"))
                and isinstance(m.conv3, K.FusedConv1x1) and not m.conv3.relu for m in merging)

@@ -83,6 +83,8 @@ for layout in (torch.contiguous_format, torch.channels_last):
                                       [b.double() for b in pe_b], True)),
         "conv1x1": (K.ops.conv1x1(x, pm_w, pm_b, relu=True),
                     F.conv1x1(x.double(), pm_w.double(), pm_b.double(), relu=True)),
+        "squeeze_excite": (K.ops.squeeze_excite(x, *ffn),
+                           F.squeeze_excite(x.double(), *(t.double() for t in ffn))),
     }
     for name, (out, ref) in cases.items():
         T.assert_close(out, ref, torch.float32, what=f"{name} ({layout})")

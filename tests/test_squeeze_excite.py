@@ -1,0 +1,92 @@
+"""squeeze_excite (a CPU kernel; on CUDA its plain-PyTorch definition): each image's channels
+scaled by sigmoid(w2 relu(w1 mean + b1) + b2), against its spec,
+python_ref.functional.squeeze_excite, in float64."""
+import pytest
+import torch
+
+import efficientvit_kernels as K
+import python_ref as R
+from efficientvit_kernels.testing import LAYOUTS, assert_close, assert_layout, random_input
+from python_ref import functional
+
+ops = torch.ops.efficientvit
+
+
+def random_params(C, R, seed=0, dtype=torch.float64):
+    """Weights that put the scales across the sigmoid's range, not all near 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(R, C, generator=g, dtype=torch.float64) * 2 * C ** -0.5
+    b1 = torch.randn(R, generator=g, dtype=torch.float64) * 0.5  # some hidden units ReLU'd to 0
+    w2 = torch.randn(C, R, generator=g, dtype=torch.float64) * 2 * R ** -0.5
+    b2 = torch.randn(C, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (w1, b1, w2, b2)]
+
+
+def check(x, params, dtype):
+    xd, pd = x.to(dtype), [t.to(dtype) for t in params]
+    out = ops.squeeze_excite(xd, *pd)
+    ref = functional.squeeze_excite(x.double(), *(t.double() for t in params))
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_layout(out, xd)
+    assert_close(out, ref, dtype)
+    return out
+
+
+# PatchMerging's widths (M0's and M4's hidden 4C -> C), widths that are not whole vectors
+# (20 -> 5, 36 -> 9), images of one pixel, odd and unequal sizes, batch above 1 (a scale per
+# image).
+@pytest.mark.parametrize("C,R", [(256, 64), (1024, 256), (20, 5), (36, 9)])
+@pytest.mark.parametrize("B,H,W", [(1, 7, 7), (3, 4, 4), (2, 5, 3), (2, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_squeeze_excite(C, R, B, H, W, channels_last):
+    check(random_input(B, C, H, W, seed=H * W, channels_last=channels_last),
+          random_params(C, R, seed=C + R), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squeeze_excite_dtype_and_strided_input(dtype):
+    params = random_params(24, 6, dtype=dtype)
+    check(random_input(2, 24, 9, 10, seed=2), params, dtype)
+    check(random_input(2, 24, 9, 20)[..., ::2], params, dtype)  # not dense
+
+
+def test_scale_per_image():
+    """Two images: each scaled by its own mean's scales, not the batch's."""
+    params = random_params(16, 4)
+    x = random_input(2, 16, 3, 3)
+    x[1] *= -3
+    out = check(x, params, torch.float32)
+    assert_close(out[1:], functional.squeeze_excite(x[1:], *params), torch.float32)
+
+
+def test_module_in_converted_model():
+    """On CPU, convert's cpu_kernels pass turns each squeeze-excite into FusedSqueezeExcite;
+    the reference backend keeps it as Linear layers."""
+    model = R.randomize_(R.build("m0"), seed=2)
+    fused = K.convert(model)
+    modules = [m for m in fused.modules() if isinstance(m, K.FusedSqueezeExcite)]
+    assert len(modules) == 2 and all(m.w1.shape == (m.w2.shape[1], m.w2.shape[0]) for m in modules)
+    assert not any(isinstance(m, K.FusedSqueezeExcite)
+                   for m in K.convert(model, backend="reference").modules())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert_close(fused(x), R.fold_batchnorm(model).double()(x.double()), torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_squeeze_excite_opcheck(layout):
+    x = random_input(2, 20, 5, 3, layout=layout, dtype=torch.float32)
+    torch.library.opcheck(ops.squeeze_excite.default, (x, *random_params(20, 5, dtype=torch.float32)))
+
+
+def test_fused_squeeze_excite_module():
+    params = random_params(16, 4, dtype=torch.float32)
+    x = random_input(2, 16, 5, 6).float()
+    module = K.FusedSqueezeExcite(*params)
+    with torch.no_grad():
+        assert_close(module(x), functional.squeeze_excite(x, *params))
+        module.b2.add_(1)  # the weights are read at each call
+        assert_close(module(x), functional.squeeze_excite(x, *params[:3], params[3] + 1))
+        assert_close(K.FusedSqueezeExcite(*params, backend="reference")(x),
+                     functional.squeeze_excite(x, *params))
+    assert "reduced=4" in repr(module)
