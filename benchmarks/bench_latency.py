@@ -1,7 +1,8 @@
 """CPU latency: each model's forward at batch 1 (and 16) on one thread (and two), fused against
 the eager reference, ONNX Runtime on the same folded model, and the fused model's deployment
 forms (its C++ replay, cpu_graph; torch.export's module; optionally an AOTInductor package),
-optionally torch.compile of the reference; all timed in this process in interleaved rounds.
+optionally torch.compile of the reference and of the fused model; all timed in this process in
+interleaved rounds.
 
     python benchmarks/bench_latency.py [--models m0,m1,m2,m3,m4,m5] [--batches 1,16]
         [--threads 1,2] [--seconds 20] [--aoti] [--compile] [--out benchmarks/results/cpu_latency]
@@ -41,6 +42,8 @@ def runners(model, name, batch, threads, args, workdir):
         out["onnxruntime"] = lambda t: torch.from_numpy(session(t)[0])
     out["fused"] = fused
     out["fused, cpu_graph"] = K.cpu_graph(fused, x)
+    if args.compile:
+        out["fused, torch.compile"] = torch.compile(fused)
     program = torch.export.export(fused, (x,))
     out["fused, exported"] = program.module()
     if args.aoti:
@@ -62,7 +65,8 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2")
     p.add_argument("--seconds", type=float, default=20.0, help="timing budget per row")
     p.add_argument("--aoti", action="store_true", help="add an AOTInductor package (compiles)")
-    p.add_argument("--compile", action="store_true", help="add torch.compile of the reference")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile of the reference and of the fused model")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_latency"))
     args = p.parse_args(argv)
     rows = []
