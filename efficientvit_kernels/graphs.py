@@ -173,7 +173,8 @@ def cpu_graph(module, example):
     fused ops' kernels run on weights packed at capture, every other op is called through the
     dispatcher, and no Python runs between the steps (at batch 1, the Python around each op of
     a converted model costs a large part of the forward). ``x`` must have ``example``'s shape,
-    dtype and device; the result is a new tensor.
+    dtype and device (any layout); each call returns its own result (no buffer is reused
+    between calls, as cuda_graph's output is). Gradients are not recorded.
 
     The weights are taken at capture (packed or copied): changes made to the module afterwards
     are not seen; capture again. Raises NotImplementedError for a graph with a step the program
