@@ -318,23 +318,26 @@ def _patch_embed_fake(x, weights, biases, final_relu):
 
 # conv1x1, patch_embed and squeeze_excite have CPU kernels only; on CUDA they run as their
 # plain-PyTorch definition (python_ref), checked and laid out as the contract says, so a model
-# converted on CPU still runs after .to("cuda").
-@torch.library.register_kernel("efficientvit::conv1x1", "cuda")
-def _conv1x1_composite(x, weight, bias, relu, dw_weight=None, dw_bias=None):
+# converted on CPU still runs after .to("cuda"). (Registered after their definitions, not by
+# decorator, which would leave their names None: the tests call them on CPU tensors.)
+def conv1x1_composite(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     check_conv1x1(x, weight, bias, dw_weight, dw_bias)
     y = python_ref.functional.conv1x1(x, weight, bias, relu, dw_weight, dw_bias)
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-@torch.library.register_kernel("efficientvit::patch_embed", "cuda")
-def _patch_embed_composite(x, weights, biases, final_relu):
+def patch_embed_composite(x, weights, biases, final_relu):
     check_patch_embed(x, weights, biases)
     y = python_ref.functional.patch_embed(x, weights, biases, final_relu)
     return y.contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.register_kernel("efficientvit::squeeze_excite", "cuda")
-def _squeeze_excite_composite(x, w1, b1, w2, b2):
+def squeeze_excite_composite(x, w1, b1, w2, b2):
     check_ffn(x, w1, b1, w2, b2)
     y = python_ref.functional.squeeze_excite(x, w1, b1, w2, b2)
     return y.contiguous(memory_format=output_memory_format(x))
+
+
+torch.library.register_kernel("efficientvit::conv1x1", "cuda", conv1x1_composite)
+torch.library.register_kernel("efficientvit::patch_embed", "cuda", patch_embed_composite)
+torch.library.register_kernel("efficientvit::squeeze_excite", "cuda", squeeze_excite_composite)

@@ -183,3 +183,16 @@ def test_fused_conv1x1_module():
         module.dw_bias.add_(1)
         assert_close(module(x), functional.conv1x1(x, weight, bias, True, depthwise[0], depthwise[1] + 1))
         assert "dwconv3x3_stride2=True" in repr(module)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["conv1x1", "with_dwconv"])
+def test_cuda_definition(depthwise):
+    """What the op runs on CUDA (its spec, checked, in the output layout), on CPU tensors."""
+    weight, bias = (t.float() for t in random_conv1x1_params(16, 24))
+    dw = [t.float() for t in random_depthwise_params(24)] if depthwise else []
+    x = random_input(2, 16, 5, 6, channels_last=True, dtype=torch.float32)
+    out = K.ops.conv1x1_composite(x, weight, bias, True, *dw)
+    assert_layout(out, x)
+    assert_close(out, ops.conv1x1(x, weight, bias, True, *dw), torch.float32)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        K.ops.conv1x1_composite(x[:, :15], weight, bias, True, *dw)

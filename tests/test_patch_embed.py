@@ -197,3 +197,14 @@ def test_fused_patch_embed_module_repacks():
         module.weight3.mul_(2)  # repacked: the version counter moved
         ref = functional.patch_embed(x, [*weights[:3], weights[3] * 2], biases, True)
         assert packings(lambda: assert_close(module(x), ref)) == 1
+
+
+def test_cuda_definition():
+    """What the op runs on CUDA (its spec, checked, channels-last), on CPU tensors."""
+    weights, biases = (list(t) for t in random_layers(STEM[:3], dtype=torch.float32))
+    x = random_input(2, 3, 17, 16, dtype=torch.float32)
+    out = K.ops.patch_embed_composite(x, weights, biases, False)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ops.patch_embed(x, weights, biases, False), torch.float32)
+    with pytest.raises(ValueError, match="a bias per weight"):
+        K.ops.patch_embed_composite(x, weights, biases[:1], False)

@@ -90,3 +90,16 @@ def test_fused_squeeze_excite_module():
         assert_close(K.FusedSqueezeExcite(*params, backend="reference")(x),
                      functional.squeeze_excite(x, *params))
     assert "reduced=4" in repr(module)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_definition(layout):
+    """What the op runs on CUDA (its spec, checked, in the output layout), called here on CPU
+    tensors: a model converted on CPU keeps working after .to("cuda")."""
+    params = random_params(20, 5, dtype=torch.float32)
+    x = random_input(2, 20, 5, 3, layout=layout, dtype=torch.float32)
+    out = K.ops.squeeze_excite_composite(x, *params)
+    assert_layout(out, x)
+    assert_close(out, ops.squeeze_excite(x, *params), torch.float32)
+    with pytest.raises(ValueError, match="w1 must have shape"):
+        K.ops.squeeze_excite_composite(x[:, :19], *params)
