@@ -2,11 +2,12 @@
 
     python -m efficientvit_kernels [--model m4|all] [--batch N] [--dtype fp32|fp16|bf16]
         [--device cpu|cuda] [--backend auto] [--resolution 224] [--checkpoint PATH]
-        [--threads 1] [--compile] [--json PATH]
+        [--threads 1] [--compile] [--cpu-graph] [--json PATH]
 
 Defaults follow the paper's protocols: on CPU one thread, batch 16, fp32; on GPU fp16,
 batch 256. Compares the fused model with the eager reference (and, with --compile, with
-torch.compile of it). Prints one table (img/s, latency, speedup, error); exits 1 if a check
+torch.compile of it; with --cpu-graph, on CPU, adds the fused model replayed by cpu_graph,
+the batch-1 path). Prints one table (img/s, latency, speedup, error); exits 1 if a check
 fails, 2 (one line on stderr) if an option is wrong.
 """
 import argparse
@@ -18,7 +19,7 @@ import torch
 
 import python_ref
 
-from . import convert
+from . import convert, cpu_graph
 from .modules import BACKENDS, backend_ops
 from .testing import errors, tolerance
 from .timing import device_name, run_metadata, time_interleaved
@@ -50,8 +51,13 @@ def _parse(argv):
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the reference (max-autotune on GPU; compiling "
                         "takes minutes)")
+    p.add_argument("--cpu-graph", action="store_true",
+                   help="CPU: also time the fused model replayed by cpu_graph (no Python between "
+                        "the ops; for small batches)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.cpu_graph and args.device != "cpu":
+        p.error("--cpu-graph replays on CPU: use --device cpu (on GPU, cuda_graph serves batch 1)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.batch is None:
@@ -137,13 +143,20 @@ def _run_model(name, args, progress):
               for _ in range(2)]
     progress(f"{name}: checking fused against the float64 reference")
     exact = exact_model(inputs[0].double())
-    error, max_error = errors(fused(inputs[0]), exact)
+    out = fused(inputs[0])
+    error, max_error = errors(out, exact)
 
     runners = {"eager": reference}
     if args.compile:
         mode = "max-autotune" if args.device == "cuda" else None
         runners["compile"] = torch.compile(reference, mode=mode)
     runners["fused"] = fused
+    if args.cpu_graph:
+        progress(f"{name}: capturing the fused model (cpu_graph)")
+        runners["cpu_graph"] = cpu_graph(fused, inputs[0])
+        # the same kernels on the same weights: the replay gives the fused model's values
+        if not torch.equal(runners["cpu_graph"](inputs[0]), out):
+            error = max_error = float("inf")
     progress(f"{name}: timing {', '.join(runners)}")
     timings = time_interleaved(runners, inputs)
     return dict(model=name, error=error, max_error=max_error, tolerance=tolerance(dtype),
@@ -154,14 +167,16 @@ def _run_model(name, args, progress):
 
 
 def _table(rows, args):
-    cols = [k for k in ("eager", "compile", "fused") if k in rows[0]["img_per_s"]]
+    cols = [k for k in ("eager", "compile", "fused", "cpu_graph") if k in rows[0]["img_per_s"]]
+    ratios = [(f, b) for f in ("fused", "cpu_graph") for b in ("eager", "compile")
+              if f in cols and b in cols]
     head = ["model"] + [f"{c} img/s" for c in cols] + [f"{c} ms" for c in cols] + \
-        [f"fused/{c}" for c in cols if c != "fused"] + ["rel. error", "check"]
+        [f"{f}/{b}" for f, b in ratios] + ["rel. error", "check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ips, lat = r["img_per_s"], r["latency_ms"]
         cells = [r["model"].upper()] + [f"{ips[c]:.1f}" for c in cols] + [f"{lat[c]:.2f}" for c in cols]
-        cells += [f"{ips['fused'] / ips[c]:.2f}x" for c in cols if c != "fused"]
+        cells += [f"{ips[f] / ips[b]:.2f}x" for f, b in ratios]
         cells += [f"{r['error']:.1e}", "pass" if r["passed"] else f"FAIL (> {r['tolerance']:.0e})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -174,7 +189,7 @@ def main(argv=None):
     names = _model_names(args)
     try:
         from tqdm import tqdm
-        bar = tqdm(total=len(names) * 2, file=sys.stderr, leave=False)
+        bar = tqdm(total=len(names) * (3 if args.cpu_graph else 2), file=sys.stderr, leave=False)
     except ImportError:
         bar = None
 

@@ -20,6 +20,12 @@ def test_main_job_checks_and_writes_json(tmp_path, capsys):
     assert row["passed"] and row["error"] < tolerance(torch.float32) and row["img_per_s"]["fused"] > 0
 
 
+def test_main_job_times_the_cpu_graph(capsys):
+    assert main(["--model", "m0", "--batch", "1", "--resolution", "64", "--cpu-graph"]) == 0
+    table = capsys.readouterr().out
+    assert "cpu_graph ms" in table and "cpu_graph/eager" in table and "pass" in table
+
+
 def test_main_job_loads_a_checkpoint(tmp_path, capsys):
     path = tmp_path / "m1.pth"
     torch.save({"model": R.randomize_(R.efficientvit_m1()).state_dict()}, path)
@@ -48,6 +54,7 @@ BAD_OPTIONS = {
     "garbage checkpoint": (lambda tmp: ["--checkpoint", _garbage(tmp)], "not a readable PyTorch checkpoint"),
     "json folder": (lambda tmp: ["--json", str(tmp / "no" / "such" / "out.json")], "no such directory"),
     "json is a folder": (lambda tmp: ["--json", str(tmp)], "is a directory"),
+    "cpu graph on cuda": (lambda tmp: ["--cpu-graph", "--device", "cuda"], "--cpu-graph replays on CPU"),
 }
 
 
