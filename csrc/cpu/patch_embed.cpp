@@ -26,8 +26,13 @@ namespace {
 // Output channels per vector: 8 fp32 fill a 256-bit register, and 8 | Co in every EfficientViT
 // stem (Co = embed_dim / 8).
 constexpr int64_t kLanes = 8;
-// Accumulators per block (pixels x vectors), within the 32 AVX-512 or 16 AVX2 registers.
-constexpr int kAccumulators = kVecBytes == 64 ? 16 : 12;  // GCC 12 spills beyond 16
+// Pixels per block for NV vectors of output channels: as many accumulators as the registers
+// hold beside NV weight vectors and a broadcast. AVX-512 (32 registers): 16 (GCC 12 spills
+// beyond). AVX2 (16 registers): 10; at 12 GCC keeps accumulators on the stack (first layer,
+// 224^2, one thread, the three sizes timed in interleaved rounds: 3->8 channels 230 / 258 us at
+// 10 / 12 accumulators, 3->16 269 / 393 us, 3->24 366 / 427 us).
+template <int NV>
+constexpr int kPixels = (kVecBytes == 64 ? 16 : 10) / NV;
 
 // (A typedef in a class template: GCC drops vector_size from a dependent alias template.)
 template <typename T>
@@ -93,7 +98,7 @@ void stem_run(const StemRow<T>& row, int64_t begin, int64_t end, const T* w, int
 template <typename T, int NV>
 void stem_row_block(const StemRow<T>& row, int64_t W, int64_t Wo, int64_t co, const T* w,
                     int64_t ldw, const T* bias, T* out, int64_t pixel_stride, bool apply_relu) {
-  constexpr int P = kAccumulators / NV;
+  constexpr int P = kPixels<NV>;
   // Output ox reads input columns 2ox-1 .. 2ox+1: all valid for ox in [1, interior_end).
   const int64_t interior_end = std::max<int64_t>(1, std::min(Wo, W / 2));
   const auto edge_pixel = [&](int64_t ox) {
