@@ -132,8 +132,9 @@ def _fused_module(m, residual, backend):
     return None
 
 
-def _bias(conv):
-    return conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
+def _bias(layer):
+    """A convolution's or Linear layer's bias, zeros where it has none."""
+    return layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.weight.shape[0])
 
 
 def _copy_container(m):
@@ -246,18 +247,14 @@ def _conv1x1_convolutions(model, backend):
             m.conv3 = FusedConv1x1(conv3.weight.flatten(1), _bias(conv3), False, backend=backend)
 
 
-def _linear_bias(linear):
-    return linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
-
-
 def _squeeze_excites(model, backend):
     """Each squeeze-excite (a LinearSqueezeExcite, after "fuse") -> FusedSqueezeExcite."""
     for m in model.modules():
         for name, child in m._modules.items():
             if isinstance(child, LinearSqueezeExcite):
                 m._modules[name] = FusedSqueezeExcite(
-                    child.fc1.weight, _linear_bias(child.fc1), child.fc2.weight,
-                    _linear_bias(child.fc2), backend=backend)
+                    child.fc1.weight, _bias(child.fc1), child.fc2.weight, _bias(child.fc2),
+                    backend=backend)
 
 
 def _cpu_kernels(model, backend):
