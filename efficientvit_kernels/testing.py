@@ -17,7 +17,7 @@ from python_ref import MODEL_CONFIGS, functional
 __all__ = ["DTYPES", "TOLERANCE", "MAX_ERROR_FACTOR", "tolerance", "errors", "relative_error",
            "assert_close", "assert_layout", "call_poisoned", "layer_shapes", "stage_shapes", "random_cga_params", "random_dwconv_params",
            "random_ffn_params", "random_input", "LAYOUTS", "cga_args", "cast", "reference_cga", "KEY_DIM",
-           "CGA_ARGS", "packings"]
+           "CGA_ARGS", "packings", "profiled_calls"]
 
 # The dtypes the tests run, by the names their ids use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -217,9 +217,14 @@ def reference_cga(x, params, residual=True):
     return functional.cga(x.double(), **cast(params, torch.float64), residual=residual)
 
 
-def packings(fn):
-    """How many times calling fn packs CPU weights (the packing cache's profiler events)."""
+def profiled_calls(fn):
+    """{event name: count} of the CPU profiler's events (ops, kernels, packings) in fn()."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.count for e in prof.key_averages()
-               if e.key.startswith("efficientvit_cpu::pack ("))
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+def packings(fn):
+    """How many times calling fn packs CPU weights (the packing cache's profiler events)."""
+    return sum(count for name, count in profiled_calls(fn).items()
+               if name.startswith("efficientvit_cpu::pack ("))

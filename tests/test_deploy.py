@@ -14,7 +14,7 @@ from torch import nn
 
 import efficientvit_kernels as K
 import python_ref as R
-from efficientvit_kernels.testing import assert_close, packings
+from efficientvit_kernels.testing import assert_close, packings, profiled_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,12 +64,6 @@ def test_aoti_package_loads_in_a_fresh_process(fused, tmp_path):
     _check_in_fresh_process("torch._inductor.aoti_load_package", path, fused, tmp_path)
 
 
-def _profiled_ops(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key for e in prof.key_averages()}
-
-
 def test_cpu_graph_replays_the_model(fused):
     """The same kernels on the same weights: the same values, bit for bit, for any input of the
     captured shape; the fused ops as their kernels on weights packed at capture."""
@@ -78,7 +72,7 @@ def test_cpu_graph_replays_the_model(fused):
     for y in (x, torch.randn(2, 3, 96, 96).to(memory_format=torch.channels_last)):
         with torch.no_grad():
             assert torch.equal(run(y), fused(y))
-    names = _profiled_ops(lambda: run(x))
+    names = set(profiled_calls(lambda: run(x)))
     assert {f"efficientvit_cpu::{op}_packed" for op in ("cga", "ffn", "conv1x1", "patch_embed")} <= names
     assert not names & {f"efficientvit::{op}" for op in ("cga", "ffn", "conv1x1", "patch_embed")}
     assert packings(lambda: run(x)) == 0

@@ -20,7 +20,7 @@
 namespace efficientvit::cpu {
 
 struct PackedWeights : torch::CustomClassHolder {
-  // The op's kernel on packed weights; flag is the op's last argument (cga, ffn: residual;
+  // The op's kernel on packed weights; flag is the op's one flag argument (cga, ffn: residual;
   // conv1x1: relu; patch_embed: final_relu).
   using Kernel = at::Tensor (*)(const at::Tensor& x, const PackedWeights& weights, bool flag);
 
