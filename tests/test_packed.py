@@ -286,3 +286,36 @@ def test_every_packed_op_uses_the_cache():
     for call in calls:
         assert packings(call) == 1
         assert packings(call) == 0
+
+
+def test_packings_that_share_a_weight_are_told_apart():
+    """The cache files a packing under its op and first weight over 1 KB: packings that share
+    that weight (or have none) sit side by side and each is found again."""
+    x, params, _ = ffn_call(seed=9)
+    w1, b1, w2, b2 = params
+    other_w2 = torch.randn_like(w2)
+    small = [t.float() for t in random_ffn_params(4, 8, seed=10)]
+    other_small = [t.float() for t in random_ffn_params(4, 8, seed=11)]
+    x_small = random_input(1, 4, 3, 3, dtype=torch.float32)
+    calls = [(x, [w1, b1, w2, b2]), (x, [w1, b1, other_w2, b2]),
+             (x_small, small), (x_small, other_small)]
+    for inputs, weights in calls:
+        assert packings(lambda: ops.ffn(inputs, *weights, True)) == 1
+    for inputs, weights in calls:
+        ref = functional.ffn(inputs.double(), *[t.double() for t in weights], True)
+        assert packings(lambda: assert_close(ops.ffn(inputs, *weights, True), ref,
+                                             torch.float32)) == 0
+
+
+def test_cache_drops_the_least_recently_used_beyond_its_bound():
+    """At most 1024 packings (kPackingCacheEntries) are kept: the oldest is packed again, the
+    newest is not, and every result stays right."""
+    K.ops.clear_packing_cache()
+    x = random_input(1, 16, 2, 2, dtype=torch.float32)
+    sets = [[t.float() for t in random_ffn_params(16, 32, seed=s)] for s in range(1100)]
+    for weights in sets:
+        ops.ffn(x, *weights, True)
+    for weights, expected in ((sets[-1], 0), (sets[0], 1), (sets[0], 0)):
+        ref = functional.ffn(x.double(), *[t.double() for t in weights], True)
+        assert packings(lambda: assert_close(ops.ffn(x, *weights, True), ref,
+                                             torch.float32)) == expected

@@ -6,6 +6,7 @@
 #include "cpu/packed_weights.h"
 
 #include <ATen/record_function.h>
+#include <c10/util/hash.h>
 
 #include "cpu/program.h"
 #include <torch/library.h>
@@ -15,6 +16,7 @@
 #include <list>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "checks.h"
@@ -76,18 +78,58 @@ struct WeightId {
   uint32_t version = 0;                               // a larger one's version counter
 };
 
-struct CacheEntry {
+// The bucket a packing is filed under: its op and the storage of its first weight larger than
+// kByValueBytes (none if every weight is small), so that a lookup compares the packings of one
+// layer, not every packing in the cache.
+struct BucketKey {
   std::string op;
+  const c10::StorageImpl* address = nullptr;
+  int64_t offset = 0;
+
+  BucketKey(const char* op, at::TensorList weights) : op(op) {
+    for (const at::Tensor& w : weights) {
+      if (w.nbytes() > kByValueBytes) {
+        address = w.storage().unsafeGetStorageImpl();
+        offset = w.storage_offset();
+        break;
+      }
+    }
+  }
+  bool operator==(const BucketKey& other) const {
+    return address == other.address && offset == other.offset && op == other.op;
+  }
+};
+
+struct BucketKeyHash {
+  size_t operator()(const BucketKey& k) const {
+    return c10::get_hash(k.op, reinterpret_cast<uintptr_t>(k.address), k.offset);
+  }
+};
+
+struct CacheEntry {
+  BucketKey bucket;
   std::vector<double> scalars;
   std::vector<WeightId> weights;
   Packed packed;
   size_t bytes;
 };
 
+using Entries = std::list<CacheEntry>;  // most recently used first
+
 struct PackingCache {
   std::mutex mutex;
-  std::list<CacheEntry> entries;  // most recently used first
+  Entries entries;
+  std::unordered_map<BucketKey, std::vector<Entries::iterator>, BucketKeyHash> buckets;
   size_t bytes = 0;
+
+  Entries::iterator erase(Entries::iterator it) {
+    auto bucket = buckets.find(it->bucket);
+    auto& members = bucket->second;
+    members.erase(std::find(members.begin(), members.end(), it));
+    if (members.empty()) buckets.erase(bucket);
+    bytes -= it->bytes;
+    return entries.erase(it);
+  }
 };
 
 PackingCache& cache() {
@@ -95,9 +137,8 @@ PackingCache& cache() {
   return *instance;
 }
 
-bool matches(const CacheEntry& e, const char* op, at::TensorList weights,
-             const std::vector<double>& scalars) {
-  if (e.op != op || e.scalars != scalars || e.weights.size() != weights.size()) return false;
+bool matches(const CacheEntry& e, at::TensorList weights, const std::vector<double>& scalars) {
+  if (e.scalars != scalars || e.weights.size() != weights.size()) return false;
   for (size_t i = 0; i < weights.size(); ++i) {
     if (!e.weights[i].is(weights[i])) return false;
   }
@@ -123,32 +164,30 @@ Packed cached_packing(const char* op, at::TensorList weights, std::vector<double
     return recorded_pack();
   }
   PackingCache& c = cache();
+  BucketKey key(op, weights);
   std::lock_guard<std::mutex> lock(c.mutex);
-  for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
-    if (matches(*it, op, weights, scalars)) {
-      c.entries.splice(c.entries.begin(), c.entries, it);
-      return it->packed;
+  if (auto bucket = c.buckets.find(key); bucket != c.buckets.end()) {
+    for (Entries::iterator it : bucket->second) {
+      if (matches(*it, weights, scalars)) {
+        c.entries.splice(c.entries.begin(), c.entries, it);  // iterators stay valid
+        return it->packed;
+      }
     }
   }
   Packed packed = recorded_pack();
   size_t bytes = 0;
   for (const at::Tensor& t : packed->tensors) bytes += t.nbytes();
   std::vector<WeightId> ids(weights.begin(), weights.end());
-  c.entries.push_front({op, std::move(scalars), std::move(ids), packed, bytes});
+  c.entries.push_front({key, std::move(scalars), std::move(ids), packed, bytes});
+  c.buckets[std::move(key)].push_back(c.entries.begin());
   c.bytes += bytes;
   // Drop the entries whose weights were freed, then the least recently used beyond the bound.
   for (auto it = std::next(c.entries.begin()); it != c.entries.end();) {
-    if (expired(*it)) {
-      c.bytes -= it->bytes;
-      it = c.entries.erase(it);
-    } else {
-      ++it;
-    }
+    it = expired(*it) ? c.erase(it) : std::next(it);
   }
   while ((c.bytes > kPackingCacheBytes || c.entries.size() > kPackingCacheEntries) &&
          c.entries.size() > 1) {
-    c.bytes -= c.entries.back().bytes;
-    c.entries.pop_back();
+    c.erase(std::prev(c.entries.end()));
   }
   return packed;
 }
@@ -157,6 +196,7 @@ void clear_packing_cache() {
   PackingCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   c.entries.clear();
+  c.buckets.clear();
   c.bytes = 0;
 }
 

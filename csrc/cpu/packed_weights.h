@@ -51,7 +51,9 @@ using Packed = c10::intrusive_ptr<PackedWeights>;
 // version counter (every in-place change bumps it; a change through .data does not: call
 // clear_packing_cache() after one); a weight of at most 1 KB is the same while its sizes, dtype
 // and values are. Inference tensors have no version counter: they are packed on every call.
-// scalars: the op's other arguments that the packing depends on. Holds at most
+// scalars: the op's other arguments that the packing depends on. A lookup compares only the
+// packings filed under the op and the weights' first weight over 1 KB (its storage and offset),
+// so its cost does not grow with the number of packings held. Holds at most
 // kPackingCacheBytes of packed weights and kPackingCacheEntries packings, the least recently used
 // dropped first, and none for freed weights.
 Packed cached_packing(const char* op, at::TensorList weights, std::vector<double> scalars,
