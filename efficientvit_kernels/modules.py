@@ -43,6 +43,18 @@ def backend_ops(backend):
     return ops
 
 
+@functools.lru_cache(maxsize=None)
+def _op_call(backend, op):
+    """What a fused module of ``backend`` calls for ``op``: where the dispatcher chooses the
+    kernel, the op's overload itself, not the ``ops`` wrapper around it. (At batch 1 the
+    eager forward spends a tenth of its time in Python, most of it in the frames around each
+    op call: this one and the packet's overload resolution are two of them.)"""
+    namespace = backend_ops(backend)
+    if namespace is ops:
+        return getattr(torch.ops.efficientvit, op).default
+    return getattr(namespace, op)
+
+
 class _Fused(nn.Module):
     """Shared plumbing: the backend, a device check for the compiled backends, and the op call.
 
@@ -65,7 +77,7 @@ class _Fused(nn.Module):
             self.register_buffer(name, t.detach().clone().contiguous())
 
     def _weights(self):
-        return tuple(self._buffers[name] for name in self._weight_names)
+        return tuple(map(self._buffers.__getitem__, self._weight_names))
 
     def _flags(self):
         """The op's arguments after the weights."""
@@ -75,11 +87,11 @@ class _Fused(nn.Module):
         if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
             raise RuntimeError(f"{type(self).__name__} was converted with backend={self.backend!r} "
                                f"but got a tensor on {x.device}")
-        return getattr(backend_ops(self.backend), self._op)(x, *self._op_args())
+        return _op_call(self.backend, self._op)(x, *self._op_args())
 
     def _op_args(self):
         """The op's arguments after x."""
-        return (*self._weights(), *self._flags())
+        return (*map(self._buffers.__getitem__, self._weight_names), *self._flags())
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: fail with a way out, not deep inside the compiler
