@@ -98,10 +98,22 @@ def _is_pointwise_conv(m):
     return _is_conv(m, 1, 1, 0) and m.groups == 1
 
 
+def _is_sigmoid(m):
+    """nn.Sigmoid, or a module of no state named Sigmoid that computes it (timm's gate: its
+    own Sigmoid class, with an in-place option)."""
+    if type(m) is nn.Sigmoid:
+        return True
+    if type(m).__name__ != "Sigmoid" or m._modules or m._parameters or m._buffers:
+        return False
+    probe = torch.linspace(-8, 8, 33)
+    with torch.no_grad():
+        return torch.equal(m(probe.clone()), probe.sigmoid())
+
+
 def _is_squeeze_excite(m):
     # timm's SqueezeExcite (SEModule) as EfficientViT builds it: no norm, no max-pool branch
     return (set(m._modules) == {"fc1", "bn", "act", "fc2", "gate"} and type(m.bn) is nn.Identity
-            and type(m.act) is nn.ReLU and type(m.gate) is nn.Sigmoid
+            and type(m.act) is nn.ReLU and _is_sigmoid(m.gate)
             and _is_pointwise_conv(m.fc1) and _is_pointwise_conv(m.fc2)
             and not getattr(m, "add_maxpool", False))
 

@@ -1,6 +1,7 @@
 """convert(): fused models and submodules against the reference, for python_ref and timm models;
 its passes; and what a converted model must survive (copies, pickling, inference mode, autograd,
 users' own modules)."""
+import collections
 import copy
 import io
 import pickle
@@ -113,6 +114,32 @@ def test_stem_and_patch_merging(models):
         assert relative_error(K.convert(merge)(z), merge(z0)) < TOL and torch.equal(z, z0)
 
 
+def test_squeeze_excite_gate_is_known_by_what_it_computes():
+    """A gate of another class named Sigmoid (timm's) is taken when it computes the sigmoid,
+    and a squeeze-excite whose gate computes anything else is left as written."""
+    class SqueezeExcite(nn.Module):  # timm's SEModule as EfficientViT builds it
+        def __init__(self, gate):
+            super().__init__()
+            self.fc1, self.bn, self.act = nn.Conv2d(16, 4, 1), nn.Identity(), nn.ReLU()
+            self.fc2, self.gate = nn.Conv2d(4, 16, 1), gate
+
+        def forward(self, x):
+            s = self.fc2(self.act(self.bn(self.fc1(x.mean((2, 3), keepdim=True)))))
+            return x * self.gate(s)
+
+    def named(name, fn):
+        return type(name, (nn.Module,), {"forward": lambda self, x: fn(x)})()
+
+    x = torch.randn(2, 16, 5, 6)
+    for gate, fused in ((nn.Sigmoid(), True), (named("Sigmoid", torch.sigmoid), True),
+                        (named("Sigmoid", torch.tanh), False), (named("Gate", torch.sigmoid), False)):
+        se = SqueezeExcite(gate)
+        converted = K.convert(se)
+        assert isinstance(converted, K.modules.LinearSqueezeExcite) == fused, gate
+        with torch.no_grad():
+            assert relative_error(converted(x), se(x)) < TOL
+
+
 @pytest.mark.parametrize("passes", [(), ("fuse",), ("fuse", "cpu_kernels"), ("fuse", "channels_last"),
                                     ("channels_last",), K.PASSES],
                          ids=lambda p: "+".join(p) or "none")
@@ -179,6 +206,12 @@ def test_cuda_graph_replay(models):
         run(x.float())
 
 
+def _kernel_census(model):
+    """How many modules of each kind compute: the fused ones, and the ATen layers left."""
+    kinds = (K.modules._Fused, torch.nn.Conv2d, torch.nn.Linear, torch.nn.ReLU, torch.nn.Sigmoid)
+    return collections.Counter(type(m).__name__ for m in model.modules() if isinstance(m, kinds))
+
+
 @pytest.fixture(scope="module")
 def timm():
     timm = import_timm()
@@ -195,6 +228,8 @@ def test_convert_timm_models(name, timm):
         model(x)  # fills timm's attention-bias cache with non-leaf tensors
     fused = K.convert(model)
     ours = R.load_checkpoint(R.build(name), model.state_dict())
+    # converted as fully as the reference (timm's squeeze-excite gate is its own Sigmoid class)
+    assert _kernel_census(fused) == _kernel_census(K.convert(ours))
     _check_model(fused, ours, [(224, 224), (256, 192)])
     with torch.no_grad():
         assert relative_error(fused(x), model(x)) < TOL
