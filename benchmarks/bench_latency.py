@@ -2,10 +2,12 @@
 the eager reference, ONNX Runtime on the same folded model, and the fused model's deployment
 forms (its C++ replay, cpu_graph; torch.export's module; optionally an AOTInductor package),
 optionally torch.compile of the reference and of the fused model; all timed in this process in
-interleaved rounds.
+interleaved rounds. With --timm the models are timm's (converted as users convert them; ONNX
+Runtime and the check run on the reference loaded with the same weights, folded).
 
     python benchmarks/bench_latency.py [--models m0,m1,m2,m3,m4,m5] [--batches 1,16]
-        [--threads 1,2] [--seconds 20] [--aoti] [--compile] [--out benchmarks/results/cpu_latency]
+        [--threads 1,2] [--seconds 20] [--aoti] [--compile] [--timm]
+        [--out benchmarks/results/cpu_latency]
 
 Writes <out>.json (device, versions, build, date; every timing's 10th/50th/90th percentiles)
 and <out>.md (medians with the 10-90% spread; ratios against ONNX Runtime).
@@ -21,17 +23,33 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # timm_stub: timm without torchvision
 
 import efficientvit_kernels as K  # noqa: E402
 import python_ref as R  # noqa: E402
 from bench_cpu import onnx_session  # noqa: E402
 from efficientvit_kernels.testing import assert_close  # noqa: E402
 from efficientvit_kernels.timing import run_metadata, time_interleaved  # noqa: E402
+from timm_stub import import_timm  # noqa: E402
+
+
+def build(name, args):
+    """The model to time, with random weights and batch-norm statistics."""
+    if not args.timm:
+        return R.randomize_(R.build(name))
+    timm = import_timm()
+    if timm is None:
+        sys.exit("--timm: timm is not installed")
+    model = R.randomize_(timm.create_model(f"efficientvit_{name}"))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))  # timm caches its attention biases on a first call
+    return model
 
 
 def runners(model, name, batch, threads, args, workdir):
     """{label: forward} for one model, each checked against the float64 reference first."""
-    folded = R.fold_batchnorm(model)
+    reference = R.load_checkpoint(R.build(name), model.state_dict()) if args.timm else model
+    folded = R.fold_batchnorm(reference)
     x = torch.randn(batch, 3, 224, 224)
     fused = K.convert(model)
     out = {"eager": model}
@@ -67,12 +85,13 @@ def main(argv=None):
     p.add_argument("--aoti", action="store_true", help="add an AOTInductor package (compiles)")
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile of the reference and of the fused model")
+    p.add_argument("--timm", action="store_true", help="time timm's models (needs timm)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_latency"))
     args = p.parse_args(argv)
     rows = []
     # Each model made once: its random batch-norm statistics are measured by a forward, whose
     # sums another thread count would round differently (AOTInductor packages are shared).
-    models = {name: R.randomize_(R.build(name)) for name in args.models.split(",")}
+    models = {name: build(name, args) for name in args.models.split(",")}
     with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
         for threads in map(int, args.threads.split(",")):
             torch.set_num_threads(threads)
@@ -89,6 +108,7 @@ def main(argv=None):
                         f"{k} {v.median * 1e3:.2f} ms" for k, v in timings.items()),
                         file=sys.stderr)
     meta = dict(run_metadata("cpu"), seconds_per_row=args.seconds,
+                models="timm" if args.timm else "python_ref",
                 command="python benchmarks/bench_latency.py " + " ".join(argv or sys.argv[1:]))
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
@@ -102,7 +122,8 @@ def markdown(meta, rows):
     lines = [f"# CPU latency, {meta['date'][:10]}", "",
              f"{meta['device']}; CPU kernels {meta['cpu_isa']} (built: "
              f"{', '.join(meta['built_isas'])}); torch {meta['torch']}; fp32; 224x224; commit "
-             f"{(meta['commit'] or '?')[:10]}; `{meta['command']}`.", "",
+             f"{(meta['commit'] or '?')[:10]}; models from {meta.get('models', 'python_ref')}; "
+             f"`{meta['command']}`.", "",
              "Median forward, ms (10th-90th percentile), all forms of a row timed in "
              "interleaved rounds; `x ORT`: ONNX Runtime's median over the fused model's, eager, "
              "replayed by cpu_graph and as an AOTInductor package (above 1: fused is faster).", "",
