@@ -215,8 +215,8 @@ def _is_next_stem_conv(m, before):
 
 def _stem_convolutions(model, backend):
     """In a plain Sequential, a stem convolution and its ReLU, and each (convolution [, ReLU]) on
-    the output of the one before that follows -> FusedPatchEmbed, then Identity for each module
-    it took in. The chain ends at a convolution without a ReLU."""
+    the output of the one before that follows -> FusedPatchEmbed, in place of the first; the
+    modules it took in are removed. The chain ends at a convolution without a ReLU."""
     for seq in model.modules():
         if not _runs_children_in_order(seq):
             continue
@@ -236,7 +236,7 @@ def _stem_convolutions(model, backend):
                 [c.weight for c in convs], [_bias(c) for c in convs], final_relu=is_relu(end - 1),
                 backend=backend)
             for name, _ in children[i + 1:end]:
-                seq._modules[name] = nn.Identity()
+                del seq._modules[name]
             i = end
 
 
@@ -251,10 +251,10 @@ def _conv1x1_convolutions(model, backend):
         if (_is_conv(conv2, 3, 2, 1)
                 and conv2.groups == conv2.in_channels == conv2.out_channels == conv1.out_channels):
             depthwise = (conv2.weight[:, 0], _bias(conv2))
-            m.conv2, m.act2 = nn.Identity(), nn.Identity()
+            m.conv2 = m.act2 = None
         m.conv1 = FusedConv1x1(conv1.weight.flatten(1), _bias(conv1), True, *depthwise,
                                backend=backend)
-        m.act1 = nn.Identity()
+        m.act1 = None
         if _is_conv(m.conv3, 1, 1, 0) and m.conv3.groups == 1:
             m.conv3 = FusedConv1x1(conv3.weight.flatten(1), _bias(conv3), False, backend=backend)
 
