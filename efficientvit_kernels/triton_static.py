@@ -157,27 +157,54 @@ def variant(launch):
     consts = {**dict(zip(names, launch.args)), **launch.kwargs}
     shown = [f"{p.name}={consts[p.name]}" for p in kernel.params
              if p.is_constexpr and p.name in consts]
-    shown += [f"{k}={v}" for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")]
+    shown += [f"{k}={v}" for k, v in launch.kwargs.items()
+              if k in ("num_warps", "num_stages", "maxnreg")]
     strides = [f"{n}={consts[n]}" for n in names if re.fullmatch(r"s[xo][bchw]", n)
                and consts.get(n) == 1]
     return " ".join([dtype] + shown + strides)
 
 
-def profile(launch, arch):
-    """One profile row (cuda_static's columns) of a launch compiled for sm_``arch``."""
-    from .cuda_static import cuobjdump_path, occupancy, sass_stats
-    start = time.perf_counter()
-    compiled = compile_launch(launch, arch)
-    seconds = time.perf_counter() - start
-    tool = cuobjdump_path()
+def _cuobjdump(compiled, what):
+    from .cuda_static import cuobjdump_path
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+        return subprocess.run([cuobjdump_path(), what, f.name], capture_output=True, text=True,
                               check=True).stdout
-    registers, stack, static_shared, _ = map(int, _RES_USAGE.search(usage).groups())
+
+
+def _resource_usage(compiled):
+    """(registers, stack bytes, static shared bytes) of a compiled kernel."""
+    registers, stack, static_shared, _ = map(
+        int, _RES_USAGE.search(_cuobjdump(compiled, "-res-usage")).groups())
+    return registers, stack, static_shared
+
+
+def as_launched(launch, arch):
+    """The launch as its launcher makes it on a GPU of sm_``arch``: for the kernels whose
+    launchers cap registers (``REGISTER_CAPPED``), with the cap ``capped_registers`` chooses
+    from this target's compiles."""
+    common = _triton()
+    if launch.kernel.fn.__name__ not in common.REGISTER_CAPPED:
+        return launch
+
+    def compile(kwargs):
+        return _resource_usage(compile_launch(launch._replace(kwargs=kwargs), arch))[:2]
+
+    return launch._replace(kwargs=common.capped_registers(dict(launch.kwargs), compile))
+
+
+def profile(launch, arch):
+    """One profile row (cuda_static's columns) of a launch compiled for sm_``arch``, as its
+    launcher makes it there (``as_launched``)."""
+    from .cuda_static import occupancy, sass_stats
+    start = time.perf_counter()
+    compile_launch(launch, arch)  # timed: one compilation (a register cap may cost another)
+    seconds = time.perf_counter() - start
+    launch = as_launched(launch, arch)
+    compiled = compile_launch(launch, arch)  # from Triton's cache
+    registers, stack, static_shared = _resource_usage(compiled)
+    sass = _cuobjdump(compiled, "-sass")
     (stats,) = sass_stats(sass).values()
     threads = compiled.metadata.num_warps * 32
     shared = compiled.metadata.shared  # what the launch asks for: static and dynamic

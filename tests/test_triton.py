@@ -65,3 +65,24 @@ def test_import_without_triton(monkeypatch):
     assert kernels.available() and not fresh.available()
     with pytest.raises(RuntimeError, match="needs triton"):
         fresh.ffn(None, None, None, None, None)
+
+
+@pytest.mark.parametrize("warps,registers,capped_spill,expected", [
+    (4, 200, 0, None),     # 128 threads: two blocks fit up to 255 registers
+    (8, 128, 0, None),     # two blocks already
+    (8, 162, 0, 128),      # the cap brings the second block, without spilling
+    (8, 162, 8, None),     # the cap would spill: left as it is
+], ids=["4warps", "8warps_fits", "8warps_capped", "8warps_cap_spills"])
+def test_register_cap_policy(warps, registers, capped_spill, expected):
+    """A 256-thread launch gets maxnreg=128 (two blocks per multiprocessor) exactly where the
+    kernel takes more and the capped compile spills nothing."""
+    from efficientvit_kernels.triton._common import capped_registers
+    compiles = []
+
+    def compile(kwargs):
+        compiles.append(kwargs)
+        return (kwargs["maxnreg"], capped_spill) if "maxnreg" in kwargs else (registers, 0)
+
+    kwargs = capped_registers({"num_warps": warps, "BD": 16}, compile)
+    assert kwargs.get("maxnreg") == expected
+    assert {k: v for k, v in kwargs.items() if k != "maxnreg"} == {"num_warps": warps, "BD": 16}

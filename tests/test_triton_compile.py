@@ -48,3 +48,48 @@ def test_resource_gate(rows):
     named = [dict(r, kernel=f"{r['kernel']} [{r['variant']}]") for r in rows if "error" not in r]
     found = resource_violations(named)
     assert not found, "\n".join(found)
+
+
+def test_attention_holds_two_blocks_per_multiprocessor(rows):
+    """On sm_90 (the GPUs of the speed targets), in fp16 and bf16 (their dtypes), every
+    attention launch leaves room for a second block on each multiprocessor (the launcher caps
+    registers at 128 where that costs no spill), so one block's barriers and memory waits
+    overlap another's work. (On sm_80 the 7x7-window variants take 166-178 registers and
+    spill when capped: one block there.)"""
+    half = [r for r in rows if r["kernel"] == "_cga_kernel" and "error" not in r and r["arch"] == 90
+            and r["variant"].split()[0] in ("float16", "bfloat16")]
+    assert half
+    one_block = [f"{r['variant']} sm_{r['arch']}: {r['registers']} registers, {r['threads']} threads"
+                 for r in half if r["blocks_per_sm"] < 2]
+    assert not one_block, "\n".join(one_block)
+
+
+# Runs where TRITON_INTERPRET is unset: compiles the launches a channels-last dwconv makes.
+DWCONV_CHANNELS_LAST = r"""
+import json
+import torch
+from efficientvit_kernels import triton as k, triton_static as s
+
+with s.recording() as launches:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for C, H in ((128, 14), (384, 4)):
+            x = torch.empty(8, C, H, H, device="meta", dtype=dtype, memory_format=torch.channels_last)
+            w, b = torch.empty(C, 3, 3, device="meta", dtype=dtype), torch.empty(C, device="meta", dtype=dtype)
+            k.dwconv(x, w, b, False, True)
+print(json.dumps([s.profile(l, 90) for l in s.unique_launches(launches, 90)]))
+"""
+
+
+def test_dwconv_channels_last_moves_16_bytes():
+    """Channels-last with C a multiple of 16 (every EfficientViT width), the Triton dwconv
+    loads and stores 128 bits at a time (its C is specialized: without, 16 or 32)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", DWCONV_CHANNELS_LAST], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert rows and all("sxc=1" in r["variant"] for r in rows)
+    narrow = [f"{r['variant']}: load {r['widest_global_load_bits']}, store "
+              f"{r['widest_global_store_bits']}" for r in rows
+              if min(r["widest_global_load_bits"], r["widest_global_store_bits"]) < 128]
+    assert not narrow, "\n".join(narrow)

@@ -65,6 +65,47 @@ def relu(a):
     return tl.where(a < 0, 0.0, a)
 
 
+# Registers a thread at which two 256-thread blocks share a multiprocessor's 65536.
+TWO_BLOCK_REGISTERS = 128
+# The kernels whose launchers pass their launch arguments through launch_kwargs (the static
+# profile, efficientvit_kernels/triton_static.py, makes the same choice for them).
+REGISTER_CAPPED = frozenset({"_cga_kernel"})
+
+
+def capped_registers(kwargs, compile):
+    """``kwargs`` with ``maxnreg=128`` where that cap lets a second 256-thread block onto each
+    multiprocessor; ``compile(kwargs)`` returns the compiled kernel's (registers a thread,
+    local-memory bytes a thread). Capped only where the kernel as written takes more than 128
+    registers and the capped one spills nothing: a capped compile may trade the second block
+    for local-memory traffic (some do), and one under 128 gains nothing."""
+    if kwargs["num_warps"] * 32 != 256 or compile(kwargs)[0] <= TWO_BLOCK_REGISTERS:
+        return kwargs
+    capped = dict(kwargs, maxnreg=TWO_BLOCK_REGISTERS)
+    return capped if compile(capped)[1] == 0 else kwargs
+
+
+_CAPPED = {}
+
+
+def launch_kwargs(kernel, args, kwargs):
+    """The launch arguments of ``kernel[grid](*args, **kwargs)`` on the GPU: ``kwargs``, capped
+    by :func:`capped_registers` from the kernel compiled for this GPU (once per device, dtype
+    and specialization). The interpreter and the static recorder launch ``kwargs`` as given
+    (the static profile decides per target)."""
+    assert kernel.fn.__name__ in REGISTER_CAPPED, kernel.fn.__name__
+    if interpreted(kernel) or recorder is not None:
+        return kwargs
+    device = args[0].device
+    key = (kernel.fn.__name__, device.index, args[0].dtype, tuple(sorted(kwargs.items())))
+    if key not in _CAPPED:
+        def compile(kw):
+            compiled = kernel.warmup(*args, grid=(1,), **kw)
+            compiled._init_handles()  # loads the binary, which sets n_regs and n_spills
+            return compiled.n_regs, compiled.n_spills
+        _CAPPED[key] = capped_registers(kwargs, compile)
+    return _CAPPED[key]
+
+
 _RESIDENT = {}
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import check_device_dtype, mm, padded, persistent_grid, relu
+from ._common import check_device_dtype, launch_kwargs, mm, padded, persistent_grid, relu
 
 
 # Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of 16):
@@ -228,6 +228,7 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     # The grid depends on the compiled kernel (dtypes stand in for the scratch there), and
     # the scratch on the grid.
     scratch_dtypes = (torch.float32, x.dtype)
+    meta = launch_kwargs(_cga_kernel, args(*scratch_dtypes), meta)
     programs = persistent_grid(_cga_kernel, n_windows, args(*scratch_dtypes), **meta)
     per_program = (meta["QG"] * meta["KDP"] + NP * (2 * DP + NP + BD), NP * C)  # see the kernel
     scratch = [torch.empty(programs * size, dtype=dtype, device=x.device)
