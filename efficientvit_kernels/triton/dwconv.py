@@ -11,9 +11,11 @@ from ._common import (check_device_dtype, flat_pixels, interpreted, padded,
                       pixel_offsets, relu)
 
 
-# Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of
-# 16): one compiled kernel serves every batch and map size of a layer.
-@triton.jit(do_not_specialize=["C", "H", "W", "pixel_tiles"])
+# Map sizes vary with the input and gain nothing from specialization (equal to 1, multiple of
+# 16): one compiled kernel serves every batch and map size of a layer. C is a layer's and is
+# specialized: knowing it a multiple of 16 lets the channel masks of channels-last tiles cover
+# whole 16-byte vectors, so those loads and stores are 128 bits wide (32 or 16 without).
+@triton.jit(do_not_specialize=["H", "W", "pixel_tiles"])
 def _dwconv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, pixel_tiles,
                    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                    K: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, FLAT: tl.constexpr,
