@@ -91,7 +91,7 @@ class _Fused(nn.Module):
 
     def _op_args(self):
         """The op's arguments after x."""
-        return (*map(self._buffers.__getitem__, self._weight_names), *self._flags())
+        return (*self._weights(), *self._flags())
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: fail with a way out, not deep inside the compiler

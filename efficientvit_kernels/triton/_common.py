@@ -84,6 +84,14 @@ def capped_registers(kwargs, compile):
     return capped if compile(capped)[1] == 0 else kwargs
 
 
+def _loaded(kernel, args, kwargs):
+    """``kernel`` compiled for the GPU of ``args[0]`` and loaded, which sets its n_regs and
+    n_spills (Triton's cache makes a repeat cheap)."""
+    compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+    compiled._init_handles()
+    return compiled
+
+
 _CAPPED = {}
 
 
@@ -99,8 +107,7 @@ def launch_kwargs(kernel, args, kwargs):
     key = (kernel.fn.__name__, device.index, args[0].dtype, tuple(sorted(kwargs.items())))
     if key not in _CAPPED:
         def compile(kw):
-            compiled = kernel.warmup(*args, grid=(1,), **kw)
-            compiled._init_handles()  # loads the binary, which sets n_regs and n_spills
+            compiled = _loaded(kernel, args, kw)
             return compiled.n_regs, compiled.n_spills
         _CAPPED[key] = capped_registers(kwargs, compile)
     return _CAPPED[key]
@@ -120,8 +127,7 @@ def persistent_grid(kernel, n_items, args, **kwargs):
     device = args[0].device
     key = (device.index, args[0].dtype, tuple(sorted(kwargs.items())))
     if key not in _RESIDENT:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        compiled._init_handles()  # loads the binary, which sets n_regs
+        compiled = _loaded(kernel, args, kwargs)
         props = triton.runtime.driver.active.utils.get_device_properties(device.index)
         threads = kwargs["num_warps"] * props["warpSize"]
         max_threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
