@@ -259,7 +259,9 @@ def smoke():
     """Each op of each GPU backend (gpu_ops) once on small inputs, every dtype path and both
     layouts: a short run for compute-sanitizer, which names the kernels it checks. Fails on a
     launch error, a wrong result, or no backend."""
-    from efficientvit_kernels.testing import cast, random_cga_params, random_dwconv_params, random_ffn_params, random_input
+    from efficientvit_kernels.testing import (cast, random_cga_params, random_dwconv_params,
+                                              random_ffn_params, random_input,
+                                              random_patch_embed_params)
     from python_ref import functional
     cases = [(torch.float16, 64, 4, (7, 5, 3, 3), 7, (2, 14, 14), False),
              (torch.float32, 64, 4, (7, 5, 3, 3), 4, (1, 3, 5), True),  # several windows per block
@@ -282,6 +284,21 @@ def smoke():
             f = [t.to(device="cuda", dtype=dtype) for t in random_ffn_params(20, 7)]
             out = ops.ffn(x, *f, True)
             ref = functional.ffn(x.double(), *[t.double() for t in f], True)
+            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
+            out = ops.squeeze_excite(x, *f)  # ffn's parameters: 20 channels, 7 hidden
+            ref = functional.squeeze_excite(x.double(), *[t.double() for t in f])
+            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
+            conv = [*f[:2], *(t.to(device="cuda", dtype=dtype) for t in random_dwconv_params(7, 3))]
+            out = ops.conv1x1(x, *conv[:2], True, *conv[2:])  # 20 -> 7 channels, then dwconv
+            conv64 = [t.double() for t in conv]
+            ref = functional.conv1x1(x.double(), *conv64[:2], True, *conv64[2:])
+            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
+            weights, biases = ([t.to(device="cuda", dtype=dtype) for t in ts]
+                               for ts in random_patch_embed_params([3, 16, 24]))
+            image = random_input(2, 3, 13, 10, channels_last=cl).to(device="cuda", dtype=dtype)
+            out = ops.patch_embed(image, weights, biases, False)
+            ref = functional.patch_embed(image.double(), [w.double() for w in weights],
+                                         [b.double() for b in biases], False)
             worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
         torch.cuda.synchronize()
         print(f"smoke {name}: every op ran; worst error {worst:.2f} x tolerance", flush=True)

@@ -21,20 +21,23 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def("dwconv(Tensor x, Tensor weight, Tensor bias, bool relu, bool residual) -> Tensor");
   // Pointwise MLP: [x +] w2 relu(w1 x + b1) + b2; w1 (M, C), b1 (M), w2 (C, M), b2 (C).
   m.def("ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual) -> Tensor");
-  // The patch embedding, CPU only: a chain of 3x3 stride-2 convolutions with zero padding 1,
+  // The patch embedding: a chain of 3x3 stride-2 convolutions with zero padding 1,
   // x = [relu](conv(x, weights[l]) + biases[l]), each but the last with its ReLU (the last with
   // it when final_relu); weights[l] (C_l, C_{l-1}, 3, 3), C_{-1} = x's channels. Returns the
-  // last convolution's output, always channels-last; the others never reach memory.
+  // last convolution's output, always channels-last. Kernels: CPU (the others never reach
+  // memory) and Triton; on CUDA the dispatcher runs its PyTorch definition (ops.py).
   m.def("patch_embed(Tensor x, Tensor[] weights, Tensor[] biases, bool final_relu) -> Tensor");
-  // A 1x1 convolution, CPU only: y = [relu](weight x + bias); weight (Co, C), bias (Co).
+  // A 1x1 convolution: y = [relu](weight x + bias); weight (Co, C), bias (Co).
   // Returns y (B, Co, H, W); or, given dw_weight (Co, 3, 3) and dw_bias (Co),
   // relu(dwconv3x3(y) + dw_bias), depthwise, stride 2, zero padding 1 (B, Co, ceil(H/2),
-  // ceil(W/2)), without writing y to memory (PatchMerging's first half).
+  // ceil(W/2)), without writing y to memory (PatchMerging's first half). Kernels: CPU and
+  // Triton; on CUDA the dispatcher runs its PyTorch definition (ops.py).
   m.def(
       "conv1x1(Tensor x, Tensor weight, Tensor bias, bool relu, Tensor? dw_weight=None, "
       "Tensor? dw_bias=None) -> Tensor");
-  // Squeeze-excite, CPU only: x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2), one scale per
-  // image and channel; w1 (R, C), b1 (R), w2 (C, R), b2 (C) (PatchMerging's, R = C / 4).
+  // Squeeze-excite: x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2), one scale per image and
+  // channel; w1 (R, C), b1 (R), w2 (C, R), b2 (C) (PatchMerging's, R = C / 4). Kernels: CPU
+  // and Triton; on CUDA the dispatcher runs its PyTorch definition (ops.py).
   m.def("squeeze_excite(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
 }
 

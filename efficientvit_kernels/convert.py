@@ -12,17 +12,18 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   ``FusedPatchMerging`` (the same math, in a module the converter owns); a squeeze-excite ->
   the same with Linear layers; every other Conv-BN / BN-Linear -> one folded Conv2d / Linear;
   everything else is copied, its children converted.
-- ``"cpu_kernels"`` (CPU models, backend "auto" or "cpu"): the stem's convolutions and ReLUs
-  (3x3, stride 2, the first from the image's few channels, in a plain ``nn.Sequential``) ->
-  one ``FusedPatchEmbed`` with channels-last output; PatchMerging's first 1x1 convolution, its
-  depthwise convolution and their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution
-  another, its squeeze-excite one ``FusedSqueezeExcite``.
+- ``"patch_ops"`` (the backends with kernels for these ops: CPU models with backend "auto" or
+  "cpu", and backend "triton"): the stem's convolutions and ReLUs (3x3, stride 2, the first
+  from the image's few channels, in a plain ``nn.Sequential``) -> one ``FusedPatchEmbed`` with
+  channels-last output; PatchMerging's first 1x1 convolution, its depthwise convolution and
+  their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution another, its squeeze-excite
+  one ``FusedSqueezeExcite``.
 - ``"channels_last"`` (CPU models, backend "auto" or "cpu"; GPU models, backend "cuda" or
   "triton", or "auto" on a CUDA model): every remaining convolution gets channels-last
   weights, so oneDNN or cuDNN runs it channels-last, and the activations stay channels-last
-  through the fused ops, which take either layout. On CPU, after "cpu_kernels", no convolution
-  of M0-M5 is left; on GPU the stem's and PatchMerging's convolutions are, and channels-last
-  rows let the CUDA kernels move x and out in 16-byte packs.
+  through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5
+  is left; with backend "cuda" the stem's and PatchMerging's convolutions are (cuDNN's), and
+  channels-last rows let the CUDA kernels move x and out in 16-byte packs.
 
 Nothing is computed in place, so no tensor a user's module may read again is overwritten
 (benchmarks/results/cpu_inplace_2026-12-01.md and cpu_passes.md: writing over inputs gained
@@ -48,7 +49,7 @@ from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchE
 
 __all__ = ["PASSES", "convert"]
 
-PASSES = ("fuse", "cpu_kernels", "channels_last")
+PASSES = ("fuse", "patch_ops", "channels_last")
 
 
 def _is_cga(m):
@@ -269,7 +270,7 @@ def _squeeze_excites(model, backend):
                     backend=backend)
 
 
-def _cpu_kernels(model, backend):
+def _patch_ops(model, backend):
     _stem_convolutions(model, backend)
     _conv1x1_convolutions(model, backend)
     _squeeze_excites(model, backend)
@@ -282,14 +283,14 @@ def _channels_last(model, backend):
                                     requires_grad=False)
 
 
-_PASS_FUNCTIONS = {"cpu_kernels": _cpu_kernels, "channels_last": _channels_last}
+_PASS_FUNCTIONS = {"patch_ops": _patch_ops, "channels_last": _channels_last}
 
 
 def _default_passes(model, backend):
     on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
-    if backend in ("auto", "cpu") and on_cpu:
+    if (backend in ("auto", "cpu") and on_cpu) or backend == "triton":
         return PASSES
-    if backend in ("cuda", "triton") or (backend == "auto" and not on_cpu):
+    if backend == "cuda" or (backend == "auto" and not on_cpu):
         return ("fuse", "channels_last")
     return ("fuse",)
 
@@ -304,9 +305,9 @@ def convert(model, backend="auto", passes=None):
     the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
-    docstring). Default: all three for a CPU model with backend "auto" or "cpu"; "fuse" and
-    "channels_last" for the GPU backends ("cuda", "triton", or "auto" on a CUDA model); else
-    "fuse". (A 4-D output of the model may be channels-last; its values are the same.)
+    docstring). Default: all three for a CPU model with backend "auto" or "cpu", and for
+    backend "triton"; "fuse" and "channels_last" for backend "cuda" or "auto" on a CUDA model;
+    else "fuse". (A 4-D output of the model may be channels-last; its values are the same.)
 
     The input model is left as it was and shares nothing mutable with the copy. The copy
     pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or

@@ -1,6 +1,5 @@
 """Inference modules holding folded weights (as buffers) that call the fused ops."""
 import functools
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -22,8 +21,7 @@ def backend_ops(backend):
     ``squeeze_excite`` implement ``backend``.
 
     "auto", "cpu" and "cuda" call ``torch.ops.efficientvit`` (the dispatcher picks the
-    kernel for the tensors' device); "triton" the Triton kernels (``conv1x1``, ``patch_embed``
-    and ``squeeze_excite``, which have none, through the dispatcher); "reference" the
+    kernel for the tensors' device); "triton" the Triton kernels; "reference" the
     plain-PyTorch spec.
     """
     if backend not in BACKENDS:
@@ -34,9 +32,7 @@ def backend_ops(backend):
         from . import triton as triton_backend
         if not triton_backend.available():
             raise RuntimeError("backend='triton' needs the triton package, which is not importable")
-        return SimpleNamespace(cga=triton_backend.cga, dwconv=triton_backend.dwconv,
-                               ffn=triton_backend.ffn, conv1x1=ops.conv1x1,
-                               patch_embed=ops.patch_embed, squeeze_excite=ops.squeeze_excite)
+        return triton_backend
     if backend == "cuda" and not ops.has_compiled_kernels("cuda"):
         raise RuntimeError("backend='cuda': the CUDA kernels were not built (the build adds them "
                            "where torch has CUDA and nvcc is found); use backend='triton' or rebuild")

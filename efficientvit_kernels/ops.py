@@ -242,40 +242,44 @@ def ffn(x, w1, b1, w2, b2, residual=True):
 
 
 def patch_embed(x, weights, biases, final_relu=False):
-    """CPU: the patch embedding, a chain of 3x3 stride-2 convolutions (zero padding 1), each
+    """The patch embedding, a chain of 3x3 stride-2 convolutions (zero padding 1), each
     ``x = relu(conv(x, weights[l]) + biases[l])`` but the last, which has its ReLU only when
     ``final_relu``.
 
     x (B, Ci, H, W) in any layout (read as contiguous NCHW: an image); weights[l]
     (C_l, C_{l-1}, 3, 3) with C_{-1} = Ci, biases[l] (C_l,). Returns the last convolution's
     output, (B, C_last, H', W') with each convolution halving H and W (rounding up),
-    channels-last. The first convolution is made for a few input channels (Ci = 3), where it is
+    channels-last. On CPU the first convolution is made for a few input channels (Ci = 3), where it is
     several times faster than oneDNN's; the others are implicit GEMMs on rows of the one before,
-    computed a few rows at a time in cache: no output but the last reaches memory.
+    computed a few rows at a time in cache: no output but the last reaches memory. On CUDA: its
+    PyTorch definition (cuDNN); the Triton backend's kernel
+    (``efficientvit_kernels.triton.patch_embed``) is an implicit GEMM per convolution.
     """
     return torch.ops.efficientvit.patch_embed(x, list(weights), list(biases), final_relu)
 
 
 def conv1x1(x, weight, bias, relu=False, dw_weight=None, dw_bias=None):
-    """CPU: a 1x1 convolution, ``y = [relu](weight x + bias)``; x (B, C, H, W), weight (Co, C),
+    """A 1x1 convolution, ``y = [relu](weight x + bias)``; x (B, C, H, W), weight (Co, C),
     bias (Co,). Returns y (B, Co, H, W). One GEMM per tile of tokens, on weights packed
     panel-major; PatchMerging's convolutions use it.
 
     Given dw_weight (Co, 3, 3) and dw_bias (Co,), returns ``relu(dwconv3x3(y) + dw_bias)``
     instead (depthwise, stride 2, zero padding 1; (B, Co, ceil(H/2), ceil(W/2))):
     PatchMerging's first convolution, ReLU, depthwise convolution and ReLU, with y computed a
-    band of rows at a time in cache, never written to memory.
+    band of rows at a time in cache, never written to memory. On CUDA: its PyTorch definition;
+    the Triton backend's kernel computes y at each tap of each output tile instead.
     """
     return torch.ops.efficientvit.conv1x1(x, weight, bias, relu, dw_weight, dw_bias)
 
 
 def squeeze_excite(x, w1, b1, w2, b2):
-    """CPU: squeeze-excite, ``x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2)``, one scale per
+    """Squeeze-excite, ``x * sigmoid(w2 relu(w1 mean_hw(x) + b1) + b2)``, one scale per
     image and channel: PatchMerging's, its 1x1 convolutions on the 1x1 map as matrices.
 
     x (B, C, H, W), w1 (R, C), b1 (R,), w2 (C, R), b2 (C,) (the arguments ffn takes). Returns
     x's shape, in ``output_memory_format(x)``. The mean, both layers and the scaling in one op:
-    as separate ops they cost several times their arithmetic at batch 1.
+    as separate ops they cost several times their arithmetic at batch 1. On CUDA: its PyTorch
+    definition; the Triton backend has a kernel (one program per image).
     """
     return torch.ops.efficientvit.squeeze_excite(x, w1, b1, w2, b2)
 
@@ -316,9 +320,10 @@ def _patch_embed_fake(x, weights, biases, final_relu):
     return empty_output(x, check_patch_embed(x, weights, biases), torch.channels_last)
 
 
-# conv1x1, patch_embed and squeeze_excite have CPU kernels only; on CUDA they run as their
-# plain-PyTorch definition (python_ref), checked and laid out as the contract says, so a model
-# converted on CPU still runs after .to("cuda"). (Registered after their definitions, not by
+# conv1x1, patch_embed and squeeze_excite have no CUDA kernels (their Triton kernels serve
+# backend "triton"); on CUDA the dispatcher runs their plain-PyTorch definition (python_ref),
+# checked and laid out as the contract says, so a model converted on CPU still runs after
+# .to("cuda"). (Registered after their definitions, not by
 # decorator, which would leave their names None: the tests call them on CPU tensors.)
 def conv1x1_composite(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     check_conv1x1(x, weight, bias, dw_weight, dw_bias)

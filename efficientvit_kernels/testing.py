@@ -16,7 +16,7 @@ from python_ref import MODEL_CONFIGS, functional
 
 __all__ = ["DTYPES", "TOLERANCE", "MAX_ERROR_FACTOR", "tolerance", "errors", "relative_error",
            "assert_close", "assert_layout", "call_poisoned", "layer_shapes", "stage_shapes", "random_cga_params", "random_dwconv_params",
-           "random_ffn_params", "random_input", "LAYOUTS", "cga_args", "cast", "reference_cga", "KEY_DIM",
+           "random_ffn_params", "random_patch_embed_params", "random_input", "LAYOUTS", "cga_args", "cast", "reference_cga", "KEY_DIM",
            "CGA_ARGS", "packings", "profiled_calls"]
 
 # The dtypes the tests run, by the names their ids use.
@@ -167,6 +167,18 @@ def random_ffn_params(C, M, seed=0, dtype=torch.float64):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
 
     return randn(M, C, std=C ** -0.5), randn(M, std=0.1), randn(C, M, std=M ** -0.5), randn(C, std=0.1)
+
+
+def random_patch_embed_params(channels, seed=0, dtype=torch.float64):
+    """(weights, biases) of the convolution chain channels[0] -> channels[1] -> ..., biases
+    that ReLU some outputs to 0."""
+    g = torch.Generator().manual_seed(seed)
+    weights, biases = [], []
+    for ci, co in zip(channels, channels[1:]):
+        weights.append((torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64)
+                        * (9 * ci) ** -0.5).to(dtype))
+        biases.append((torch.randn(co, generator=g, dtype=torch.float64) * 0.3).to(dtype))
+    return weights, biases
 
 
 # The memory layouts an op's input may come in: dense in either format, dense in neither

@@ -1,7 +1,8 @@
 """Shared fixtures. ``backend``: every implementation of the fused ops this machine can run,
 so each op's tests (tests/test_cga.py, test_dwconv.py, test_ffn.py) run the same cases on
 each: the CPU kernels, the Triton kernels in Triton's interpreter (no GPU) or on the GPU, the
-CUDA kernels in the CPU emulation (tests/emulation) or on the GPU."""
+CUDA kernels in the CPU emulation (tests/emulation) or on the GPU. ``patch_ops_backend``: the
+same for patch_embed, conv1x1 and squeeze_excite, which have CPU and Triton kernels."""
 import dataclasses
 import os
 import sys
@@ -24,7 +25,8 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """One implementation of cga, dwconv and ffn: ``ops`` has the three, with the public ops'
+    """One implementation of the fused ops: ``ops`` has them (cga, dwconv and ffn; from
+    ``patch_ops_backend``, patch_embed, conv1x1 and squeeze_excite too), with the public ops'
     arguments; ``dispatcher`` says whether they are torch.ops.efficientvit itself (so opcheck
     applies); ``slow`` backends (interpreted, emulated) take the small cases only."""
     name: str
@@ -87,6 +89,7 @@ def _triton():
 
 
 BACKENDS = ["cpu", "triton", "cuda"]
+PATCH_OPS_BACKENDS = ["cpu", "triton"]
 
 
 def backend_dtypes(name):
@@ -101,18 +104,17 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        absent = ("backend" in params and params.get("dtype") in DTYPES
-                  and DTYPES[params["dtype"]] not in backend_dtypes(params["backend"]))
+        name = params.get("backend", params.get("patch_ops_backend"))
+        absent = (name is not None and params.get("dtype") in DTYPES
+                  and DTYPES[params["dtype"]] not in backend_dtypes(name))
         (drop if absent else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
+def _backend(request, name):
     import efficientvit_kernels as K
-    name = request.param
     if name == "cpu":
         return Backend("cpu", "cpu", backend_dtypes(name), torch.ops.efficientvit, dispatcher=True)
     if name == "triton":
@@ -129,3 +131,15 @@ def backend(request):
         return Backend("cuda", "cuda", backend_dtypes(name), torch.ops.efficientvit, dispatcher=True)
     return Backend("cuda (emulated)", "cpu", backend_dtypes(name),
                    EmulatedCuda(request.getfixturevalue("emul")), slow=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return _backend(request, request.param)
+
+
+@pytest.fixture(params=PATCH_OPS_BACKENDS)
+def patch_ops_backend(request):
+    """A backend with kernels of its own for patch_embed, conv1x1 and squeeze_excite (the CUDA
+    backend runs their plain-PyTorch definition)."""
+    return _backend(request, request.param)

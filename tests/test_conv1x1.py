@@ -1,11 +1,13 @@
-"""conv1x1 (a CPU kernel; on CUDA its plain-PyTorch definition): a 1x1 convolution with
-optional ReLU, optionally followed by a depthwise 3x3 stride-2 convolution and ReLU, and its
-kernel on packed weights, against its spec, python_ref.functional.conv1x1, in float64."""
+"""conv1x1 (CPU and Triton kernels; with backend "cuda", its plain-PyTorch definition): a 1x1
+convolution with optional ReLU, optionally followed by a depthwise 3x3 stride-2 convolution and
+ReLU, and the CPU kernel on packed weights, against its spec, python_ref.functional.conv1x1, in
+float64."""
 import pytest
 import torch
 
 import efficientvit_kernels as K
-from efficientvit_kernels.testing import LAYOUTS, assert_close, assert_layout, random_input
+from efficientvit_kernels.testing import (DTYPES, LAYOUTS, assert_close, assert_layout, call_poisoned,
+                                          random_input)
 from python_ref import functional
 
 ops = torch.ops.efficientvit
@@ -196,3 +198,51 @@ def test_cuda_definition(depthwise):
     assert_close(out, ops.conv1x1(x, weight, bias, True, *dw), torch.float32)
     with pytest.raises(ValueError, match="weight must have shape"):
         K.ops.conv1x1_composite(x[:, :15], weight, bias, True, *dw)
+
+
+# Every backend with a kernel of its own (tests/conftest.py: patch_ops_backend), in each dtype
+# it runs: name: (C, Co, B, H, W, relu, depthwise, layout, small). M4's first PatchMerging
+# convolution with its depthwise one, and its last; widths that are not whole tiles (20, 36,
+# 100: the reduction and output tiles are masked), odd and unequal sizes (the last output row
+# and column read a padding row and column), one pixel, an empty batch.
+BACKEND_CASES = {
+    "m4_conv1_dw": (128, 512, 2, 14, 14, True, True, "channels_last", False),
+    "m4_conv3": (512, 256, 2, 7, 7, False, False, "channels_last", False),
+    "odd_dw": (20, 36, 2, 7, 5, True, True, "permuted", True),
+    "linear_dw": (36, 20, 1, 6, 9, False, True, "contiguous", True),
+    "wide_reduction": (100, 24, 2, 4, 3, False, False, "strided", True),
+    "relu": (36, 100, 1, 5, 6, True, False, "channels_last_slice", True),
+    "one_pixel_dw": (24, 16, 1, 1, 1, True, True, "contiguous", True),
+    "batch0": (8, 16, 0, 4, 4, True, True, "contiguous", True),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", list(BACKEND_CASES))
+def test_conv1x1_backend(patch_ops_backend, case, dtype):
+    C, Co, B, H, W, relu, depthwise, layout, small = BACKEND_CASES[case]
+    backend, dtype = patch_ops_backend, DTYPES[dtype]
+    backend.skip_unless_small(small)
+    weight, bias = random_conv1x1_params(C, Co, seed=C + Co)
+    dw = random_depthwise_params(Co, seed=Co) if depthwise else ()
+    x = random_input(B, C, H, W, seed=H * W, dtype=dtype, layout=layout, device=backend.device)
+    args = [t.to(backend.device, dtype) for t in (weight, bias)]
+    out = call_poisoned(backend.ops.conv1x1, x, *args, relu,
+                        *(t.to(backend.device, dtype) for t in dw))
+    ref = functional.conv1x1(x.cpu().double(), weight, bias, relu, *dw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_layout(out, x)
+    assert_close(out, ref, dtype, f"{backend.name} conv1x1")
+
+
+def test_conv1x1_backend_nan(patch_ops_backend):
+    dtype, device = patch_ops_backend.dtypes[0], patch_ops_backend.device
+    weight, bias = (t.to(device, dtype) for t in random_conv1x1_params(8, 16))
+    dw_weight, dw_bias = (t.to(device, dtype) for t in random_depthwise_params(16))
+    x = random_input(2, 8, 5, 5, dtype=dtype, device=device)
+    x[1, 3, 2, 4] = float("nan")
+    out = patch_ops_backend.ops.conv1x1(x, weight, bias, True)  # ReLU keeps NaN
+    assert torch.isnan(out[1, :, 2, 4]).all() and torch.isnan(out).sum() == 16
+    # with the depthwise convolution (stride 2): only output (1, 2) has a tap on pixel (2, 4)
+    out = patch_ops_backend.ops.conv1x1(x, weight, bias, True, dw_weight, dw_bias)
+    assert torch.isnan(out[1, :, 1, 2]).all() and torch.isnan(out).sum() == 16

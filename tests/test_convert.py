@@ -140,7 +140,7 @@ def test_squeeze_excite_gate_is_known_by_what_it_computes():
             assert relative_error(converted(x), se(x)) < TOL
 
 
-@pytest.mark.parametrize("passes", [(), ("fuse",), ("fuse", "cpu_kernels"), ("fuse", "channels_last"),
+@pytest.mark.parametrize("passes", [(), ("fuse",), ("fuse", "patch_ops"), ("fuse", "channels_last"),
                                     ("channels_last",), K.PASSES],
                          ids=lambda p: "+".join(p) or "none")
 def test_passes(models, passes):
@@ -148,23 +148,24 @@ def test_passes(models, passes):
     fused = K.convert(models["m0"], passes=passes)
     kinds = {type(m) for m in fused.modules()}
     assert (K.FusedCGA in kinds) == ("fuse" in passes)
-    assert (K.FusedPatchEmbed in kinds) == ("fuse" in passes and "cpu_kernels" in passes)
+    assert (K.FusedPatchEmbed in kinds) == ("fuse" in passes and "patch_ops" in passes)
     assert any(isinstance(m, nn.Conv2d) and m.weight.is_contiguous(memory_format=torch.channels_last)
                and not m.weight.is_contiguous() for m in fused.modules()) == (
-        "channels_last" in passes and "cpu_kernels" not in passes)
+        "channels_last" in passes and "patch_ops" not in passes)
     _check_model(fused, models["m0"], [(64, 80)])
     with pytest.raises(ValueError, match="unknown conversion pass"):
         K.convert(models["m0"], passes=("fuse", "fold"))
 
 
 def test_default_passes(models):
-    """All three for a CPU model on the CPU kernels; fuse and channels_last for the GPU
-    backends (channels-last rows for the CUDA kernels' 16-byte packs); fuse alone otherwise."""
+    """All three for the backends with kernels for patch_embed, conv1x1 and squeeze_excite (the
+    CPU's, Triton); fuse and channels_last for the CUDA backend (channels-last rows for its
+    16-byte packs; cuDNN's stem and PatchMerging); fuse alone otherwise."""
     from efficientvit_kernels.convert import _default_passes
     model = models["m0"]
     assert _default_passes(model, "auto") == _default_passes(model, "cpu") == K.PASSES
-    assert _default_passes(model, "cuda") == _default_passes(model, "triton") == (
-        "fuse", "channels_last")
+    assert _default_passes(model, "triton") == K.PASSES
+    assert _default_passes(model, "cuda") == ("fuse", "channels_last")
     assert _default_passes(model, "reference") == ("fuse",)
     on_meta = copy.deepcopy(model).to("meta")  # a model on another device than the CPU
     assert _default_passes(on_meta, "auto") == ("fuse", "channels_last")

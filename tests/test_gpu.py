@@ -17,7 +17,8 @@ import torch
 import efficientvit_kernels
 from efficientvit_kernels.testing import (assert_close, assert_layout, call_poisoned, cast, cga_args,
                                           random_cga_params, random_dwconv_params, random_ffn_params,
-                                          random_input, reference_cga, stage_shapes)
+                                          random_input, random_patch_embed_params, reference_cga,
+                                          stage_shapes)
 from python_ref import functional
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -70,6 +71,12 @@ DWCONV_CHANNELS = [(64, 3), full(144, 3), (240, 5), (17, 1)]
 DWCONV_SIZES = [(14, 14), full(7, 5), (1, 1), full(4, 9)]
 FFN_CHANNELS = [(64, 128), full(144, 288), (384, 768), (20, 7)]
 FFN_SIZES = [(2, 14, 14), full(1, 5, 3), full(16, 4, 4)]
+# The stem's and PatchMerging's ops, Triton only (backend "cuda" runs their PyTorch definition):
+# M4's and M5's stems, a chain of widths that are not whole tiles; M4's first PatchMerging
+# (its first convolution with the depthwise one, its last), odd widths with and without.
+PATCH_EMBED_CHANNELS = [[3, 16, 32, 64, 128], full([3, 24, 48, 96, 192]), [3, 12, 20]]
+CONV1X1_CHANNELS = [(128, 512, True), (512, 256, False), (20, 36, True), full(36, 20, False)]
+SQUEEZE_EXCITE_CHANNELS = [(512, 128), full(1536, 384), (20, 5)]
 layouts = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 
 
@@ -90,7 +97,8 @@ def check_cga(backend, x, params, dtype, residual=True):
 
 
 # Every model stage in fp16 (the speed target); in fp32 and bf16, whose code paths the other
-# tests reach, only in the full check.
+# tests reach, only in the full check. Channels-last, as the converted models run them (so the
+# quick check's tests compile the Triton attention the models step times).
 STAGE_DTYPES = [full(torch.float32), torch.float16, full(torch.bfloat16)]
 
 
@@ -98,7 +106,8 @@ STAGE_DTYPES = [full(torch.float32), torch.float16, full(torch.bfloat16)]
 @pytest.mark.parametrize("name,C,heads,kernels,window", stage_shapes(), ids=lambda v: str(v))
 def test_cga_every_model_stage(backend, dtype, name, C, heads, kernels, window):
     size = {7: (14, 14), 4: (4, 4)}[window]
-    check_cga(backend, random_input(2, C, *size), random_cga_params(C, heads, kernels, window), dtype)
+    check_cga(backend, random_input(2, C, *size, channels_last=True),
+              random_cga_params(C, heads, kernels, window), dtype)
 
 
 @dtypes
@@ -205,6 +214,46 @@ def test_dwconv_ffn_nan_and_empty(backend, dtype):
     empty = torch.empty(0, 8, 5, 6, device=DEVICE, dtype=dtype)
     assert getattr(backend[1], "dwconv")(empty, weight, bias, False, True).shape == empty.shape
     assert getattr(backend[1], "ffn")(empty, *ffn, True).shape == empty.shape
+
+
+@dtypes
+@layouts
+@pytest.mark.parametrize("channels", PATCH_EMBED_CHANNELS, ids=lambda c: "-".join(map(str, c)))
+def test_triton_patch_embed(dtype, channels_last, channels):
+    ops = _triton_ops()
+    weights, biases = random_patch_embed_params(channels, seed=len(channels))
+    x = random_input(2, 3, 61, 48, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
+    out = ops.patch_embed(x, [w.to(DEVICE, dtype) for w in weights],
+                          [b.to(DEVICE, dtype) for b in biases], False)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = functional.patch_embed(x.cpu().double(), [w.to(dtype).double() for w in weights],
+                                 [b.to(dtype).double() for b in biases], False)
+    assert_close(out, ref, dtype)
+
+
+@dtypes
+@layouts
+@pytest.mark.parametrize("C,Co,depthwise", CONV1X1_CHANNELS)
+def test_triton_conv1x1(dtype, channels_last, C, Co, depthwise):
+    weight, bias = (t.to(DEVICE, dtype) for t in random_ffn_params(C, Co, seed=C)[:2])
+    dw = [t.to(DEVICE, dtype) for t in random_dwconv_params(Co, seed=Co)] if depthwise else []
+    x = random_input(2, C, 15, 14, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
+    out = call(("triton", _triton_ops()), "conv1x1", x, weight, bias, True, *dw)
+    assert_layout(out, x)
+    ref = functional.conv1x1(*(t.cpu().double() for t in (x, weight, bias)), True,
+                             *(t.cpu().double() for t in dw))
+    assert_close(out, ref, dtype)
+
+
+@dtypes
+@layouts
+@pytest.mark.parametrize("C,R", SQUEEZE_EXCITE_CHANNELS)
+def test_triton_squeeze_excite(dtype, channels_last, C, R):
+    params = [t.to(DEVICE, dtype) for t in random_ffn_params(C, R, seed=C)]
+    x = random_input(2, C, 7, 7, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
+    out = call(("triton", _triton_ops()), "squeeze_excite", x, *params)
+    assert_layout(out, x)
+    assert_close(out, functional.squeeze_excite(*(t.cpu().double() for t in (x, *params))), dtype)
 
 
 def _graph_case(op, dtype):

@@ -1,29 +1,19 @@
-"""patch_embed (a CPU kernel; on CUDA its plain-PyTorch definition): the patch embedding's chain
-of 3x3 stride-2 convolutions and ReLUs (one to four of them, the last with or without its
-ReLU), against its spec, python_ref.functional.patch_embed, in float64; and its kernel on
-packed weights, bit for bit against it."""
+"""patch_embed (CPU and Triton kernels; with backend "cuda", its plain-PyTorch definition): the
+patch embedding's chain of 3x3 stride-2 convolutions and ReLUs (one to four of them, the last
+with or without its ReLU), against its spec, python_ref.functional.patch_embed, in float64; and
+the CPU kernel on packed weights, bit for bit against it."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import efficientvit_kernels as K
-from efficientvit_kernels.testing import LAYOUTS, assert_close, packings, random_input
+from efficientvit_kernels.testing import (DTYPES, LAYOUTS, assert_close, packings, random_input,
+                                          random_patch_embed_params)
 from python_ref import functional
 
 ops = torch.ops.efficientvit
 cpu = torch.ops.efficientvit_cpu
 STEM = [3, 16, 32, 64, 128]  # M4's: embed_dim / 8, / 4, / 2, embed_dim
-
-
-def random_layers(channels, seed=0, dtype=torch.float64):
-    """(weights, biases) of the chain channels[0] -> channels[1] -> ..."""
-    g = torch.Generator().manual_seed(seed)
-    weights, biases = [], []
-    for ci, co in zip(channels, channels[1:]):
-        weights.append((torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64)
-                        * (9 * ci) ** -0.5).to(dtype))
-        biases.append((torch.randn(co, generator=g, dtype=torch.float64) * 0.3).to(dtype))  # some ReLU'd to 0
-    return weights, biases
 
 
 def check(x, layers, dtype, final_relu=False):
@@ -47,7 +37,7 @@ def check(x, layers, dtype, final_relu=False):
 @pytest.mark.parametrize("H,W", [(224, 224), (17, 9), (10, 31), (1, 1), (2, 2), (3, 64)])
 @pytest.mark.parametrize("final_relu", [False, True], ids=["linear", "relu"])
 def test_patch_embed_one_layer(C1, H, W, final_relu):
-    check(random_input(2, 3, H, W, seed=H * 7 + W), random_layers([3, C1], seed=C1),
+    check(random_input(2, 3, H, W, seed=H * 7 + W), random_patch_embed_params([3, C1], seed=C1),
           torch.float32, final_relu)
 
 
@@ -63,7 +53,7 @@ SIZES = [(17, 9), (10, 31), (1, 1), (4, 4), (6, 13), (50, 35)]
 @pytest.mark.parametrize("channels,H,W", [(c, H, W) for c in CHAINS for H, W in SIZES]
                          + [(STEM, 224, 224)], ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else str(v))
 def test_patch_embed_chain(channels, H, W):
-    layers = random_layers(channels, seed=len(channels) + channels[-1])
+    layers = random_patch_embed_params(channels, seed=len(channels) + channels[-1])
     x = random_input(2, 3, H, W, seed=H * 7 + W)
     check(x, layers, torch.float32)
     check(x, layers, torch.float32, final_relu=True)
@@ -75,13 +65,13 @@ def test_patch_embed_chain(channels, H, W):
 @pytest.mark.parametrize("layers", [1, 2, 4])
 def test_patch_embed_batch_dtype_channels(batch, dtype, Ci, layers):
     channels = [Ci, *STEM[1:layers + 1]]
-    check(random_input(batch, Ci, 23, 30, seed=batch), random_layers(channels, seed=Ci), dtype)
+    check(random_input(batch, Ci, 23, 30, seed=batch), random_patch_embed_params(channels, seed=Ci), dtype)
 
 
 def test_patch_embed_threads():
     """Rows split between threads: a thread's first row computes every row it reads, at every
     convolution, instead of taking them from the row before."""
-    layers = random_layers(STEM)
+    layers = random_patch_embed_params(STEM)
     x = random_input(3, 3, 70, 36)
     threads = torch.get_num_threads()
     try:
@@ -97,12 +87,12 @@ def test_patch_embed_threads():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("layers", [1, 4])
 def test_patch_embed_any_input_layout(layout, layers):
-    check(random_input(2, 3, 15, 12, layout=layout), random_layers(STEM[:layers + 1]), torch.float32)
+    check(random_input(2, 3, 15, 12, layout=layout), random_patch_embed_params(STEM[:layers + 1]), torch.float32)
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
 def test_patch_embed_every_output_written_and_nan_kept(layers):
-    weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM[:layers + 1]))
+    weights, biases = ([t.float() for t in ts] for ts in random_patch_embed_params(STEM[:layers + 1]))
     size = 2 ** layers + 1  # an odd size at every step
     empty = ops.patch_embed(torch.zeros(0, 3, size, size), weights, biases, False)
     assert empty.shape == (0, STEM[layers], 2, 2)
@@ -119,7 +109,7 @@ def test_patch_embed_every_output_written_and_nan_kept(layers):
 
 
 def test_patch_embed_bad_input():
-    (w0, w1), (b0, b1) = ([t.float() for t in ts] for ts in random_layers([3, 8, 16]))
+    (w0, w1), (b0, b1) = ([t.float() for t in ts] for ts in random_patch_embed_params([3, 8, 16]))
     x = torch.randn(1, 3, 8, 8)
     bad = [
         ((torch.randn(1, 4, 8, 8), [w0], [b0]), r"weights\[0\] must have shape"),
@@ -150,7 +140,7 @@ def test_patch_embed_bad_input():
 
 def test_patch_embed_packed_bad_input():
     """A packing that does not fit x is rejected, not misread."""
-    (w0, w1), (b0, b1) = ([t.float() for t in ts] for ts in random_layers([3, 8, 20]))
+    (w0, w1), (b0, b1) = ([t.float() for t in ts] for ts in random_patch_embed_params([3, 8, 20]))
     x = torch.randn(1, 3, 8, 8)
     packed = cpu.patch_embed_pack([w0, w1], [b0, b1])
     assert torch.equal(packed.run(x, False), ops.patch_embed(x, [w0, w1], [b0, b1], False))
@@ -165,14 +155,14 @@ def test_patch_embed_packed_bad_input():
 @pytest.mark.parametrize("layers", [1, 2, 4])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_patch_embed_opcheck(layers, layout):
-    weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM[:layers + 1]))
+    weights, biases = ([t.float() for t in ts] for ts in random_patch_embed_params(STEM[:layers + 1]))
     x = random_input(2, 3, 11, 14, layout=layout, dtype=torch.float32)
     torch.library.opcheck(ops.patch_embed.default, (x, weights, biases, layers == 2))
 
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
 def test_fused_patch_embed_module(layers):
-    weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM[:layers + 1]))
+    weights, biases = ([t.float() for t in ts] for ts in random_patch_embed_params(STEM[:layers + 1]))
     module = K.FusedPatchEmbed(weights, biases, final_relu=False)
     assert len(module.state_dict()) == 2 * layers
     x = random_input(2, 3, 13, 10).float()
@@ -188,7 +178,7 @@ def test_fused_patch_embed_module(layers):
 
 def test_fused_patch_embed_module_repacks():
     """The module's op packs on the first call, and again after its weights change in place."""
-    weights, biases = ([t.float() for t in ts] for ts in random_layers(STEM))
+    weights, biases = ([t.float() for t in ts] for ts in random_patch_embed_params(STEM))
     module = K.FusedPatchEmbed(weights, biases, final_relu=True)
     x = random_input(2, 3, 16, 16).float()
     with torch.no_grad():
@@ -201,10 +191,52 @@ def test_fused_patch_embed_module_repacks():
 
 def test_cuda_definition():
     """What the op runs on CUDA (its spec, checked, channels-last), on CPU tensors."""
-    weights, biases = (list(t) for t in random_layers(STEM[:3], dtype=torch.float32))
+    weights, biases = (list(t) for t in random_patch_embed_params(STEM[:3], dtype=torch.float32))
     x = random_input(2, 3, 17, 16, dtype=torch.float32)
     out = K.ops.patch_embed_composite(x, weights, biases, False)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close(out, ops.patch_embed(x, weights, biases, False), torch.float32)
     with pytest.raises(ValueError, match="a bias per weight"):
         K.ops.patch_embed_composite(x, weights, biases[:1], False)
+
+
+# Every backend with a kernel of its own (tests/conftest.py: patch_ops_backend), in each dtype
+# it runs: name: (channels, B, H, W, final_relu, layout, small). M4's stem at the model's
+# image size; a chain whose widths are not whole tiles (12 -> 20 -> 36) on odd sizes (each next
+# convolution's last taps read padding); one convolution from more channels than one reduction
+# step holds (40 -> 72: 360 products a pixel); 1x1; an empty batch.
+BACKEND_CASES = {
+    "m4_stem": (STEM, 2, 224, 224, False, "contiguous", False),
+    "odd_chain": ([3, 12, 20, 36], 2, 17, 9, False, "permuted", True),
+    "relu_chain": ([3, 16, 32], 1, 10, 31, True, "channels_last", True),
+    "wide_reduction": ([40, 72], 2, 6, 13, False, "strided", True),
+    "one_pixel": ([3, 8, 16], 1, 1, 1, False, "contiguous", True),
+    "batch0": ([3, 8], 0, 5, 5, False, "contiguous", True),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", list(BACKEND_CASES))
+def test_patch_embed_backend(patch_ops_backend, case, dtype):
+    channels, B, H, W, final_relu, layout, small = BACKEND_CASES[case]
+    backend, dtype = patch_ops_backend, DTYPES[dtype]
+    backend.skip_unless_small(small)
+    weights, biases = random_patch_embed_params(channels, seed=len(channels))
+    x = random_input(B, channels[0], H, W, seed=H + W, dtype=dtype, layout=layout,
+                     device=backend.device)
+    out = backend.ops.patch_embed(x, [w.to(backend.device, dtype) for w in weights],
+                                  [b.to(backend.device, dtype) for b in biases], final_relu)
+    ref = functional.patch_embed(x.cpu().double(), weights, biases, final_relu)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ref, dtype, f"{backend.name} patch_embed")
+
+
+def test_patch_embed_backend_nan(patch_ops_backend):
+    """A NaN pixel reaches exactly the outputs whose receptive field holds it."""
+    dtype, device = patch_ops_backend.dtypes[0], patch_ops_backend.device
+    weights, biases = ([t.to(device, dtype) for t in ts] for ts in random_patch_embed_params(STEM[:3]))
+    x = random_input(1, 3, 9, 9, dtype=dtype, device=device)
+    x[0, 1, 8, 0] = float("nan")  # bottom left: reaches output (1, 0) of 3x3 after two steps
+    out = patch_ops_backend.ops.patch_embed(x, weights, biases, False).cpu()
+    assert torch.isnan(out[0, :, 2, 0]).all() and torch.isnan(out).sum() == STEM[2]

@@ -1,12 +1,13 @@
-"""squeeze_excite (a CPU kernel; on CUDA its plain-PyTorch definition): each image's channels
-scaled by sigmoid(w2 relu(w1 mean + b1) + b2), against its spec,
+"""squeeze_excite (CPU and Triton kernels; with backend "cuda", its plain-PyTorch definition):
+each image's channels scaled by sigmoid(w2 relu(w1 mean + b1) + b2), against its spec,
 python_ref.functional.squeeze_excite, in float64."""
 import pytest
 import torch
 
 import efficientvit_kernels as K
 import python_ref as R
-from efficientvit_kernels.testing import LAYOUTS, assert_close, assert_layout, random_input
+from efficientvit_kernels.testing import (DTYPES, LAYOUTS, assert_close, assert_layout, call_poisoned,
+                                          random_input)
 from python_ref import functional
 
 ops = torch.ops.efficientvit
@@ -60,7 +61,7 @@ def test_scale_per_image():
 
 
 def test_module_in_converted_model():
-    """On CPU, convert's cpu_kernels pass turns each squeeze-excite into FusedSqueezeExcite;
+    """On CPU, convert's patch_ops pass turns each squeeze-excite into FusedSqueezeExcite;
     the reference backend keeps it as Linear layers."""
     model = R.randomize_(R.build("m0"), seed=2)
     fused = K.convert(model)
@@ -103,3 +104,42 @@ def test_cuda_definition(layout):
     assert_close(out, ops.squeeze_excite(x, *params), torch.float32)
     with pytest.raises(ValueError, match="w1 must have shape"):
         K.ops.squeeze_excite_composite(x[:, :19], *params)
+
+
+# Every backend with a kernel of its own (tests/conftest.py: patch_ops_backend), in each dtype
+# it runs: name: (C, R, B, H, W, layout, small). M4's second PatchMerging (1024 channels, 256
+# hidden: several channel blocks); widths that are not whole blocks (20 -> 5, 100 -> 24) on odd
+# sizes; more pixels than one block holds (9x10); one pixel; an empty batch.
+BACKEND_CASES = {
+    "m4": (1024, 256, 2, 4, 4, "channels_last", False),
+    "odd": (20, 5, 3, 5, 3, "permuted", True),
+    "many_pixels": (100, 24, 2, 9, 10, "contiguous", True),
+    "strided": (36, 9, 1, 4, 7, "strided", True),
+    "one_pixel": (16, 8, 2, 1, 1, "channels_last_slice", True),
+    "batch0": (16, 8, 0, 3, 3, "contiguous", True),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", list(BACKEND_CASES))
+def test_squeeze_excite_backend(patch_ops_backend, case, dtype):
+    C, R, B, H, W, layout, small = BACKEND_CASES[case]
+    backend, dtype = patch_ops_backend, DTYPES[dtype]
+    backend.skip_unless_small(small)
+    params = random_params(C, R, seed=C)
+    x = random_input(B, C, H, W, seed=H * W, dtype=dtype, layout=layout, device=backend.device)
+    out = call_poisoned(backend.ops.squeeze_excite, x, *(t.to(backend.device, dtype) for t in params))
+    ref = functional.squeeze_excite(x.cpu().double(), *params)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_layout(out, x)
+    assert_close(out, ref, dtype, f"{backend.name} squeeze_excite")
+
+
+def test_squeeze_excite_backend_nan(patch_ops_backend):
+    """A NaN pixel makes its image's means, and so every output of that image, NaN."""
+    dtype, device = patch_ops_backend.dtypes[0], patch_ops_backend.device
+    params = [t.to(device, dtype) for t in random_params(16, 8)]
+    x = random_input(2, 16, 3, 3, dtype=dtype, device=device)
+    x[1, 5, 2, 1] = float("nan")
+    out = patch_ops_backend.ops.squeeze_excite(x, *params).cpu()
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()

@@ -1,6 +1,7 @@
 """What only the Triton kernels have: fp16 rounding points checked in the interpreter, their
 own input checks, and the package importing without triton. (Their correctness on every case is
-tested with the other backends': tests/test_cga.py, test_dwconv.py, test_ffn.py.)"""
+tested with the other backends': tests/test_cga.py, test_dwconv.py, test_ffn.py,
+test_patch_embed.py, test_conv1x1.py, test_squeeze_excite.py.)"""
 import importlib
 import sys
 
@@ -13,7 +14,8 @@ import efficientvit_kernels  # noqa: E402
 import efficientvit_kernels.triton as kernels  # noqa: E402
 from efficientvit_kernels.testing import (assert_close, cast, cga_args, random_cga_params,  # noqa: E402
                                           random_dwconv_params, random_ffn_params, random_input,
-                                          reference_cga)
+                                          random_patch_embed_params, reference_cga)
+import python_ref as R  # noqa: E402
 from python_ref import functional  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -40,6 +42,16 @@ def test_fp16_in_interpreter():
     ffn = [to_device(t, dtype) for t in random_ffn_params(40, 88)]
     ref = functional.ffn(*(t.double() for t in (x, *ffn)), False)
     assert_close(kernels.ffn(x, *ffn, False), ref)
+    # the stem's and PatchMerging's ops (ffn's parameters serve squeeze-excite and conv1x1)
+    ref = functional.squeeze_excite(*(t.double() for t in (x, *ffn)))
+    assert_close(kernels.squeeze_excite(x, *ffn), ref)
+    conv = [*ffn[:2], *(to_device(t, dtype) for t in random_dwconv_params(88))]
+    ref = functional.conv1x1(*(t.double() for t in (x, *conv[:2])), True, *(t.double() for t in conv[2:]))
+    assert_close(kernels.conv1x1(x, *conv[:2], True, *conv[2:]), ref)
+    weights, biases = ([to_device(t, dtype) for t in ts] for ts in random_patch_embed_params([3, 16, 24]))
+    x = to_device(random_input(1, 3, 13, 10), dtype)
+    ref = functional.patch_embed(x.double(), [w.double() for w in weights], [b.double() for b in biases], False)
+    assert_close(kernels.patch_embed(x, weights, biases, False), ref)
 
 
 def test_bad_input():
@@ -55,6 +67,17 @@ def test_bad_input():
     p = cast(random_cga_params(32, 2, (5, 5), 7), torch.float32, DEVICE)
     with pytest.raises(ValueError, match="attention_bias must have shape"):
         kernels.cga(x, *cga_args(p)[:7], 4, p["scale"], True)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kernels.conv1x1(x, ffn[0][:, :16], ffn[1], True)
+    with pytest.raises(ValueError, match="dw_weight and dw_bias together"):
+        kernels.conv1x1(x, *ffn[:2], True, w)
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        kernels.squeeze_excite(x, ffn[0], ffn[1], ffn[0], ffn[3])
+    weights, biases = ([to_device(t, torch.float32) for t in ts] for ts in random_patch_embed_params([3, 8]))
+    with pytest.raises(ValueError, match=r"weights\[0\] must have shape"):
+        kernels.patch_embed(x, weights, biases, False)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        kernels.patch_embed(x[:, :3].double(), [w.double() for w in weights], [b.double() for b in biases], False)
 
 
 def test_import_without_triton(monkeypatch):
@@ -63,26 +86,48 @@ def test_import_without_triton(monkeypatch):
     monkeypatch.setattr(efficientvit_kernels, "triton", kernels)  # restored afterwards
     fresh = importlib.import_module("efficientvit_kernels.triton")
     assert kernels.available() and not fresh.available()
-    with pytest.raises(RuntimeError, match="needs triton"):
-        fresh.ffn(None, None, None, None, None)
+    for name in fresh.OPS:
+        with pytest.raises(RuntimeError, match=f"triton.{name} needs triton"):
+            getattr(fresh, name)()
 
 
-@pytest.mark.parametrize("warps,registers,capped_spill,expected", [
-    (4, 200, 0, None),     # 128 threads: two blocks fit up to 255 registers
-    (8, 128, 0, None),     # two blocks already
-    (8, 162, 0, 128),      # the cap brings the second block, without spilling
-    (8, 162, 8, None),     # the cap would spill: left as it is
-], ids=["4warps", "8warps_fits", "8warps_capped", "8warps_cap_spills"])
-def test_register_cap_policy(warps, registers, capped_spill, expected):
-    """A 256-thread launch gets maxnreg=128 (two blocks per multiprocessor) exactly where the
-    kernel takes more and the capped compile spills nothing."""
+@pytest.mark.parametrize("warps,registers,spill,spills,expected", [
+    (4, 200, 0, {}, {}),                        # 128 threads: two blocks fit up to 255 registers
+    (8, 128, 0, {}, {}),                        # two blocks already
+    (8, 162, 0, {}, {"maxnreg": 128}),          # the cap brings the second block, no spill
+    (8, 162, 0, {(128, 3): 8}, {"maxnreg": 128, "num_stages": 2}),  # with two stages
+    (8, 162, 0, {(128, 3): 8, (128, 2): 8}, {}),  # the cap spills: left as it is
+    (8, 128, 8, {}, {"maxnreg": 128}),          # ptxas's own choice spills, an explicit 128 not
+    (8, 128, 8, {(128, 3): 8, (128, 2): 8}, {"maxnreg": 255}),
+    (4, 128, 8, {}, {"maxnreg": 255}),
+    (4, 128, 8, {(255, 3): 8}, {"maxnreg": 255, "num_stages": 1}),
+    (8, 255, 8, {(128, 3): 8, (128, 2): 8, (255, 3): 8, (255, 1): 8}, {}),  # the gate fails it
+], ids=["4warps", "8warps_fits", "8warps_capped", "8warps_capped_2stages", "8warps_cap_spills",
+        "8warps_spill_capped", "8warps_spill_uncapped", "4warps_spill_uncapped",
+        "4warps_spill_one_stage", "spills_anyway"])
+def test_register_cap_policy(warps, registers, spill, spills, expected):
+    """A launch's register limit: 128 for a 256-thread launch that takes more (two blocks per
+    multiprocessor), with three stages of loads in flight or else two, where that spills
+    nothing; for a launch whose compile spills, the first of those and 255 (with three stages,
+    else one) that spills nothing. ``spills``: what a compile with (limit, stages) spills."""
     from efficientvit_kernels.triton._common import capped_registers
-    compiles = []
 
     def compile(kwargs):
-        compiles.append(kwargs)
-        return (kwargs["maxnreg"], capped_spill) if "maxnreg" in kwargs else (registers, 0)
+        if "maxnreg" not in kwargs:
+            return registers, spill
+        return kwargs["maxnreg"], spills.get((kwargs["maxnreg"], kwargs.get("num_stages", 3)), 0)
 
     kwargs = capped_registers({"num_warps": warps, "BD": 16}, compile)
-    assert kwargs.get("maxnreg") == expected
-    assert {k: v for k, v in kwargs.items() if k != "maxnreg"} == {"num_warps": warps, "BD": 16}
+    assert kwargs == {"num_warps": warps, "BD": 16, **expected}
+
+
+def test_converted_model():
+    """A model converted for Triton runs on its kernels alone (no convolution is left: the
+    stem and PatchMerging run on theirs) and computes the reference's output."""
+    model = R.randomize_(R.build("m0"), seed=1)
+    fused = efficientvit_kernels.convert(model, backend="triton").to(DEVICE)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = fused(x.to(DEVICE)).cpu()
+    assert_close(out, R.fold_batchnorm(model).double()(x.double()), torch.float32)

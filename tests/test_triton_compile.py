@@ -38,7 +38,9 @@ def rows(tmp_path_factory):
 def test_every_specialization_compiles(rows):
     print(format_profiles([r for r in rows if "error" not in r]), file=sys.stderr)
     assert {r["arch"] for r in rows} == {80, 90}
-    assert {r["kernel"] for r in rows} == {"_cga_kernel", "_dwconv_kernel", "_ffn_kernel"}
+    assert {r["kernel"] for r in rows} == {
+        "_cga_kernel", "_dwconv_kernel", "_ffn_kernel", "_conv3x3_stride2_kernel", "_conv1x1_kernel",
+        "_squeeze_excite_kernel"}
     errors = [f"{r['kernel']} [{r['variant']}] sm_{r['arch']}: {r['error']}"
               for r in rows if "error" in r]
     assert not errors, "\n".join(errors)

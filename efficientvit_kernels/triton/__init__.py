@@ -1,4 +1,5 @@
-"""Triton implementations of the fused ops: ``cga``, ``dwconv``, ``ffn``.
+"""Triton implementations of the fused ops: ``cga``, ``dwconv``, ``ffn``, ``patch_embed``,
+``conv1x1``, ``squeeze_excite``.
 
 Same arguments and results as :mod:`efficientvit_kernels.ops`, on CUDA tensors (fp32, fp16,
 bf16), or on CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is imported.
@@ -9,7 +10,8 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["available", "cga", "dwconv", "ffn"]
+OPS = ("cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite")
+__all__ = ["available", *OPS]
 
 
 def available():
@@ -19,8 +21,11 @@ def available():
 
 if available():
     from .cga import cga
+    from .conv1x1 import conv1x1
     from .dwconv import dwconv
     from .ffn import ffn
+    from .patch_embed import patch_embed
+    from .squeeze_excite import squeeze_excite
 else:
     def _missing(name):
         def op(*args, **kwargs):
@@ -29,4 +34,4 @@ else:
         op.__name__ = name
         return op
 
-    cga, dwconv, ffn = _missing("cga"), _missing("dwconv"), _missing("ffn")
+    globals().update({name: _missing(name) for name in OPS})

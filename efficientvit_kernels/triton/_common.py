@@ -67,21 +67,37 @@ def relu(a):
 
 # Registers a thread at which two 256-thread blocks share a multiprocessor's 65536.
 TWO_BLOCK_REGISTERS = 128
+# The most a thread can have: asked for explicitly where ptxas's own choice spills.
+MAX_REGISTERS = 255
 # The kernels whose launchers pass their launch arguments through launch_kwargs (the static
 # profile, efficientvit_kernels/triton_static.py, makes the same choice for them).
-REGISTER_CAPPED = frozenset({"_cga_kernel"})
+REGISTER_CAPPED = frozenset({"_cga_kernel", "_conv1x1_kernel"})
 
 
 def capped_registers(kwargs, compile):
-    """``kwargs`` with ``maxnreg=128`` where that cap lets a second 256-thread block onto each
-    multiprocessor; ``compile(kwargs)`` returns the compiled kernel's (registers a thread,
-    local-memory bytes a thread). Capped only where the kernel as written takes more than 128
-    registers and the capped one spills nothing: a capped compile may trade the second block
-    for local-memory traffic (some do), and one under 128 gains nothing."""
-    if kwargs["num_warps"] * 32 != 256 or compile(kwargs)[0] <= TWO_BLOCK_REGISTERS:
-        return kwargs
-    capped = dict(kwargs, maxnreg=TWO_BLOCK_REGISTERS)
-    return capped if compile(capped)[1] == 0 else kwargs
+    """``kwargs`` with the register limit (``maxnreg``, with ``num_stages`` where that takes
+    one) the launch should have; ``compile(kwargs)`` returns the compiled kernel's (registers a
+    thread, local-memory bytes a thread). The first of these whose compile spills nothing:
+    - for a 256-thread launch that takes more than 128 registers or spills: a limit of 128, a
+      second block on each multiprocessor, then the same with two stages of loads in flight
+      instead of three (fewer registers held for loads ahead); a cap may instead trade the
+      second block for local-memory traffic, as some do;
+    - where the kernel as written spills: a limit of 255, then the same with one stage of loads
+      in flight (left to itself, ptxas stops some variants at 128 registers and spills a few
+      bytes, the attention's on channels-last maps 8-24; an explicit limit schedules
+      differently);
+    else as written."""
+    registers, spilled = compile(kwargs)
+    choices = []
+    if kwargs["num_warps"] * 32 == 256 and (registers > TWO_BLOCK_REGISTERS or spilled):
+        choices += [{"maxnreg": TWO_BLOCK_REGISTERS}, {"maxnreg": TWO_BLOCK_REGISTERS, "num_stages": 2}]
+    if spilled:
+        choices += [{"maxnreg": MAX_REGISTERS}, {"maxnreg": MAX_REGISTERS, "num_stages": 1}]
+    for choice in choices:
+        chosen = {**kwargs, **choice}
+        if compile(chosen)[1] == 0:
+            return chosen
+    return kwargs
 
 
 def _loaded(kernel, args, kwargs):
@@ -96,15 +112,19 @@ _CAPPED = {}
 
 
 def launch_kwargs(kernel, args, kwargs):
-    """The launch arguments of ``kernel[grid](*args, **kwargs)`` on the GPU: ``kwargs``, capped
-    by :func:`capped_registers` from the kernel compiled for this GPU (once per device, dtype
-    and specialization). The interpreter and the static recorder launch ``kwargs`` as given
-    (the static profile decides per target)."""
+    """The launch arguments of ``kernel[grid](*args, **kwargs)`` on the GPU: ``kwargs`` with
+    the register limit :func:`capped_registers` chooses from the kernel compiled for this GPU
+    (once per device and specialization). The interpreter and the static recorder launch
+    ``kwargs`` as given (the static profile decides per target)."""
     assert kernel.fn.__name__ in REGISTER_CAPPED, kernel.fn.__name__
     if interpreted(kernel) or recorder is not None:
         return kwargs
     device = args[0].device
-    key = (kernel.fn.__name__, device.index, args[0].dtype, tuple(sorted(kwargs.items())))
+    # What Triton specializes a compilation on: the tensors' dtypes, integers equal to 1 or
+    # multiples of 16 (a stride of 1 in one layout and not the other), and the constexprs.
+    specialization = tuple(a.dtype if isinstance(a, torch.Tensor) else
+                           (a == 1, a % 16 == 0) if isinstance(a, int) else None for a in args)
+    key = (kernel.fn.__name__, device.index, specialization, tuple(sorted(kwargs.items())))
     if key not in _CAPPED:
         def compile(kw):
             compiled = _loaded(kernel, args, kw)
