@@ -57,7 +57,7 @@ from efficientvit_kernels import convert  # noqa: E402
 from efficientvit_kernels.modules import LinearSqueezeExcite, backend_ops  # noqa: E402
 
 RESOLUTION = 224
-FUSED = ("cuda", "triton")
+FUSED = ("cuda", "triton", "auto")  # auto: per op call, the fastest measured (auto_backend)
 COLUMNS = ("eager", "compile") + FUSED
 MODEL_TOL = 1e-2  # relative error of a whole fp16 model (module docstring)
 

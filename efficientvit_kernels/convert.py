@@ -12,14 +12,13 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   ``FusedPatchMerging`` (the same math, in a module the converter owns); a squeeze-excite ->
   the same with Linear layers; every other Conv-BN / BN-Linear -> one folded Conv2d / Linear;
   everything else is copied, its children converted.
-- ``"patch_ops"`` (the backends with kernels for these ops: CPU models with backend "auto" or
-  "cpu", and backend "triton"): the stem's convolutions and ReLUs (3x3, stride 2, the first
+- ``"patch_ops"`` (the backends with kernels for these ops: backend "auto", "triton", and "cpu"
+  on a CPU model): the stem's convolutions and ReLUs (3x3, stride 2, the first
   from the image's few channels, in a plain ``nn.Sequential``) -> one ``FusedPatchEmbed`` with
   channels-last output; PatchMerging's first 1x1 convolution, its depthwise convolution and
   their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution another, its squeeze-excite
   one ``FusedSqueezeExcite``.
-- ``"channels_last"`` (CPU models, backend "auto" or "cpu"; GPU models, backend "cuda" or
-  "triton", or "auto" on a CUDA model): every remaining convolution gets channels-last
+- ``"channels_last"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model): every remaining convolution gets channels-last
   weights, so oneDNN or cuDNN runs it channels-last, and the activations stay channels-last
   through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5
   is left; with backend "cuda" the stem's and PatchMerging's convolutions are (cuDNN's), and
@@ -288,9 +287,9 @@ _PASS_FUNCTIONS = {"patch_ops": _patch_ops, "channels_last": _channels_last}
 
 def _default_passes(model, backend):
     on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
-    if (backend in ("auto", "cpu") and on_cpu) or backend == "triton":
+    if backend in ("auto", "triton") or (backend == "cpu" and on_cpu):
         return PASSES
-    if backend == "cuda" or (backend == "auto" and not on_cpu):
+    if backend == "cuda":
         return ("fuse", "channels_last")
     return ("fuse",)
 
@@ -301,13 +300,13 @@ def convert(model, backend="auto", passes=None):
     ``model``: a whole EfficientViT (``python_ref``, official or timm) or any submodule of one
     (a ``LocalWindowAttention``, a ``Residual`` around it, an ``FFN``, a block, a stage), or a
     model converted before (its fused modules then take the new backend).
-    ``backend``: "auto" (the compiled kernels for the tensors' device, Triton on CUDA where
-    the CUDA kernels were not built), "cpu", "cuda", "triton" or "reference" (the
+    ``backend``: "auto" (on CPU the CPU kernels; on CUDA, per op call, the backend measured
+    fastest for it among the CUDA kernels, the Triton kernels and the plain-PyTorch definition:
+    see ``efficientvit_kernels.auto_backend``), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
-    docstring). Default: all three for a CPU model with backend "auto" or "cpu", and for
-    backend "triton"; "fuse" and "channels_last" for backend "cuda" or "auto" on a CUDA model;
-    else "fuse". (A 4-D output of the model may be channels-last; its values are the same.)
+    docstring). Default: all three for backends "auto" and "triton", and "cpu" on a CPU model;
+    "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D output of the model may be channels-last; its values are the same.)
 
     The input model is left as it was and shares nothing mutable with the copy. The copy
     pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or

@@ -6,7 +6,7 @@ from torch import nn
 
 import python_ref.functional
 
-from . import ops
+from . import auto_backend, ops
 
 __all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedConv1x1", "FusedPatchEmbed",
            "FusedPatchMerging", "FusedSqueezeExcite", "LinearSqueezeExcite", "ResidualAdd",
@@ -21,8 +21,9 @@ def backend_ops(backend):
     ``squeeze_excite`` implement ``backend``.
 
     "auto", "cpu" and "cuda" call ``torch.ops.efficientvit`` (the dispatcher picks the
-    kernel for the tensors' device); "triton" the Triton kernels; "reference" the
-    plain-PyTorch spec.
+    kernel for the tensors' device; a fused module on "auto" given a CUDA tensor runs each
+    call on the backend measured fastest for it instead, see ``auto_backend``); "triton" the
+    Triton kernels; "reference" the plain-PyTorch spec.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -80,6 +81,8 @@ class _Fused(nn.Module):
         return ()
 
     def forward(self, x):
+        if self.backend == "auto" and x.is_cuda:
+            return auto_backend.call(self._op, x, self._op_args())
         if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
             raise RuntimeError(f"{type(self).__name__} was converted with backend={self.backend!r} "
                                f"but got a tensor on {x.device}")

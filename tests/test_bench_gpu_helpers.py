@@ -49,7 +49,7 @@ def _lines():
         return dict(kind="time", model="m4", batch=batch, backend=backend, img_per_s=img_per_s,
                     us=batch / img_per_s * 1e6, **work)
     return [meta, time("eager", 100), time("cuda", 400), time("triton", 200),
-            time("compile", 200),
+            time("compile", 200), time("auto", 400),
             dict(kind="time", model="m4", batch=1, backend="eager", img_per_s=1000, **work),
             dict(kind="time", model="m4", batch=1, backend="compile", status="timeout"),
             dict(kind="check", model="m4", batch=2048, backend="eager", error=3e-3, ok=True),
@@ -62,9 +62,9 @@ def test_report_rows_ratios_floor_and_failures():
     text = B.render(_lines())
     rows = [line for line in text.splitlines() if line.startswith("| m4 |")]
     assert rows[0].startswith("| m4 | 1 | 1000 | timeout | - | - |")  # batch 1 first
-    assert rows[1] == ("| m4 | 2048 | 100 | 200 | 400 | 200 | 4.00x | 2.00x | 2.00x | 1.00x | 1024 "
-                       "| 39% | 20% |")
-    assert "| m4 | 2048 | 3.0e-03 | 4.0e-03 | 2.0e-02 FAIL |" in text
+    assert rows[1] == ("| m4 | 2048 | 100 | 200 | 400 | 200 | 400 | 4.00x | 2.00x | 4.00x | 2.00x "
+                       "| 1.00x | 2.00x | 1024 | 39% | 20% | 39% |")
+    assert "| m4 | 2048 | 3.0e-03 | 4.0e-03 | 2.0e-02 FAIL | - |" in text
     assert "- m4: something to say" in text
     assert "4.00 TB/s" in text and "500 TFLOP/s" in text
     assert B.failures(_lines()) == ["m4 batch 2048 triton: error 2.0e-02"]
@@ -72,7 +72,7 @@ def test_report_rows_ratios_floor_and_failures():
 
 def test_report_without_meta_has_no_floor():
     rows = [line for line in B.render(_lines()[1:]).splitlines() if line.startswith("| m4 | 2048")]
-    assert rows[0].endswith("| - | - | - |") and "1.00x" in rows[0]
+    assert rows[0].endswith("| - | - | - | - |") and "1.00x" in rows[0]
 
 
 # benchmarks/gpu_ops.py: the per-op-kind breakdown (its CUDA-event timing needs a GPU)

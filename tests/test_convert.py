@@ -159,16 +159,18 @@ def test_passes(models, passes):
 
 def test_default_passes(models):
     """All three for the backends with kernels for patch_embed, conv1x1 and squeeze_excite (the
-    CPU's, Triton); fuse and channels_last for the CUDA backend (channels-last rows for its
-    16-byte packs; cuDNN's stem and PatchMerging); fuse alone otherwise."""
+    CPU's, Triton; "auto", which on a GPU measures them against PyTorch's); fuse and
+    channels_last for the CUDA backend (channels-last rows for its 16-byte packs; cuDNN's stem
+    and PatchMerging); fuse alone otherwise."""
     from efficientvit_kernels.convert import _default_passes
     model = models["m0"]
-    assert _default_passes(model, "auto") == _default_passes(model, "cpu") == K.PASSES
-    assert _default_passes(model, "triton") == K.PASSES
-    assert _default_passes(model, "cuda") == ("fuse", "channels_last")
-    assert _default_passes(model, "reference") == ("fuse",)
     on_meta = copy.deepcopy(model).to("meta")  # a model on another device than the CPU
-    assert _default_passes(on_meta, "auto") == ("fuse", "channels_last")
+    for m in (model, on_meta):
+        assert _default_passes(m, "auto") == _default_passes(m, "triton") == K.PASSES
+        assert _default_passes(m, "cuda") == ("fuse", "channels_last")
+        assert _default_passes(m, "reference") == ("fuse",)
+    assert _default_passes(model, "cpu") == K.PASSES
+    assert _default_passes(on_meta, "cpu") == ("fuse",)
 
 
 def test_backend_errors(models):

@@ -18,7 +18,7 @@ import efficientvit_kernels
 from efficientvit_kernels.testing import (assert_close, assert_layout, call_poisoned, cast, cga_args,
                                           random_cga_params, random_dwconv_params, random_ffn_params,
                                           random_input, random_patch_embed_params, reference_cga,
-                                          stage_shapes)
+                                          relative_error, stage_shapes)
 from python_ref import functional
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -298,3 +298,26 @@ def test_cuda_graph_capture(backend, op, dtype):
     assert_close(out, reference(fresh), dtype)
     if backend[0] == "cuda":  # deterministic kernels: the replay matches an eager call bit for bit
         assert torch.equal(out, fn(fresh, *args))
+
+
+def test_auto_backend_model(tmp_path, monkeypatch):
+    """A model converted with backend "auto" on the GPU: every op's backend is measured on its
+    first call and kept in the device's table (on file), and the model computes the
+    reference's output."""
+    from efficientvit_kernels import auto_backend
+    import python_ref
+    monkeypatch.setenv("EFFICIENTVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(auto_backend, "_TABLES", {})
+    model = python_ref.randomize_(python_ref.build("m0"), seed=4)
+    fused = efficientvit_kernels.convert(model).half().to(DEVICE)  # backend "auto"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = fused(x.to(DEVICE, torch.float16)).float().cpu()
+    # a whole fp16 model: the bound benchmarks/bench_models_gpu.py holds the fused models to
+    assert relative_error(out, python_ref.fold_batchnorm(model).double()(x.double())) < 1e-2
+    table = auto_backend.table(torch.device(DEVICE))
+    assert {key.split()[0] for key in table.choices} == {
+        "cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite"}
+    assert set(table.choices.values()) <= {"cuda", "triton", "reference"}
+    with open(table.path) as f:
+        assert f.read().count('"') >= 4 * len(table.choices)

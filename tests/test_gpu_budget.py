@@ -104,6 +104,8 @@ with s.recording() as tests:
             for C, R in t.quick(t.SQUEEZE_EXCITE_CHANNELS):
                 ws = [x.to("meta", dtype) for x in random_ffn_params(C, R)]
                 k.squeeze_excite(meta((2, C, 7, 7), dtype, cl), *ws)
+# test_auto_backend_model: M0 in fp16, its Triton kernels among the candidates
+tests += s.model_launches(("m0",), (torch.float16,), ((2, 64),))
 models = s.model_launches(("m0", "m4"), (torch.float16,), ((1, 224), (2048, 224)))
 quick = s.unique_launches(tests, 90)
 more = s.unique_launches(tests + models, 90)[len(quick):]

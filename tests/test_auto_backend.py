@@ -1,0 +1,113 @@
+"""backend="auto" on a GPU (efficientvit_kernels/auto_backend.py): the per-device table of
+measured choices, with timings given, so that its logic runs on CPU; and that on CPU "auto"
+never measures. (tests/test_gpu.py runs a model on "auto" on the GPU.)"""
+import json
+
+import pytest
+import torch
+
+import efficientvit_kernels as K
+import python_ref as R
+from efficientvit_kernels import auto_backend
+from efficientvit_kernels.testing import random_ffn_params
+
+
+def timed(ms):
+    """A timer giving each candidate the time ``ms`` maps its name to, and the names timed."""
+    names = []
+
+    def timer(fn):
+        name = fn()
+        names.append(name)
+        return ms[name]
+    return timer, names
+
+
+def candidates(*names):
+    return {name: (lambda name=name: name) for name in names}
+
+
+def test_fastest_measured_then_kept(tmp_path):
+    path = str(tmp_path / "sub" / "backends.json")
+    timer, names = timed({"cuda": 2.0, "triton": 1.5, "reference": 3.0})
+    table = auto_backend.BackendTable(path, timer)
+    both = candidates("cuda", "triton", "reference")
+    assert table.choose("ffn a", both, lambda op: op()) == "triton"
+    assert names == ["cuda", "triton", "reference"]
+    assert table.choose("ffn a", both, lambda op: op()) == "triton" and len(names) == 3
+    table.timer, names = timed({"cuda": 1.0, "triton": 2.0, "reference": 3.0})  # another shape
+    assert table.choose("ffn b", both, lambda op: op()) == "cuda"
+    with open(path) as f:
+        assert json.load(f)["choices"] == {"ffn a": "triton", "ffn b": "cuda"}
+
+    def never(fn):
+        raise AssertionError("a choice on file was measured again")
+    reloaded = auto_backend.BackendTable(path, never)
+    assert reloaded.choose("ffn a", both, lambda op: op()) == "triton"
+    assert reloaded.choose("ffn b", both, lambda op: op()) == "cuda"
+
+
+def test_eager_wins_where_it_is_fastest():
+    timer, _ = timed({"cuda": 2.0, "triton": 1.5, "reference": 0.5})
+    table = auto_backend.BackendTable(None, timer)
+    assert table.choose("k", candidates("cuda", "triton", "reference"), lambda op: op()) == "reference"
+
+
+def test_a_candidate_that_raises_is_left_out():
+    def call(op):
+        if op() == "cuda":
+            raise RuntimeError("efficientvit: the attention needs more shared memory")
+        return op()
+    timer, names = timed({"triton": 2.0, "reference": 3.0})
+    table = auto_backend.BackendTable(None, timer)
+    assert table.choose("k", candidates("cuda", "triton", "reference"), call) == "triton"
+
+    def bad_input(op):  # the plain-PyTorch definition raising: the call itself is wrong
+        raise ValueError("efficientvit: w1 must have shape [16, 8]")
+    with pytest.raises(ValueError, match="w1 must have shape"):
+        auto_backend.BackendTable(None, timer).choose("k", candidates("cuda", "reference"),
+                                                      bad_input)
+
+
+def test_a_choice_no_longer_available_is_measured_again(tmp_path):
+    path = str(tmp_path / "backends.json")
+    with open(path, "w") as f:
+        json.dump({"choices": {"k": "cuda"}}, f)
+    timer, names = timed({"triton": 2.0, "reference": 3.0})
+    table = auto_backend.BackendTable(path, timer)  # a machine without the CUDA kernels
+    assert table.choose("k", candidates("triton", "reference"), lambda op: op()) == "triton"
+    assert names == ["triton", "reference"]
+
+
+def test_an_unreadable_file_is_measured_again(tmp_path):
+    path = tmp_path / "backends.json"
+    path.write_text("{not json")
+    timer, _ = timed({"triton": 2.0, "reference": 1.0})
+    table = auto_backend.BackendTable(str(path), timer)
+    assert table.choose("k", candidates("triton", "reference"), lambda op: op()) == "reference"
+    assert json.loads(path.read_text())["choices"] == {"k": "reference"}
+
+
+def test_signature_tells_apart_what_speed_depends_on():
+    x = torch.randn(2, 16, 7, 7)
+    w = random_ffn_params(16, 32, dtype=torch.float32)
+    key = auto_backend.signature("ffn", x, (*w, True))
+    assert key == auto_backend.signature("ffn", torch.randn(2, 16, 7, 7), (*w, True))
+    others = [auto_backend.signature("ffn", x.half(), (*w, True)),
+              auto_backend.signature("ffn", torch.randn(4, 16, 7, 7), (*w, True)),
+              auto_backend.signature("ffn", x.to(memory_format=torch.channels_last), (*w, True)),
+              auto_backend.signature("ffn", x, (*w, False)),
+              auto_backend.signature("squeeze_excite", x, w),
+              auto_backend.signature("patch_embed", x, ([w[0][:, :, None, None]], [w[1]], False))]
+    assert len({key, *others}) == 1 + len(others)
+
+
+def test_cpu_auto_never_measures(monkeypatch):
+    """On CPU, "auto" is the CPU kernels: the table is never consulted."""
+    def fail(*args):
+        raise AssertionError("auto_backend.call on a CPU tensor")
+    monkeypatch.setattr(auto_backend, "call", fail)
+    model = R.randomize_(R.build("m0"), seed=3)
+    with torch.no_grad():
+        out = K.convert(model)(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 1000)
