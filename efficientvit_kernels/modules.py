@@ -82,7 +82,7 @@ class _Fused(nn.Module):
 
     def forward(self, x):
         if self.backend == "auto" and x.is_cuda:
-            return auto_backend.call(self._op, x, self._op_args())
+            return auto_backend.call(self, self._op, x, self._op_args())
         if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
             raise RuntimeError(f"{type(self).__name__} was converted with backend={self.backend!r} "
                                f"but got a tensor on {x.device}")

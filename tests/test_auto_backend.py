@@ -111,3 +111,43 @@ def test_cpu_auto_never_measures(monkeypatch):
     with torch.no_grad():
         out = K.convert(model)(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 1000)
+
+
+def test_call_measures_once_per_module_and_input(monkeypatch):
+    """auto_backend.call on its own (with CPU tensors standing in for CUDA ones): the first
+    call of a module on an input's signature measures and keeps the choice; a repeat skips the
+    signature and the table; a new shape, or a capture, goes back to the table, and a capture
+    never measures (an op it has not measured runs the dispatcher's kernel, not kept)."""
+    ran, signatures = [], []
+    ops = {name: (lambda x, *args, name=name: ran.append(name) or x) for name in ("triton", "reference")}
+    monkeypatch.setattr(auto_backend, "_candidates", lambda op: ops)
+    signature = auto_backend.signature
+    monkeypatch.setattr(auto_backend, "signature",
+                        lambda *a: signatures.append(a[0]) or signature(*a))
+    measured = []
+
+    def timer(fn):  # runs the candidate once: its time by the name it ran as
+        fn()
+        measured.append(ran[-1])
+        return {"triton": 1.0, "reference": 2.0}[ran[-1]]
+    device_table = auto_backend.BackendTable(None, timer)
+    monkeypatch.setattr(auto_backend, "table", lambda device: device_table)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    module, x = torch.nn.Identity(), torch.randn(1, 8, 4, 4)
+    args = tuple(random_ffn_params(8, 16, dtype=torch.float32)) + (True,)
+    auto_backend.call(module, "ffn", x, args)
+    assert measured == ["triton", "reference"] and ran[-1] == "triton" and len(signatures) == 1
+    auto_backend.call(module, "ffn", torch.randn(1, 8, 4, 4), args)
+    assert len(measured) == 2 and ran[-1] == "triton" and len(signatures) == 1  # the repeat
+    capturing[0] = True
+    dispatcher = []
+    monkeypatch.setattr(torch.ops.efficientvit.ffn, "default", lambda x, *a: dispatcher.append(1) or x)
+    auto_backend.call(module, "ffn", torch.randn(2, 8, 4, 4), args)  # not measured: dispatcher
+    assert dispatcher == [1] and len(measured) == 2 and len(signatures) == 2
+    capturing[0] = False
+    auto_backend.call(module, "ffn", torch.randn(2, 8, 4, 4), args)  # measured now
+    assert len(measured) == 4 and len(signatures) == 3
+    capturing[0] = True
+    auto_backend.call(torch.nn.Identity(), "ffn", torch.randn(2, 8, 4, 4), args)  # a known one
+    assert dispatcher == [1] and len(measured) == 4 and ran[-1] == "triton"
