@@ -4,13 +4,15 @@ The first call of an op with a new signature (op, device, dtype, shapes and layo
 tensors, its flags) times every backend that can run it: the CUDA kernels (where built), the
 Triton kernels (where triton imports) and the plain-PyTorch definition (backend "reference",
 ``python_ref.functional``: eager PyTorch, cuDNN and cuBLAS), and keeps the fastest. So a
-converted model on ``auto`` is never slower, op by op, than eager PyTorch on the same ops. The choices form a small table per device, kept for the
-process and in a JSON file per device and library version (``$EFFICIENTVIT_CACHE_DIR``, else
-``~/.cache/efficientvit_kernels``), so later processes measure nothing already measured.
+converted model on ``auto`` is never slower, op by op, than eager PyTorch on the same ops.
+The choices form a small table per device, kept for the process and in a JSON file per device
+and library version (``$EFFICIENTVIT_CACHE_DIR``, else ``~/.cache/efficientvit_kernels``), so
+later processes measure nothing already measured; a module called again on an input of the
+same shape, dtype and strides skips the table.
 
 Nothing is measured while a CUDA graph is captured or ``torch.compile`` / ``torch.export``
-traces: a signature already in the table runs its choice there (a capture), else the
-dispatcher's kernel (``torch.ops.efficientvit``) runs. On CPU, ``auto`` is the CPU kernels and
+traces: under a capture, a signature already in the table runs its choice, any other the
+dispatcher's kernel (``torch.ops.efficientvit``); under a trace, the dispatcher's kernel. On CPU, ``auto`` is the CPU kernels and
 never comes here.
 """
 import functools
@@ -93,12 +95,12 @@ class BackendTable:
         name = self.choices.get(key)
         if name in candidates:
             return name
-        times = {}
+        times, last = {}, next(reversed(candidates))
         for name, op in candidates.items():
             try:
                 times[name] = self.timer(lambda op=op: call(op))
             except (RuntimeError, ValueError):
-                if name == list(candidates)[-1]:
+                if name == last:
                     raise
         self.choices[key] = min(times, key=times.get)
         self._save()
@@ -123,8 +125,8 @@ def table(device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _TABLES:
         name = torch.cuda.get_device_name(index).replace(" ", "_").replace("/", "_")
-        root = os.environ.get("EFFICIENTVIT_CACHE_DIR",
-                              os.path.join(os.path.expanduser("~"), ".cache", "efficientvit_kernels"))
+        root = os.environ.get("EFFICIENTVIT_CACHE_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "efficientvit_kernels")
         _TABLES[index] = BackendTable(os.path.join(root, f"backends-{name}-{__version__}.json"))
     return _TABLES[index]
 

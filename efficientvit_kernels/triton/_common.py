@@ -60,6 +60,17 @@ def pixel_offsets(p, W, sh, sw, FLAT: tl.constexpr):
 
 
 @triton.jit
+def output_tile(pixel_tiles, n_pixels, n_channels, BP: tl.constexpr, BC: tl.constexpr):
+    """A program's tile of a (pixels x channels) output, grid axis 0 over images x pixel tiles,
+    axis 1 over channel tiles: (image, as int64 for its offsets; pixels; channels; the masks of
+    the pixels and channels that exist)."""
+    pid = tl.program_id(0)
+    p = (pid % pixel_tiles) * BP + tl.arange(0, BP)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    return (pid // pixel_tiles).to(tl.int64), p, c, p < n_pixels, c < n_channels
+
+
+@triton.jit
 def relu(a):
     # Not tl.maximum: on GPUs it drops NaN (max(NaN, 0) = 0); the reference propagates it.
     return tl.where(a < 0, 0.0, a)
@@ -90,7 +101,8 @@ def capped_registers(kwargs, compile):
     registers, spilled = compile(kwargs)
     choices = []
     if kwargs["num_warps"] * 32 == 256 and (registers > TWO_BLOCK_REGISTERS or spilled):
-        choices += [{"maxnreg": TWO_BLOCK_REGISTERS}, {"maxnreg": TWO_BLOCK_REGISTERS, "num_stages": 2}]
+        choices += [{"maxnreg": TWO_BLOCK_REGISTERS},
+                    {"maxnreg": TWO_BLOCK_REGISTERS, "num_stages": 2}]
     if spilled:
         choices += [{"maxnreg": MAX_REGISTERS}, {"maxnreg": MAX_REGISTERS, "num_stages": 1}]
     for choice in choices:

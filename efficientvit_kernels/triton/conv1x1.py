@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, flat_pixels, interpreted, launch_kwargs, mm, padded,
-                      pixel_offsets, relu)
+from ._common import (check_device_dtype, flat_pixels, interpreted, launch_kwargs, mm,
+                      output_tile, padded, pixel_offsets, relu)
 
 
 @triton.jit
@@ -39,12 +39,7 @@ def _conv1x1_kernel(x_ptr, w_ptr, b_ptr, dw_w_ptr, dw_b_ptr, out_ptr, C, CO, H, 
                     BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RELU: tl.constexpr,
                     DEPTHWISE: tl.constexpr, FLAT: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    b = (pid // pixel_tiles).to(tl.int64)
-    p = (pid % pixel_tiles) * BP + tl.arange(0, BP)  # output pixels
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    pmask = p < OHW
-    nmask = n < CO
+    b, p, n, pmask, nmask = output_tile(pixel_tiles, OHW, CO, BP, BN)  # p: output pixels
     x_img = x_ptr + b * sxb
     bias = tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if DEPTHWISE:
@@ -62,7 +57,8 @@ def _conv1x1_kernel(x_ptr, w_ptr, b_ptr, dw_w_ptr, dw_b_ptr, out_ptr, C, CO, H, 
                 y = relu(y)
             # y is zero-padded: a tap outside the map adds nothing (not relu(bias))
             y = tl.where(ok[:, None], y, 0.0)
-            acc += y * tl.load(dw_w_ptr + n * 9 + tap, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            tap_weight = tl.load(dw_w_ptr + n * 9 + tap, mask=nmask, other=0.0).to(tl.float32)
+            acc += y * tap_weight[None, :]
         acc = relu(acc)
     else:
         acc = _pixels_by_weight(x_img + pixel_offsets(p, W, sxh, sxw, FLAT), pmask, w_ptr, n,
@@ -93,7 +89,10 @@ def conv1x1(x, weight, bias, relu=False, dw_weight=None, dw_bias=None):
     BP, BN, BK, num_warps = _blocks(x, CO, OH * OW, depthwise)
     pixel_tiles = triton.cdiv(OH * OW, BP)
     # without the depthwise convolution its pointers are never read: any tensor serves
-    dw_weight, dw_bias = (dw_weight.contiguous(), dw_bias.contiguous()) if depthwise else (bias, bias)
+    if depthwise:
+        dw_weight, dw_bias = dw_weight.contiguous(), dw_bias.contiguous()
+    else:
+        dw_weight = dw_bias = bias
     args = (x, weight.contiguous(), bias.contiguous(), dw_weight, dw_bias, out, C, CO, H, W, OW,
             OH * OW, pixel_tiles, *x.stride(), *out.stride())
     kwargs = dict(BP=BP, BN=BN, BK=BK, RELU=bool(relu), DEPTHWISE=depthwise, FLAT=flat_pixels(x),

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import check_device_dtype, interpreted, mm, padded, pixel_offsets, relu
+from ._common import (check_device_dtype, interpreted, mm, output_tile, padded,
+                      pixel_offsets, relu)
 
 
 # Map sizes vary with the input and gain nothing from specialization: one compiled kernel
@@ -23,12 +24,7 @@ def _conv3x3_stride2_kernel(x_ptr, w_ptr, b_ptr, out_ptr, CI, CO, H, W, OW, OHW,
                             BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             RELU: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    b = (pid // pixel_tiles).to(tl.int64)
-    p = (pid % pixel_tiles) * BP + tl.arange(0, BP)  # output pixels
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    pmask = p < OHW
-    nmask = n < CO
+    b, p, n, pmask, nmask = output_tile(pixel_tiles, OHW, CO, BP, BN)  # p: output pixels
     top = 2 * (p // OW) - 1  # the input row and column of tap (0, 0)
     left = 2 * (p % OW) - 1
     x_img = x_ptr + b * sxb
@@ -80,7 +76,8 @@ def patch_embed(x, weights, biases, final_relu=False):
     x in any layout)."""
     shape = ops.check_patch_embed(x, weights, biases)
     check_device_dtype(x, _conv3x3_stride2_kernel)
-    out = ops.empty_output(x, shape, torch.channels_last)  # first: a just-freed block (a test's poison)
+    # first, so a just-freed block (a test's poison) goes to the output
+    out = ops.empty_output(x, shape, torch.channels_last)
     if out.numel() == 0:
         return out
     last = len(weights) - 1

@@ -30,8 +30,9 @@ def _squeeze_excite_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, C, R,
         total = tl.zeros([BP, BC], dtype=tl.float32)
         for p0 in range(0, HW, BP):
             p = p0 + tl.arange(0, BP)
-            total += tl.load(x_img + pixel_offsets(p, W, sxh, sxw, FLAT)[:, None] + c[None, :] * sxc,
-                             mask=(p < HW)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            x_pix = x_img + pixel_offsets(p, W, sxh, sxw, FLAT)[:, None]
+            total += tl.load(x_pix + c[None, :] * sxc, mask=(p < HW)[:, None] & cmask[None, :],
+                             other=0.0).to(tl.float32)
         mean = tl.sum(total, axis=0) / HW
         w1 = tl.load(w1_ptr + r[:, None] * C + c[None, :], mask=rmask[:, None] & cmask[None, :],
                      other=0.0)
