@@ -12,8 +12,8 @@ same shape, dtype and strides skips the table.
 
 Nothing is measured while a CUDA graph is captured or ``torch.compile`` / ``torch.export``
 traces: under a capture, a signature already in the table runs its choice, any other the
-dispatcher's kernel (``torch.ops.efficientvit``); under a trace, the dispatcher's kernel. On CPU, ``auto`` is the CPU kernels and
-never comes here.
+dispatcher's kernel (``torch.ops.efficientvit``); under a trace, the dispatcher's kernel. On
+CPU, ``auto`` is the CPU kernels and never comes here.
 """
 import functools
 import json

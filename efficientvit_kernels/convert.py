@@ -13,14 +13,14 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   the same with Linear layers; every other Conv-BN / BN-Linear -> one folded Conv2d / Linear;
   everything else is copied, its children converted.
 - ``"patch_ops"`` (the backends with kernels for these ops: backend "auto", "triton", and "cpu"
-  on a CPU model): the stem's convolutions and ReLUs (3x3, stride 2, the first
-  from the image's few channels, in a plain ``nn.Sequential``) -> one ``FusedPatchEmbed`` with
+  on a CPU model): the stem's convolutions and ReLUs (3x3, stride 2, the first from the
+  image's few channels, in a plain ``nn.Sequential``) -> one ``FusedPatchEmbed`` with
   channels-last output; PatchMerging's first 1x1 convolution, its depthwise convolution and
   their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution another, its squeeze-excite
   one ``FusedSqueezeExcite``.
-- ``"channels_last"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model): every remaining convolution gets channels-last
-  weights, so oneDNN or cuDNN runs it channels-last, and the activations stay channels-last
-  through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5
+- ``"channels_last"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model): every
+  remaining convolution gets channels-last weights, so oneDNN or cuDNN runs it channels-last,
+  and the activations stay channels-last through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5
   is left; with backend "cuda" the stem's and PatchMerging's convolutions are (cuDNN's), and
   channels-last rows let the CUDA kernels move x and out in 16-byte packs.
 
@@ -306,7 +306,8 @@ def convert(model, backend="auto", passes=None):
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
     docstring). Default: all three for backends "auto" and "triton", and "cpu" on a CPU model;
-    "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D output of the model may be channels-last; its values are the same.)
+    "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D output of the model may
+    be channels-last; its values are the same.)
 
     The input model is left as it was and shares nothing mutable with the copy. The copy
     pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or
