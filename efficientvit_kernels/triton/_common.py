@@ -76,13 +76,27 @@ def relu(a):
     return tl.where(a < 0, 0.0, a)
 
 
-# Registers a thread at which two 256-thread blocks share a multiprocessor's 65536.
+# A multiprocessor's registers, and the count a thread at which two 256-thread blocks share them.
+REGISTER_FILE = 65536
 TWO_BLOCK_REGISTERS = 128
 # The most a thread can have: asked for explicitly where ptxas's own choice spills.
 MAX_REGISTERS = 255
 # The kernels whose launchers pass their launch arguments through launch_kwargs (the static
 # profile, efficientvit_kernels/triton_static.py, makes the same choice for them).
 REGISTER_CAPPED = frozenset({"_cga_kernel", "_conv1x1_kernel"})
+
+
+def block_limits(threads):
+    """Register limits for a launch of ``threads`` a block, one per count of resident blocks,
+    most blocks first: from the most that leave a thread 128 registers down to one block, the
+    most registers a thread may take (in ptxas's steps of 8, at most 255). 128 threads: 128,
+    168, 255 (4, 3, 2 blocks); 256 threads: 128, 255."""
+    limits = []
+    for blocks in range(REGISTER_FILE // (threads * TWO_BLOCK_REGISTERS), 0, -1):
+        limit = min(MAX_REGISTERS, REGISTER_FILE // (blocks * threads) // 8 * 8)
+        if limit not in limits:
+            limits.append(limit)
+    return limits
 
 
 def capped_registers(kwargs, compile):
@@ -93,18 +107,21 @@ def capped_registers(kwargs, compile):
       second block on each multiprocessor, then the same with two stages of loads in flight
       instead of three (fewer registers held for loads ahead); a cap may instead trade the
       second block for local-memory traffic, as some do;
-    - where the kernel as written spills: a limit of 255, then the same with one stage of loads
-      in flight (left to itself, ptxas stops some variants at 128 registers and spills a few
-      bytes, the attention's on channels-last maps 8-24; an explicit limit schedules
-      differently);
+    - where the kernel as written spills: the limits of ``block_limits``, most resident blocks
+      first, then 255 with one stage of loads in flight (left to itself, ptxas stops some
+      variants at 128 registers and spills a few bytes, the attention's on channels-last maps
+      8-24; an explicit limit schedules differently);
     else as written."""
     registers, spilled = compile(kwargs)
+    threads = kwargs["num_warps"] * 32
     choices = []
-    if kwargs["num_warps"] * 32 == 256 and (registers > TWO_BLOCK_REGISTERS or spilled):
+    if threads == 256 and (registers > TWO_BLOCK_REGISTERS or spilled):
         choices += [{"maxnreg": TWO_BLOCK_REGISTERS},
                     {"maxnreg": TWO_BLOCK_REGISTERS, "num_stages": 2}]
     if spilled:
-        choices += [{"maxnreg": MAX_REGISTERS}, {"maxnreg": MAX_REGISTERS, "num_stages": 1}]
+        limits = [{"maxnreg": limit} for limit in block_limits(threads)]
+        choices += [c for c in limits if c not in choices]
+        choices += [{"maxnreg": MAX_REGISTERS, "num_stages": 1}]
     for choice in choices:
         chosen = {**kwargs, **choice}
         if compile(chosen)[1] == 0:

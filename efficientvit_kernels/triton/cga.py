@@ -27,8 +27,7 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 HEADS: tl.constexpr, KD: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
                 WS: tl.constexpr, NP: tl.constexpr, KDP: tl.constexpr, DP: tl.constexpr,
-                BD: tl.constexpr, BC: tl.constexpr, GW: tl.constexpr, QG: tl.constexpr,
-                RESIDUAL: tl.constexpr):
+                BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     N: tl.constexpr = WS * WS
     C: tl.constexpr = HEADS * D
@@ -47,27 +46,17 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     # product over the value dim or the tokens runs in chunks read back from it, so the
     # registers a program holds do not grow with them (an fp32 product takes whole rows of its
     # operands into registers):
-    #   q     (QG, KDP) fp32: q, for the depthwise conv, whose neighbours live in other
-    #                         threads: token (ty, tx) at cell (ty + K//2) * GW + tx + K//2 of a
-    #                         grid GW = WS + K - 1 wide, whose border of K//2 cells stays zero
-    #                         (the conv's zero padding: no mask per tap), QG cells in all
     #   feat  (NP, DP)  fp32: feat_i = x_i + out_{i-1}
     #   prev  (NP, DP)  fp32: out_i, for the next head's cascade
     #   attn  (NP, NP)  fp32: the attention weights
     #   v     (NP, BD)  fp32: BD channels of v
     #   cat   (NP, C)   DT:   relu(concat(out_i)), the output projection's input
-    q_scratch = scratch_ptr + pid.to(tl.int64) * (QG * KDP + NP * (2 * DP + NP + BD))
-    q_tile = q_scratch + ((ty + K // 2) * GW + tx + K // 2)[:, None] * KDP + kc[None, :]
-    feat = q_scratch + QG * KDP + n[:, None] * DP
+    feat_scratch = scratch_ptr + pid.to(tl.int64) * (NP * (2 * DP + NP + BD))
+    feat = feat_scratch + n[:, None] * DP
     prev = feat + NP * DP
-    attn_scratch = q_scratch + QG * KDP + NP * 2 * DP
+    attn_scratch = feat_scratch + NP * 2 * DP
     pair = n[:, None] * NP + n[None, :]  # token pair (n, m) of the scores
     v_scratch = attn_scratch + NP * NP
-    for z0 in range(0, QG, NP):  # the q grid's border
-        cell = z0 + n
-        tl.store(q_scratch + cell[:, None] * KDP + kc[None, :], tl.zeros([NP, KDP], tl.float32),
-                 mask=(cell < QG)[:, None])
-    tl.debug_barrier()  # zeros before any q
     cat = cat_scratch_ptr + pid.to(tl.int64) * (NP * C) + n[:, None] * C
 
     for win in range(pid, n_windows, tl.num_programs(0)):
@@ -106,21 +95,21 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             q += tl.load(bias + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
             k += tl.load(bias + KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
 
-            # q = dwconv_KxK(q) + c over the window grid, zero padding at the window edge.
-            tl.store(q_tile, q, mask=token[:, None])  # padding rows would hit the border
-            tl.debug_barrier()  # all of q is in scratch before anyone reads neighbours
+            # q = dwconv_KxK(q) + c over the window grid, zero padding at the window edge. A
+            # tap gathers its neighbours' rows of q from the registers of the threads holding
+            # them (on chip: no scratch, no barrier).
             qc = tl.zeros([NP, KDP], dtype=tl.float32)
             qc += tl.load(dw_b_ptr + i * KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
             dw = dw_w_ptr + (i * KD + kc) * (K * K)
             for ky in range(K):
-                dy = ky - K // 2
+                ny = ty + ky - K // 2
                 for kx in range(K):
-                    dx = kx - K // 2
-                    # one scalar offset per tap: per-tap offsets or masks, loop invariants the
-                    # compiler hoists, filled the registers
-                    nb = tl.load(q_tile + (dy * GW + dx) * KDP)
+                    nx = tx + kx - K // 2
+                    within = token & (ny >= 0) & (ny < WS) & (nx >= 0) & (nx < WS)
+                    src = tl.where(within, ny * WS + nx, 0)
+                    nb = tl.gather(q, tl.broadcast_to(src[:, None], (NP, KDP)), 0)
                     tap = tl.load(dw + ky * K + kx, mask=kmask, other=0.0).to(tl.float32)
-                    qc += nb * tap[None, :]
+                    qc += tl.where(within[:, None], nb, 0.0) * tap[None, :]
 
             # The bias table is laid out as the scores, -inf in the padded key columns.
             s = mm(qc, tl.trans(k), DT) * scale + tl.load(ab_ptr + i * NP * NP + pair)
@@ -149,7 +138,7 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 tl.debug_barrier()  # v's chunk is read before the next one overwrites it
                 tl.store(prev + j[None, :], out)
                 tl.store(cat + (i * D + j)[None, :], relu(out).to(DT), mask=jmask[None, :])
-            tl.debug_barrier()  # out_i is whole, q's neighbours read, before the next head
+            tl.debug_barrier()  # out_i is whole before the next head reads it as prev
 
         # y = P relu(concat) + p (+ x), in blocks of BC output channels.
         o_tok = out_ptr + b * sob + gy * soh + gx * sow
@@ -210,12 +199,8 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     # whose 64-row tiles spill at 32); DP is d padded to them.
     BD = 32 if d % 32 == 0 and NP <= 16 else 16
     DP = triton.cdiv(d, BD) * BD
-    # The q grid (see the kernel): padding rows of NP read below the window, up to row
-    # (NP - 1) // ws + K - 1.
-    GW = ws + K - 1
     meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, KDP=padded(kd), DP=DP, BD=BD,
-                BC=16 if x.dtype == torch.float32 or NP > 16 else 32, GW=GW,
-                QG=((NP - 1) // ws + K) * GW, RESIDUAL=bool(residual),
+                BC=16 if x.dtype == torch.float32 or NP > 16 else 32, RESIDUAL=bool(residual),
                 num_warps=4 if NP <= 16 else 8)
     params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
     params += [_score_bias(attention_bias, ws, NP), proj_weight.contiguous(),
@@ -230,7 +215,7 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     scratch_dtypes = (torch.float32, x.dtype)
     meta = launch_kwargs(_cga_kernel, args(*scratch_dtypes), meta)
     programs = persistent_grid(_cga_kernel, n_windows, args(*scratch_dtypes), **meta)
-    per_program = (meta["QG"] * meta["KDP"] + NP * (2 * DP + NP + BD), NP * C)  # see the kernel
+    per_program = (NP * (2 * DP + NP + BD), NP * C)  # see the kernel
     scratch = [torch.empty(programs * size, dtype=dtype, device=x.device)
                for size, dtype in zip(per_program, scratch_dtypes)]
     _cga_kernel[(programs,)](*args(*scratch), **meta)
