@@ -1,12 +1,13 @@
 """Local-window cascaded group attention (docs/design.md), fused in one Triton kernel.
 
 A program takes whole windows (on a GPU it loops over them: the grid is as many programs as
-the device holds at once, so each program's scratch stays in cache). For a window it reads
-the ws x ws tokens straight from x through strides (tokens beyond the map load as zeros: the
-spec's zero padding, and those tokens take part in attention), runs the heads in cascade
-order with every per-head tensor on chip, and writes the window's valid tokens once. Tokens
-are the rows of every tile: N = ws*ws is padded to a power of two NP, and those extra
-rows/columns are masked out of the softmax.
+the device holds at once, so each program's scratch stays in cache); windows up to 4x4 go
+8 at a time, stacked into the rows of its tiles. For a window it reads the ws x ws tokens
+straight from x through strides (tokens beyond the map load as zeros: the spec's zero padding,
+and those tokens take part in attention), runs the heads in cascade order with every per-head
+tensor on chip, and writes the window's valid tokens once. Tokens are the rows of every tile:
+N = ws*ws is padded to a power of two NP, and those extra rows/columns are masked out of the
+softmax.
 """
 import functools
 
@@ -26,14 +27,16 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 H, W, windows_h, windows_w, n_windows, scale,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 HEADS: tl.constexpr, KD: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-                WS: tl.constexpr, NP: tl.constexpr, KDP: tl.constexpr, DP: tl.constexpr,
-                BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
+                WS: tl.constexpr, NP: tl.constexpr, WPB: tl.constexpr, KDP: tl.constexpr,
+                DP: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     N: tl.constexpr = WS * WS
     C: tl.constexpr = HEADS * D
+    R: tl.constexpr = WPB * NP  # rows of a tile: WPB windows of NP tokens, stacked
     pid = tl.program_id(0)
 
-    n = tl.arange(0, NP)  # token in the window, row-major on the ws x ws grid
+    r = tl.arange(0, R)
+    n = r % NP  # token in its window, row-major on the ws x ws grid
     ty = n // WS
     tx = n % WS
     token = n < N
@@ -42,30 +45,37 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     bd = tl.arange(0, BD)
     bc = tl.arange(0, BC)
     b16 = tl.arange(0, 16)
-    # This program's scratch, reused for every window it runs (so it stays in L1/L2). Every
-    # product over the value dim or the tokens runs in chunks read back from it, so the
+    # 3-D views (window, token, channel) for the products within each window
+    w3 = tl.arange(0, WPB)[:, None, None]
+    t3 = tl.arange(0, NP)[None, :, None]
+    pair = t3 * NP + tl.arange(0, NP)[None, None, :]  # token pair (n, m) of the scores
+    # This program's scratch, reused for every group of windows it runs (so it stays in L1/L2).
+    # Every product over the value dim or the tokens runs in chunks read back from it, so the
     # registers a program holds do not grow with them (an fp32 product takes whole rows of its
     # operands into registers):
-    #   feat  (NP, DP)  fp32: feat_i = x_i + out_{i-1}
-    #   prev  (NP, DP)  fp32: out_i, for the next head's cascade
-    #   attn  (NP, NP)  fp32: the attention weights
-    #   v     (NP, BD)  fp32: BD channels of v
-    #   cat   (NP, C)   DT:   relu(concat(out_i)), the output projection's input
-    feat_scratch = scratch_ptr + pid.to(tl.int64) * (NP * (2 * DP + NP + BD))
-    feat = feat_scratch + n[:, None] * DP
-    prev = feat + NP * DP
-    attn_scratch = feat_scratch + NP * 2 * DP
-    pair = n[:, None] * NP + n[None, :]  # token pair (n, m) of the scores
-    v_scratch = attn_scratch + NP * NP
-    cat = cat_scratch_ptr + pid.to(tl.int64) * (NP * C) + n[:, None] * C
+    #   feat  (R, DP)       fp32: feat_i = x_i + out_{i-1}
+    #   prev  (R, DP)       fp32: out_i, for the next head's cascade
+    #   attn  (WPB, NP, NP) fp32: the attention weights of each window
+    #   v     (R, BD)       fp32: BD channels of v
+    #   cat   (R, C)        DT:   relu(concat(out_i)), the output projection's input
+    feat_scratch = scratch_ptr + pid.to(tl.int64) * (R * (2 * DP + NP + BD))
+    feat = feat_scratch + r[:, None] * DP
+    prev = feat + R * DP
+    prev3 = feat_scratch + R * DP + (w3 * NP + t3) * DP
+    attn_scratch = feat_scratch + R * 2 * DP + w3 * (NP * NP)
+    v_scratch = feat_scratch + R * (2 * DP + NP)
+    cat_rows = cat_scratch_ptr + pid.to(tl.int64) * (R * C)
+    cat = cat_rows + r[:, None] * C
+    cat3 = cat_rows + (w3 * NP + t3) * C
 
-    for win in range(pid, n_windows, tl.num_programs(0)):
+    for first in range(pid * WPB, n_windows, tl.num_programs(0) * WPB):
+        win = first + r // NP
         wx = win % windows_w
         wy = (win // windows_w) % windows_h
         b = (win // (windows_w * windows_h)).to(tl.int64)
         gy = wy * WS + ty
         gx = wx * WS + tx
-        inside = token & (gy < H) & (gx < W)  # a real pixel, not window padding
+        inside = token & (win < n_windows) & (gy < H) & (gx < W)  # a real pixel
         x_tok = x_ptr + b * sxb + gy * sxh + gx * sxw
 
         for i in range(HEADS):
@@ -82,8 +92,8 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             # qkv_weight[i] is (2KD + D, D): rows q | k | v; chunks are loaded transposed.
             w = qkv_w_ptr + i * (2 * KD + D) * D
             bias = qkv_b_ptr + i * (2 * KD + D)
-            q = tl.zeros([NP, KDP], dtype=tl.float32)
-            k = tl.zeros([NP, KDP], dtype=tl.float32)
+            q = tl.zeros([R, KDP], dtype=tl.float32)
+            k = tl.zeros([R, KDP], dtype=tl.float32)
             for c0 in range(0, DP, BD):
                 c = c0 + bd
                 f = tl.load(feat + c[None, :])
@@ -95,10 +105,10 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             q += tl.load(bias + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
             k += tl.load(bias + KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
 
-            # q = dwconv_KxK(q) + c over the window grid, zero padding at the window edge. A
+            # q = dwconv_KxK(q) + c over each window's grid, zero padding at the window edge. A
             # tap gathers its neighbours' rows of q from the registers of the threads holding
             # them (on chip: no scratch, no barrier).
-            qc = tl.zeros([NP, KDP], dtype=tl.float32)
+            qc = tl.zeros([R, KDP], dtype=tl.float32)
             qc += tl.load(dw_b_ptr + i * KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
             dw = dw_w_ptr + (i * KD + kc) * (K * K)
             for ky in range(K):
@@ -106,38 +116,47 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 for kx in range(K):
                     nx = tx + kx - K // 2
                     within = token & (ny >= 0) & (ny < WS) & (nx >= 0) & (nx < WS)
-                    src = tl.where(within, ny * WS + nx, 0)
-                    nb = tl.gather(q, tl.broadcast_to(src[:, None], (NP, KDP)), 0)
+                    src = tl.where(within, r - n + ny * WS + nx, 0)
+                    nb = tl.gather(q, tl.broadcast_to(src[:, None], (R, KDP)), 0)
                     tap = tl.load(dw + ky * K + kx, mask=kmask, other=0.0).to(tl.float32)
                     qc += tl.where(within[:, None], nb, 0.0) * tap[None, :]
 
-            # The bias table is laid out as the scores, -inf in the padded key columns.
-            s = mm(qc, tl.trans(k), DT) * scale + tl.load(ab_ptr + i * NP * NP + pair)
-            p = tl.exp(s - tl.max(s, axis=1)[:, None])
-            tl.store(attn_scratch + pair, p / tl.sum(p, axis=1)[:, None])
+            # Scores within each window: a product batched over the windows (a lone window's
+            # is 2-D, whose layouts take fewer registers: one 7x7 variant keeps its second
+            # block). The bias table is laid out as the scores, -inf in the padded key columns.
+            if WPB == 1:
+                s = tl.expand_dims(mm(qc, tl.trans(k), DT), 0)
+            else:
+                k3 = tl.reshape(k, (WPB, NP, KDP))
+                s = mm(tl.reshape(qc, (WPB, NP, KDP)), tl.trans(k3, (0, 2, 1)), DT)
+            s = s * scale + tl.load(ab_ptr + i * NP * NP + pair)
+            p = tl.exp(s - tl.max(s, axis=2)[:, :, None])
+            tl.store(attn_scratch + pair, p / tl.sum(p, axis=2)[:, :, None])
 
             # out_i = attn v, BD value channels at a time; v's chunk reduces feat in chunks.
             for j0 in range(0, DP, BD):
                 j = j0 + bd
                 jmask = j < D
-                v = tl.zeros([NP, BD], dtype=tl.float32)
+                v = tl.zeros([R, BD], dtype=tl.float32)
                 for c0 in range(0, DP, BD):
                     c = c0 + bd
                     wv = tl.load(w + (2 * KD + j[None, :]) * D + c[:, None],
                                  mask=(c < D)[:, None] & jmask[None, :], other=0.0)
                     v += mm(tl.load(feat + c[None, :]), wv, DT)
                 v += tl.load(bias + 2 * KD + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-                # out = attn v, reduced over tokens 16 at a time; zero in padded value columns
-                tl.store(v_scratch + n[:, None] * BD + bd[None, :], v)
+                # out = attn v per window, reduced over its tokens 16 at a time; zero in padded
+                # value columns
+                tl.store(v_scratch + r[:, None] * BD + bd[None, :], v)
                 tl.debug_barrier()  # v's chunk is whole before other tokens' rows are read
-                out = tl.zeros([NP, BD], dtype=tl.float32)
+                out = tl.zeros([WPB, NP, BD], dtype=tl.float32)
                 for m0 in range(0, NP, 16):
                     m = m0 + b16
-                    vm = tl.load(v_scratch + m[:, None] * BD + bd[None, :])
-                    out += mm(tl.load(attn_scratch + n[:, None] * NP + m[None, :]), vm, DT)
+                    vm = tl.load(v_scratch + (w3 * NP + m[None, :, None]) * BD + bd[None, None, :])
+                    out += mm(tl.load(attn_scratch + t3 * NP + m[None, None, :]), vm, DT)
                 tl.debug_barrier()  # v's chunk is read before the next one overwrites it
-                tl.store(prev + j[None, :], out)
-                tl.store(cat + (i * D + j)[None, :], relu(out).to(DT), mask=jmask[None, :])
+                tl.store(prev3 + j[None, None, :], out)
+                tl.store(cat3 + (i * D + j)[None, None, :], relu(out).to(DT),
+                         mask=(j < D)[None, None, :])
             tl.debug_barrier()  # out_i is whole before the next head reads it as prev
 
         # y = P relu(concat) + p (+ x), in blocks of BC output channels.
@@ -145,7 +164,7 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
         for c0 in range(0, C, BC):
             oc = c0 + bc
             ocm = oc < C
-            y = tl.zeros([NP, BC], dtype=tl.float32)
+            y = tl.zeros([R, BC], dtype=tl.float32)
             for k0 in range(0, C, BC):
                 ic = k0 + bc
                 icm = ic < C
@@ -159,6 +178,13 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 y += tl.load(x_tok[:, None] + oc[None, :] * sxc, mask=io_mask,
                              other=0.0).to(tl.float32)
             tl.store(o_tok[:, None] + oc[None, :] * soc, y.to(DT), mask=io_mask)
+
+
+# Windows of at most 16 tokens (4x4 and smaller) are stacked this many to a program, so its
+# products have 128 rows (tensor-core tiles take 16 rows a warp) and 8 windows share each load
+# of the weights. A 7x7 window alone (64 padded rows, 64x64 scores) holds 8 warps at 128
+# registers; two stacked take 255 (one block a multiprocessor).
+SMALL_WINDOWS_STACKED = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,13 +221,12 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     if n_windows == 0:
         return out
     NP = padded(ws * ws)
-    # Value channels go in chunks of BD (16 or 32, whichever wastes less; 16 on 7x7 windows,
-    # whose 64-row tiles spill at 32); DP is d padded to them.
-    BD = 32 if d % 32 == 0 and NP <= 16 else 16
-    DP = triton.cdiv(d, BD) * BD
-    meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, KDP=padded(kd), DP=DP, BD=BD,
-                BC=16 if x.dtype == torch.float32 or NP > 16 else 32, RESIDUAL=bool(residual),
-                num_warps=4 if NP <= 16 else 8)
+    WPB = SMALL_WINDOWS_STACKED if NP == 16 else 1
+    # Value and output channels go 16 at a time (wider chunks spill these 64- and 128-row
+    # tiles); DP is d padded to them.
+    DP = triton.cdiv(d, 16) * 16
+    meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, WPB=WPB, KDP=padded(kd), DP=DP,
+                BD=16, BC=16, RESIDUAL=bool(residual), num_warps=8)
     params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
     params += [_score_bias(attention_bias, ws, NP), proj_weight.contiguous(),
                proj_bias.contiguous()]
@@ -214,8 +239,10 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     # the scratch on the grid.
     scratch_dtypes = (torch.float32, x.dtype)
     meta = launch_kwargs(_cga_kernel, args(*scratch_dtypes), meta)
-    programs = persistent_grid(_cga_kernel, n_windows, args(*scratch_dtypes), **meta)
-    per_program = (NP * (2 * DP + NP + BD), NP * C)  # see the kernel
+    programs = persistent_grid(_cga_kernel, triton.cdiv(n_windows, WPB), args(*scratch_dtypes),
+                               **meta)
+    rows = WPB * NP
+    per_program = (rows * (2 * DP + NP + meta["BD"]), rows * C)  # see the kernel
     scratch = [torch.empty(programs * size, dtype=dtype, device=x.device)
                for size, dtype in zip(per_program, scratch_dtypes)]
     _cga_kernel[(programs,)](*args(*scratch), **meta)
