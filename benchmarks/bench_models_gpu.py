@@ -206,17 +206,22 @@ def _measure_model(name, batches, ceilings, results):
 
 
 def _measure_ops(name, model, runners, batch, ceilings, results):
-    """Each runner's time per op kind at ``batch`` beside the kinds' floors and the CUDA
-    kernels' predicted times (benchmarks/gpu_ops.py)."""
+    """Each runner's time per op kind at ``batch`` beside the kinds' floors and the CUDA and
+    Triton kernels' predicted times (benchmarks/gpu_ops.py)."""
     bandwidth, rate = ceilings
     x = _inputs(batch, 1, seed=batch)[0]
     fused = convert(model, backend="reference").half().cuda()
     work = gpu_ops.kind_work(copy.deepcopy(model).half().cuda().eval(), fused, x)
     floor = {k: floor_seconds(b, f, bandwidth, rate) * 1e3 for k, (b, f) in work.items()}
-    static = gpu_ops.static_rows()
-    restaged = gpu_ops.restaged_bytes(runners["cuda"], x) if "cuda" in runners else {}
-    predicted = {k: gpu_ops.predict_ms(k, *work[k], restaged.get(k, 0), bandwidth, rate, static)
-                 for k in gpu_ops.KINDS}
+    predicted = {}
+    if "cuda" in runners:
+        predicted["cuda"] = gpu_ops.cuda_predictions(
+            work, gpu_ops.restaged_bytes(runners["cuda"], x), bandwidth, rate,
+            gpu_ops.static_rows())
+    if "triton" in runners:
+        predicted["triton"] = gpu_ops.triton_predictions(
+            gpu_ops.triton_launches(runners["triton"], x), work, bandwidth, rate,
+            gpu_ops.static_rows(backend="triton"))
     for backend, fn in runners.items():
         try:
             ms = gpu_ops.measure_kinds(fn, x)
@@ -224,7 +229,7 @@ def _measure_ops(name, model, runners, batch, ceilings, results):
             results.add(kind="note", text=f"{name}: no op breakdown for {backend}: {e}")
             continue
         results.add(kind="ops", model=name, batch=batch, backend=backend, ms=ms, floor_ms=floor,
-                    predicted_ms=predicted if backend == "cuda" else None)
+                    predicted_ms=predicted.get(backend))
     del x, fused
     torch.cuda.empty_cache()
 
@@ -374,19 +379,20 @@ def render(lines):
                       + ("" if row[c]["ok"] else " FAIL")) for c in ("eager",) + FUSED]
             out.append(f"| {model} | {batch} | " + " | ".join(cells) + " |")
     for (model, batch), row in ops.items():
+        predicting = [b for b in ("cuda", "triton") if (row.get(b) or {}).get("predicted_ms")]
         out += ["", f"{model} at batch {batch}, ms per forward by op kind (benchmarks/gpu_ops.py: "
-                "CUDA events around each op; floor per kind; the CUDA kernels' time predicted "
+                "CUDA events around each op; floor per kind; the kernels' time predicted "
                 "from their static profile):", "",
-                "| op | " + " | ".join(f"{b} ms" for b in row) + " | cuda predicted ms | "
-                "cuda / predicted | floor ms |", "|---" * (len(row) + 4) + "|"]
-        cuda = row.get("cuda", {})
-        predicted = cuda.get("predicted_ms") or {}
+                "| op | " + " | ".join(f"{b} ms" for b in row)
+                + "".join(f" | {b} predicted ms | {b} / predicted" for b in predicting)
+                + " | floor ms |", "|---" * (len(row) + 2 * len(predicting) + 2) + "|"]
         floor = next(iter(row.values()))["floor_ms"]
         for kind in (*gpu_ops.KINDS, "other", "forward"):
-            p = predicted.get(kind)
-            m = cuda.get("ms", {}).get(kind)
-            out.append(f"| {kind} | " + " | ".join(_fmt(r["ms"].get(kind), ".3f") for r in row.values())
-                       + f" | {_fmt(p, '.3f')} | {_ratio(m, p)} | {_fmt(floor.get(kind), '.3f')} |")
+            cells = [_fmt(r["ms"].get(kind), ".3f") for r in row.values()]
+            for b in predicting:
+                p = row[b]["predicted_ms"].get(kind)
+                cells += [_fmt(p, ".3f"), _ratio(row[b]["ms"].get(kind), p)]
+            out.append(f"| {kind} | " + " | ".join(cells) + f" | {_fmt(floor.get(kind), '.3f')} |")
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"

@@ -13,19 +13,30 @@ Per kind, over one forward at the measured batch:
 - floor: max(bytes / copy bandwidth, FLOPs / matmul rate): bytes as model_traffic counts
   them (inputs and output once, weights once), FLOPs as torch's FlopCounterMode counts the
   reference op;
-- predicted (the CUDA backend's fused kinds: dwconv, ffn, attention): the larger of
+- predicted (the CUDA backend's fused kinds: dwconv, ffn, attention; every kind of the Triton
+  backend but the head): the larger of
     FLOPs / (matmul rate x MMA_SYNC_SHARE)          tensor-core time (fp16 / bf16)
     (bytes + restaged weight bytes / L2_OVER_DRAM) / copy bandwidth
   divided by min(1, resident warps per multiprocessor / WARPS_TO_HIDE_LATENCY), resident warps
   from the kernel's fp16 sm_90 row of the static profile. Restaged weights: each block reads
-  the op's weights once (ffn: 64 pixel rows a block from 256 channels up, else 128; attention:
-  64 token rows a block, one 7x7 window or four 4x4), as the planners' design point has it.
+  the weights it needs once.
+  CUDA: the op's weights, a block each (ffn: 64 pixel rows a block from 256 channels up, else
+  128; attention: 64 token rows a block, one 7x7 window or four 4x4), as the planners' design
+  point has it.
+  Triton: from the launches the kind makes at this input (recorded on meta tensors, as the
+  static profile records them, so no GPU is needed): each program reads the weights among its
+  arguments, the convolutions' programs only their tile of output channels. A kind's warps are
+  those of its launch with the fewest; where autotuning chooses among configs, the prediction
+  takes the config with the least restaged traffic per busy share, the one it should pick.
 The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
 the library's matrix product (wgmma on Hopper), L2 serving restaged weights at 2.5x the copy
 bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's latencies.
 """
+import copy
 import json
+import math
 import os
+import re
 
 import torch
 from torch import nn
@@ -44,6 +55,9 @@ WARPS_TO_HIDE_LATENCY = 16
 # The CUDA kernel of each fused kind, as the static profile names its fp16 variant
 KERNELS = {"dwconv": "dwconv_kernel<c10::Half, int, 8>", "ffn": "ffn_kernel<c10::Half>",
            "attention": "cga_kernel<c10::Half>"}
+# The Triton kernels whose grid axis 1 runs over tiles of output channels: each of those
+# programs reads only its tile's share of the weights.
+CHANNEL_TILED = ("_conv3x3_stride2_kernel", "_conv1x1_kernel")
 _CLASSES = ((FFN, "ffn"), (FusedFFN, "ffn"), (LocalWindowAttention, "attention"),
             (FusedCGA, "attention"), (FusedDWConv, "dwconv"), (PatchMerging, "patch merging"),
             (FusedPatchMerging, "patch merging"))
@@ -159,13 +173,24 @@ def measure_kinds(model, x, repeats=3):
     return {k: sorted(r[k] for r in runs[1:])[len(runs[1:]) // 2] for k in runs[1]}
 
 
-def static_rows(path=STATIC):
-    """{kernel: row} of the static profile's CUDA sm_90 rows ({} if the file is missing)."""
+def static_rows(path=STATIC, backend="cuda"):
+    """The static profile's fp16 sm_90 rows of ``backend`` ({} if the file is missing): CUDA's
+    by kernel, Triton's by (kernel, variant_key(variant))."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         rows = json.load(f)["rows"]
-    return {r["kernel"]: r for r in rows if r["backend"] == "cuda" and r["arch"] == 90}
+    rows = [r for r in rows if r["backend"] == backend and r["arch"] == 90 and "error" not in r]
+    if backend == "cuda":
+        return {r["kernel"]: r for r in rows}
+    return {(r["kernel"], variant_key(r["variant"])): r for r in rows
+            if r["variant"].startswith("float16 ")}
+
+
+def variant_key(variant):
+    """A Triton variant's name without the register limit the launcher chooses on the GPU
+    (a recorded launch has none; the static profile's row shows the one chosen)."""
+    return re.sub(r" (maxnreg|num_stages)=\d+", "", variant)
 
 
 def restaged_weight_bytes(kind, module, x):
@@ -203,14 +228,100 @@ def restaged_bytes(fused, x):
     return out
 
 
-def predict_ms(kind, bytes_, flops, restaged, bandwidth, matmul_rate, static):
-    """The predicted milliseconds of a fused kind on the CUDA backend (the module docstring's
-    model), None where the static profile lacks its kernel."""
-    row = static.get(KERNELS.get(kind))
-    if not row or not row.get("blocks_per_sm"):
-        return None
-    warps = row["blocks_per_sm"] * row["threads"] // 32
+def predict_ms(bytes_, flops, restaged, warps, bandwidth, matmul_rate):
+    """Predicted milliseconds of a fused kind (the module docstring's model): ``warps``
+    resident a multiprocessor, ``restaged`` weight bytes read beyond ``bytes_``."""
     busy = min(1.0, warps / WARPS_TO_HIDE_LATENCY)
     seconds = max(flops / (matmul_rate * MMA_SYNC_SHARE),
                   (bytes_ + restaged / L2_OVER_DRAM) / bandwidth)
     return seconds / busy * 1e3
+
+
+def resident_warps(row):
+    """Warps of a static-profile row's kernel resident on a multiprocessor (None without)."""
+    if not row or not row.get("blocks_per_sm"):
+        return None
+    return row["blocks_per_sm"] * row["threads"] // 32
+
+
+def cuda_predictions(work, restaged, bandwidth, matmul_rate, static):
+    """{kind: predicted ms on the CUDA backend, None where it runs no kernel of ours}."""
+    out = {}
+    for kind, (bytes_, flops) in work.items():
+        warps = resident_warps(static.get(KERNELS.get(kind)))
+        out[kind] = warps and predict_ms(bytes_, flops, restaged.get(kind, 0), warps,
+                                         bandwidth, matmul_rate)
+    return out
+
+
+@torch.no_grad()
+def triton_launches(fused, x):
+    """{kind: [[launch, its alternatives...] per kernel launch]} of one forward of the
+    Triton-converted ``fused`` on x, recorded on meta-tensor copies (efficientvit_kernels.
+    triton_static), with each launch's weights: [(Launch, weight bytes it reads)]. Consecutive
+    launches of one kernel on the same arguments are an autotuner's configs."""
+    from efficientvit_kernels import triton_static
+    model = copy.deepcopy(fused).to("meta")
+    spans = []
+    with triton_static.recording() as launches:
+        def mark(kind, module):
+            weights = {id(t): t.numel() * t.element_size()
+                       for t in (*module.parameters(), *module.buffers())}
+            return [module.register_forward_pre_hook(
+                        lambda *_: spans.append([kind, weights, len(launches), None])),
+                    module.register_forward_hook(
+                        lambda *_: spans[-1].__setitem__(3, len(launches)))]
+        hooks = [h for k, m in ops_of(model) for h in mark(k, m)]
+        try:
+            model(x.to("meta"))
+        finally:
+            for h in hooks:
+                h.remove()
+    out = {}
+    for kind, weights, start, end in spans:
+        calls = out.setdefault(kind, [])
+        previous = None
+        for launch in launches[start:end]:
+            read = sum(weights.get(id(a), 0) for a in launch.args)
+            same = previous is not None and previous.kernel is launch.kernel and all(
+                a is b for a, b in zip(previous.args, launch.args))
+            if same:
+                calls[-1].append((launch, read))
+            else:
+                calls.append([(launch, read)])
+            previous = launch
+    return out
+
+
+def triton_restaged(launch, weight_bytes):
+    """Weight bytes a Triton launch's programs read in all (the module docstring's model)."""
+    programs = math.prod(launch.grid)
+    if launch.kernel.fn.__name__ in CHANNEL_TILED:
+        programs //= launch.grid[1]
+    return programs * weight_bytes
+
+
+def triton_predictions(launches, work, bandwidth, matmul_rate, static):
+    """{kind: predicted ms on the Triton backend} from ``triton_launches``, None for a kind
+    with a launch the static profile lacks (or with no launch: the head)."""
+    from efficientvit_kernels import triton_static
+    out = {}
+    for kind, (bytes_, flops) in work.items():
+        restaged, warps = 0, []
+        for alternatives in launches.get(kind, []):
+            options = []
+            for launch, weight_bytes in alternatives:
+                row = static.get((launch.kernel.fn.__name__,
+                                  variant_key(triton_static.variant(launch))))
+                w = resident_warps(row)
+                if w:
+                    options.append((triton_restaged(launch, weight_bytes), w))
+            if not options:
+                warps = None
+                break
+            r, w = min(options, key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
+            restaged += r
+            warps.append(w)
+        out[kind] = (predict_ms(bytes_, flops, restaged, min(warps), bandwidth, matmul_rate)
+                     if warps else None)
+    return out

@@ -41,7 +41,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # has windows cut by the map's edge (18 and 9 pixels in 7-pixel windows, 5 in 4-pixel ones).
 INPUTS = ((1, 224), (2048, 224), (2, 288))
 
-Launch = collections.namedtuple("Launch", "kernel args kwargs")
+# grid: the launch's grid (programs along each axis), as the launcher asked for it
+Launch = collections.namedtuple("Launch", "kernel args kwargs grid", defaults=(None,))
 
 
 def _triton():
@@ -65,7 +66,9 @@ def recording():
     launches = []
 
     def run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs))
+        if callable(grid):  # of the launch's arguments, constexprs included
+            grid = grid({**dict(zip(self.arg_names, args)), **kwargs})
+        launches.append(Launch(self, args, kwargs, tuple(grid)))
 
     def run_configs(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))

@@ -1,17 +1,21 @@
 """The pure helpers of benchmarks/bench_models_gpu.py (floor, traffic count, report), on CPU."""
+import json
 import os
+import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_models_gpu as B  # noqa: E402
 import python_ref  # noqa: E402
 from efficientvit_kernels import convert  # noqa: E402
 from efficientvit_kernels.modules import LinearSqueezeExcite  # noqa: E402
+from efficientvit_kernels.triton_static import Launch  # noqa: E402
 
 
 def test_floor_is_the_slower_ceiling():
@@ -115,14 +119,62 @@ def test_restaged_weights_follow_the_design_point():
 
 
 def test_prediction_is_the_slower_ceiling_over_the_busy_share():
+    # FLOPs bound: 1e12 FLOPs at half of 1e15; bytes bound: (1e9 + 5e9 / 2.5) / 1e12
+    assert G.predict_ms(1e9, 1e12, 0, 16, 1e12, 1e15) == pytest.approx(2.0)
+    assert G.predict_ms(1e9, 1e9, 5e9, 16, 1e12, 1e15) == pytest.approx(3.0)
+    # 8 warps: half of the 16 that hide latency, twice the time
+    assert G.predict_ms(1e9, 1e12, 0, 8, 1e12, 1e15) == pytest.approx(4.0)
     static = {G.KERNELS["ffn"]: dict(blocks_per_sm=2, threads=256),
               G.KERNELS["attention"]: dict(blocks_per_sm=1, threads=256)}
-    # FLOPs bound: 1e12 FLOPs at half of 1e15; bytes bound: (1e9 + 5e9 / 2.5) / 1e12
-    assert G.predict_ms("ffn", 1e9, 1e12, 0, 1e12, 1e15, static) == pytest.approx(2.0)
-    assert G.predict_ms("ffn", 1e9, 1e9, 5e9, 1e12, 1e15, static) == pytest.approx(3.0)
-    # one block of 8 warps: half of the 16 that hide latency, twice the time
-    assert G.predict_ms("attention", 1e9, 1e12, 0, 1e12, 1e15, static) == pytest.approx(4.0)
-    assert G.predict_ms("stem", 1e9, 1e12, 0, 1e12, 1e15, static) is None
+    work = {"ffn": (1e9, 1e12), "attention": (1e9, 1e12), "stem": (1e9, 1e12)}
+    assert G.cuda_predictions(work, {"ffn": 5e9}, 1e12, 1e15, static) == pytest.approx(
+        {"ffn": 2.0 * 1.5, "attention": 4.0, "stem": None})
+
+
+def test_triton_restaged_weights_per_program():
+    def kernel(name):
+        return SimpleNamespace(fn=SimpleNamespace(__name__=name))
+    ffn = Launch(kernel("_ffn_kernel"), (), {}, (8, 13))
+    conv = Launch(kernel("_conv1x1_kernel"), (), {}, (100, 4))
+    assert G.triton_restaged(ffn, 1000) == 8 * 13 * 1000  # every program reads them all
+    assert G.triton_restaged(conv, 1000) == 100 * 1000  # each channel tile reads its share
+
+
+# Runs where TRITON_INTERPRET is unset: the Triton launches of an M0 forward, on meta tensors.
+TRITON_PREDICTIONS = r"""
+import json, sys
+import torch
+sys.path.insert(0, "benchmarks")
+import gpu_ops, python_ref
+from efficientvit_kernels import convert
+model = convert(python_ref.build("m0").eval(), backend="triton").half()
+for batch in (1, 2048):
+    x = torch.empty(batch, 3, 224, 224, dtype=torch.float16, device="meta")
+    work = {k: (1e9, 1e12) for k in gpu_ops.KINDS}
+    launches = gpu_ops.triton_launches(model, x)
+    print(json.dumps([{k: len(v) for k, v in launches.items()},
+                      gpu_ops.triton_predictions(launches, work, 1e12, 1e15,
+                                                 gpu_ops.static_rows(backend="triton"))]))
+"""
+
+
+def test_static_profile_predicts_every_triton_launch():
+    """Each kind's launches at batch 1 and 2048 are recorded, and each has its row in the
+    committed static profile (a profile not regenerated after a kernel's constexprs changed
+    would leave a kind unpredicted); the head runs no Triton kernel."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_PREDICTIONS], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    depth = sum(python_ref.MODEL_CONFIGS["m0"]["depth"])
+    for line in proc.stdout.splitlines():
+        counts, predicted = json.loads(line)
+        assert counts == {"stem": 4, "dwconv": 2 * depth + 4, "ffn": 2 * depth + 4,
+                          "attention": depth, "patch merging": 2 * 3, "head": 0}
+        unpredicted = [k for k, ms in predicted.items() if ms is None]
+        assert unpredicted == ["head"]
+        assert all(ms > 0 for k, ms in predicted.items() if k != "head")
 
 
 def test_report_has_the_op_table():
