@@ -196,16 +196,16 @@ def variant_key(variant):
 def restaged_weight_bytes(kind, module, x):
     """Bytes of weights the CUDA kernel's blocks read over all, for the fused op ``module`` on
     input x: each block reads them once (the module docstring's design point)."""
+    if kind not in ("ffn", "attention"):  # no kernel of ours (the head's input is 2-D)
+        return 0
     weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     B, C, H, W = x.shape
     if kind == "ffn":
         blocks = -(-B * H * W // (64 if C >= 256 else 128))
-    elif kind == "attention":
+    else:
         ws = module.window_size
         windows_per_block = max(1, 64 // (-(-ws * ws // 16) * 16))
         blocks = -(-B * -(-H // ws) * -(-W // ws) // windows_per_block)
-    else:
-        return 0
     return blocks * weights
 
 

@@ -116,6 +116,10 @@ def test_restaged_weights_follow_the_design_point():
     assert G.restaged_weight_bytes("attention", attention, torch.empty(3, 128, 14, 14)) == (
         12 * weights(attention))
     assert G.restaged_weight_bytes("dwconv", attention, torch.empty(1, 128, 14, 14)) == 0
+    # over a whole forward (the head, whose input is 2-D, included): the CUDA kernels' kinds
+    restaged = G.restaged_bytes(fused, torch.randn(1, 3, 64, 64))
+    assert set(restaged) == set(G.KINDS) and restaged["stem"] == restaged["head"] == 0
+    assert restaged["ffn"] > 0 and restaged["attention"] > 0
 
 
 def test_prediction_is_the_slower_ceiling_over_the_busy_share():
