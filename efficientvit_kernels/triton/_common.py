@@ -31,6 +31,15 @@ def flat_pixels(t):
     return t.stride(2) == t.shape[3] * t.stride(3)
 
 
+def flat_batch(t):
+    """True when the batch continues the pixel axis, as in channels-last tensors: pixel p of
+    image b sits at (b*H*W + p) * stride_w, so the images are one map of B*H*W pixels (whose
+    int32 offsets hold while the tensor has fewer than 2**31 elements)."""
+    B, _, H, W = t.shape
+    return (flat_pixels(t) and (B == 1 or t.stride(0) == H * W * t.stride(3))
+            and t.numel() < 2 ** 31)
+
+
 def padded(n):
     """A block extent for ``n``: a power of two, at least 16 (tl.dot's smallest tile on GPUs)."""
     return max(16, triton.next_power_of_2(n))

@@ -1,15 +1,16 @@
 """Pointwise MLP, ``[x +] w2 relu(w1 x + b1) + b2``, as one Triton kernel.
 
-Each program takes a tile of tokens (pixels of one image, either layout through strides)
-with all C channels, and walks the hidden width in chunks: the hidden activation never
-leaves the chip.
+Each program takes a tile of tokens (pixels of one image, either layout through strides; in
+channels-last, pixels of the whole batch, so that a tile of a small map spans images) with all
+C channels, and walks the hidden width in chunks: the hidden activation never leaves the chip.
+Each program reads all the weights: larger token tiles read them less often.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, flat_pixels, interpreted, mm, padded,
+from ._common import (check_device_dtype, flat_batch, flat_pixels, interpreted, mm, padded,
                       pixel_offsets, relu)
 
 
@@ -56,20 +57,25 @@ def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, HW, W,
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keeps the token tiles whose fp32 accumulator, (BT, CP), holds at most 8K elements (32
-    registers a thread): larger ones spill registers in some dtype on sm_80 or sm_90
-    (tests/test_triton_compile.py holds every kept config to that). The smallest always stays."""
-    kept = [c for c in configs if c.kwargs["BT"] * kwargs["CP"] <= 8192]
+    """Keeps the token tiles whose fp32 accumulator, (BT, CP), takes at most 32 registers a
+    thread, and 16 warps only for fp16/bf16: larger tiles, and fp32's on 16 warps, spill
+    registers on sm_80 or sm_90 (tests/test_triton_compile.py holds every kept config to that).
+    The smallest always stays."""
+    fp32 = named_args["x_ptr"].dtype == torch.float32
+    kept = [c for c in configs if c.kwargs["BT"] * kwargs["CP"] <= 32 * 32 * c.num_warps
+            and not (fp32 and c.num_warps > 8)]
     return kept or configs[:1]
 
 
 # Larger token tiles re-read the weights less: the best is measured per shape, dtype and layout
-# (sxc is 1 in channels-last).
+# (sxc is 1 in channels-last). 16 warps hold twice the tokens of 8 for the widest layers (C
+# 384 and up), whose tiles of 8 warps stop at 16 tokens.
 # One config in the interpreter (no benchmarking): few, large programs, as it pays per op.
 _ffn = triton.autotune(
     configs=[triton.Config({"BT": 128, "BM": 128}, num_warps=1)] if interpreted(_ffn_kernel) else
-    [triton.Config({"BT": bt, "BM": bm}, num_warps=8, num_stages=2)
-     for bt, bm in ((16, 16), (32, 32), (64, 32), (128, 32))],
+    [triton.Config({"BT": bt, "BM": bm}, num_warps=warps, num_stages=2)
+     for bt, bm, warps in ((16, 16, 8), (32, 32, 8), (64, 32, 8), (128, 32, 8), (32, 32, 16),
+                           (64, 32, 16))],
     key=["C", "M", "sxc"], prune_configs_by={"early_config_prune": _prune})(_ffn_kernel)
 
 
@@ -82,8 +88,10 @@ def ffn(x, w1, b1, w2, b2, residual=True):
     if out.numel() == 0:
         return out
     CP = padded(C)
-    _ffn[lambda meta: (B, triton.cdiv(H * W, meta["BT"]))](
-        x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out, H * W, W,
+    # One map of B*H*W pixels where the layout allows (the batch stride is then never used)
+    images, pixels = (1, B * H * W) if flat_batch(x) and flat_batch(out) else (B, H * W)
+    _ffn[lambda meta: (images, triton.cdiv(pixels, meta["BT"]))](
+        x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out, pixels, W,
         *x.stride(), *out.stride(), C=C, M=M, CP=CP, BK=32 if x.dtype == torch.float32 else CP,
         FLAT=flat_pixels(x),
         RESIDUAL=bool(residual))
