@@ -24,7 +24,8 @@ Per kind, over one forward at the measured batch:
   128; attention: 64 token rows a block, one 7x7 window or four 4x4), as the planners' design
   point has it.
   Triton: from the launches the kind makes at this input (recorded on meta tensors, as the
-  static profile records them, so no GPU is needed): each program reads the weights among its
+  static profile records them, so no GPU is needed; each finds its row by the compilation it
+  makes, triton_static.launch_key): each program reads the weights among its
   arguments, the convolutions' programs only their tile of output channels. A kind's warps are
   those of its launch with the fewest; where autotuning chooses among configs, the prediction
   takes the config with the least restaged traffic per busy share, the one it should pick.
@@ -36,7 +37,6 @@ import copy
 import json
 import math
 import os
-import re
 
 import torch
 from torch import nn
@@ -174,8 +174,8 @@ def measure_kinds(model, x, repeats=3):
 
 
 def static_rows(path=STATIC, backend="cuda"):
-    """The static profile's fp16 sm_90 rows of ``backend`` ({} if the file is missing): CUDA's
-    by kernel, Triton's by (kernel, variant_key(variant))."""
+    """The static profile's sm_90 rows of ``backend`` ({} if the file is missing): CUDA's fp16
+    ones by kernel, Triton's by launch_key (efficientvit_kernels.triton_static)."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -183,14 +183,7 @@ def static_rows(path=STATIC, backend="cuda"):
     rows = [r for r in rows if r["backend"] == backend and r["arch"] == 90 and "error" not in r]
     if backend == "cuda":
         return {r["kernel"]: r for r in rows}
-    return {(r["kernel"], variant_key(r["variant"])): r for r in rows
-            if r["variant"].startswith("float16 ")}
-
-
-def variant_key(variant):
-    """A Triton variant's name without the register limit the launcher chooses on the GPU
-    (a recorded launch has none; the static profile's row shows the one chosen)."""
-    return re.sub(r" (maxnreg|num_stages)=\d+", "", variant)
+    return {r["launch_key"]: r for r in rows if "launch_key" in r}
 
 
 def restaged_weight_bytes(kind, module, x):
@@ -311,8 +304,7 @@ def triton_predictions(launches, work, bandwidth, matmul_rate, static):
         for alternatives in launches.get(kind, []):
             options = []
             for launch, weight_bytes in alternatives:
-                row = static.get((launch.kernel.fn.__name__,
-                                  variant_key(triton_static.variant(launch))))
+                row = static.get(triton_static.launch_key(launch, 90))
                 w = resident_warps(row)
                 if w:
                     options.append((triton_restaged(launch, weight_bytes), w))

@@ -87,7 +87,8 @@ def main():
     nvcc = subprocess.run([cuda_static.nvcc_path(), "--version"], capture_output=True,
                           text=True).stdout.strip().splitlines()[-1]
     result = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), nvcc=nvcc,
-                  triton=triton["triton"], triton_compile_seconds=triton["seconds"],
+                  triton=triton["triton"], triton_sources=triton["sources"],
+                  triton_compile_seconds=triton["seconds"],
                   rows=cuda_static.cuda_kernel_profiles(tuple(args.arch)) + triton["rows"])
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)

@@ -15,12 +15,19 @@ of its own in local memory, so its stack frame (``stack_bytes``) is its spilled 
 Needs Triton's compiler, not its interpreter: run it where ``TRITON_INTERPRET`` is unset (the
 command line below; the tests start it in a subprocess).
 
-    python -m efficientvit_kernels.triton_static --arch 90 80 --json out.json
+A row depends on its launch's variant and on the code ``sources_digest`` hashes (the Triton
+kernels, their launchers and this profiler, with Triton's version). ``--reuse`` takes the rows
+of an earlier result made from the same sources (benchmarks/results/gpu_static.json) instead
+of compiling their variants again: only new variants compile.
+
+    python -m efficientvit_kernels.triton_static --arch 90 80 --json out.json [--reuse old.json]
 """
 import argparse
 import collections
 import concurrent.futures
 import contextlib
+import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -43,6 +50,23 @@ INPUTS = ((1, 224), (2048, 224), (2, 288))
 
 # grid: the launch's grid (programs along each axis), as the launcher asked for it
 Launch = collections.namedtuple("Launch", "kernel args kwargs grid", defaults=(None,))
+
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# What a profile row depends on beyond its launch's variant
+SOURCES = ("triton/*.py", "triton_static.py", "cuda_static.py")
+
+
+def sources_digest():
+    """sha256 of the files in SOURCES (under the package) and Triton's version."""
+    import triton
+    digest = hashlib.sha256(triton.__version__.encode())
+    for pattern in SOURCES:
+        for path in sorted(glob.glob(os.path.join(PACKAGE, pattern))):
+            digest.update(os.path.relpath(path, PACKAGE).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 def _triton():
@@ -127,14 +151,20 @@ def _specialize(launch, arch):
     return backend, kwargs, binder(*launch.args, **kwargs)
 
 
+def launch_key(launch, arch):
+    """What Triton's cache keys a compilation of the launch for sm_``arch`` on (the kernel, its
+    specialization of the arguments, its options), hashed short."""
+    _, _, (_, specialization, options) = _specialize(launch, arch)
+    options = str(sorted(options.items())) if isinstance(options, dict) else str(options)
+    key = f"{launch.kernel.fn.__qualname__} {specialization} {options} {arch}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def unique_launches(launches, arch=90):
-    """One launch per distinct compiled kernel (what Triton's cache keys a compilation on)."""
+    """One launch per distinct compiled kernel (``launch_key``)."""
     seen = {}
     for launch in launches:
-        _, _, (_, specialization, options) = _specialize(launch, arch)
-        key = (launch.kernel.fn.__qualname__, str(specialization),
-               str(sorted(options.items())) if isinstance(options, dict) else str(options))
-        seen.setdefault(key, launch)
+        seen.setdefault(launch_key(launch, arch), launch)
     return list(seen.values())
 
 
@@ -201,6 +231,7 @@ def profile(launch, arch):
     """One profile row (cuda_static's columns) of a launch compiled for sm_``arch``, as its
     launcher makes it there (``as_launched``)."""
     from .cuda_static import occupancy, sass_stats
+    key = launch_key(launch, arch)
     start = time.perf_counter()
     compile_launch(launch, arch)  # timed: one compilation (a register cap may cost another)
     seconds = time.perf_counter() - start
@@ -214,7 +245,7 @@ def profile(launch, arch):
     return {
         "backend": "triton", "source": launch.kernel.fn.__module__,
         "kernel": launch.kernel.fn.__name__, "variant": variant(launch), "arch": arch,
-        "registers": registers, "stack_bytes": stack, "spill_store_bytes": None,
+        "launch_key": key, "registers": registers, "stack_bytes": stack, "spill_store_bytes": None,
         "spill_load_bytes": None, "static_shared_bytes": static_shared,
         "dynamic_shared_bytes": max(shared - static_shared, 0), "threads": threads,
         "blocks_per_sm": occupancy(registers, threads, max(shared, static_shared), arch),
@@ -242,15 +273,23 @@ def _profile_task(i):
                 "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
 
 
-def profiles(launches, archs=(90, 80), jobs=None):
-    """Profile rows of every distinct launch for each arch, compiled in ``jobs`` processes."""
-    _WORK[:] = [(launch, arch) for arch in archs for launch in unique_launches(launches, arch)]
+def profiles(launches, archs=(90, 80), jobs=None, reuse=()):
+    """Profile rows of every distinct launch for each arch, compiled in ``jobs`` processes;
+    ``reuse``: rows made from the same sources (``sources_digest``), taken as they are for
+    their variants."""
+    known = {r["launch_key"]: r for r in reuse}
+    tasks = [(launch, arch) for arch in archs for launch in unique_launches(launches, arch)]
+    rows = [known.get(launch_key(launch, arch)) for launch, arch in tasks]
+    _WORK[:] = [task for task, row in zip(tasks, rows) if row is None]
     jobs = jobs or os.cpu_count()
-    if jobs == 1:
-        return [_profile_task(i) for i in range(len(_WORK))]
-    with concurrent.futures.ProcessPoolExecutor(
-            jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_profile_task, range(len(_WORK))))
+    if jobs == 1 or len(_WORK) < 2:
+        compiled = [_profile_task(i) for i in range(len(_WORK))]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            compiled = list(pool.map(_profile_task, range(len(_WORK))))
+    compiled = iter(compiled)
+    return [row or next(compiled) for row in rows]
 
 
 def main():
@@ -259,14 +298,26 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--json", help="write the rows here (else a table to stdout)")
+    parser.add_argument("--reuse", help="an earlier result (its triton_sources or sources key "
+                        "the digest of these sources): its rows are not compiled again")
     args = parser.parse_args()
     start = time.perf_counter()
-    rows = profiles(model_launches(args.models), args.arch, args.jobs)
+    sources = sources_digest()
+    reuse = []
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)
+        if earlier.get("triton_sources", earlier.get("sources")) == sources:
+            reuse = [r for r in earlier["rows"] if "launch_key" in r and "error" not in r]
+    rows = profiles(model_launches(args.models), args.arch, args.jobs, reuse)
     if args.json:
         import triton
+        reused = {id(r) for r in reuse}
         with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "seconds": time.perf_counter() - start,
-                       "rows": rows}, f, indent=1)
+            json.dump({"triton": triton.__version__, "sources": sources,
+                       "seconds": time.perf_counter() - start,
+                       "compiled": sum(id(r) not in reused for r in rows), "rows": rows},
+                      f, indent=1)
     else:
         from .cuda_static import format_profiles
         print(format_profiles(rows))

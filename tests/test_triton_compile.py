@@ -8,6 +8,11 @@ and 288x288 (windows cut by the map's edge), contiguous and channels-last, in fp
 bf16, with every autotune config that survives the launcher's pruning
 (efficientvit_kernels/triton_static.py). Compiling runs in a subprocess without
 TRITON_INTERPRET (the other tests run the kernels in the interpreter).
+
+The committed static profile (benchmarks/results/gpu_static.json) vouches for the variants it
+holds when it was made from these sources and this Triton (triton_static.sources_digest): its
+rows are gated as they are, and only variants it lacks compile. A profile not regenerated after
+a kernel or launcher changed fails test_committed_profile_is_current.
 """
 import json
 import os
@@ -21,18 +26,40 @@ pytest.importorskip("triton")
 from efficientvit_kernels.cuda_static import format_profiles, resource_violations  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED = os.path.join(ROOT, "benchmarks", "results", "gpu_static.json")
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
+def profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton_static") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "efficientvit_kernels.triton_static",
-                           "--arch", "90", "80", "--jobs", "2", "--json", str(out)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                           "--arch", "90", "80", "--jobs", "2", "--json", str(out),
+                           "--reuse", COMMITTED], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
-        return json.load(f)["rows"]
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def rows(profile):
+    return profile["rows"]
+
+
+def test_committed_profile_is_current(profile):
+    """Every variant the launchers make now is in the committed profile, made from these
+    sources: nothing had to compile (else: python benchmarks/gpu_static.py)."""
+    with open(COMMITTED) as f:
+        committed = json.load(f)
+    if committed["triton"] != profile["triton"]:
+        pytest.skip(f"the committed profile is of Triton {committed['triton']}, this is "
+                    f"{profile['triton']}: everything compiled")
+    assert committed.get("triton_sources") == profile["sources"], (
+        "benchmarks/results/gpu_static.json was made from other sources: regenerate it")
+    assert profile["compiled"] == 0, (
+        f"{profile['compiled']} variants are not in benchmarks/results/gpu_static.json: "
+        "regenerate it")
 
 
 def test_every_specialization_compiles(rows):
