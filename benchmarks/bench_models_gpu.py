@@ -213,15 +213,20 @@ def _measure_ops(name, model, runners, batch, ceilings, results):
     fused = convert(model, backend="reference").half().cuda()
     work = gpu_ops.kind_work(copy.deepcopy(model).half().cuda().eval(), fused, x)
     floor = {k: floor_seconds(b, f, bandwidth, rate) * 1e3 for k, (b, f) in work.items()}
-    predicted = {}
-    if "cuda" in runners:
-        predicted["cuda"] = gpu_ops.cuda_predictions(
+    predict = {
+        "cuda": lambda: gpu_ops.cuda_predictions(
             work, gpu_ops.restaged_bytes(runners["cuda"], x), bandwidth, rate,
-            gpu_ops.static_rows())
-    if "triton" in runners:
-        predicted["triton"] = gpu_ops.triton_predictions(
+            gpu_ops.static_rows()),
+        "triton": lambda: gpu_ops.triton_predictions(
             gpu_ops.triton_launches(runners["triton"], x), work, bandwidth, rate,
-            gpu_ops.static_rows(backend="triton"))
+            gpu_ops.static_rows(backend="triton"))}
+    predicted = {}
+    for backend in predict.keys() & runners.keys():
+        try:
+            predicted[backend] = predict[backend]()
+        except Exception as e:  # a prediction is extra: the measurements go on without it
+            results.add(kind="note", text=f"{name}: no {backend} prediction: "
+                        f"{type(e).__name__}: {e}")
     for backend, fn in runners.items():
         try:
             ms = gpu_ops.measure_kinds(fn, x)
