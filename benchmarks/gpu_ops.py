@@ -26,7 +26,9 @@ Per kind, over one forward at the measured batch:
   Triton: from the launches the kind makes at this input (recorded on meta tensors, as the
   static profile records them, so no GPU is needed; each finds its row by the compilation it
   makes, triton_static.launch_key): each program reads the weights among its
-  arguments, the convolutions' programs only their tile of output channels. A kind's warps are
+  arguments, the convolutions' programs only their tile of output channels; a kind of several
+  launches (the stem's convolutions, PatchMerging's three steps) also writes each launch's
+  output and reads it back in the next, bytes added to its own. A kind's warps are
   those of its launch with the fewest; where autotuning chooses among configs, the prediction
   takes the config with the least restaged traffic per busy share, the one it should pick.
 The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
@@ -34,6 +36,7 @@ the library's matrix product (wgmma on Hopper), L2 serving restaged weights at 2
 bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's latencies.
 """
 import copy
+import inspect
 import json
 import math
 import os
@@ -294,6 +297,22 @@ def triton_restaged(launch, weight_bytes):
     return programs * weight_bytes
 
 
+def _argument(launch, name):
+    """A launch's argument ``name`` (x_ptr: its input, out_ptr: its output)."""
+    return launch.args[list(inspect.signature(launch.kernel.fn).parameters).index(name)]
+
+
+def triton_intermediate_bytes(calls):
+    """Bytes a kind's Triton launches (``triton_launches``' list for the kind) move between
+    each other: each output that another of its launches reads (the stem's convolutions after
+    the first, PatchMerging's three steps), written and read back once; 0 where each launch's
+    output goes to another kind."""
+    launches = [alternatives[0][0] for alternatives in calls]
+    inputs = {id(_argument(launch, "x_ptr")) for launch in launches}
+    outputs = {id(t): t for t in (_argument(launch, "out_ptr") for launch in launches)}
+    return 2 * sum(t.numel() * t.element_size() for i, t in outputs.items() if i in inputs)
+
+
 def triton_predictions(launches, work, bandwidth, matmul_rate, static):
     """{kind: predicted ms on the Triton backend} from ``triton_launches``, None for a kind
     with a launch the static profile lacks (or with no launch: the head)."""
@@ -314,6 +333,7 @@ def triton_predictions(launches, work, bandwidth, matmul_rate, static):
             r, w = min(options, key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
             restaged += r
             warps.append(w)
-        out[kind] = (predict_ms(bytes_, flops, restaged, min(warps), bandwidth, matmul_rate)
+        moved = bytes_ + triton_intermediate_bytes(launches.get(kind, []))
+        out[kind] = (predict_ms(moved, flops, restaged, min(warps), bandwidth, matmul_rate)
                      if warps else None)
     return out

@@ -144,6 +144,19 @@ def test_triton_restaged_weights_per_program():
     assert G.triton_restaged(conv, 1000) == 100 * 1000  # each channel tile reads its share
 
 
+def test_triton_intermediates_are_written_and_read_back():
+    def kernel(x_ptr, w_ptr, out_ptr, C):
+        pass
+    def launch(x, out):
+        return Launch(SimpleNamespace(fn=kernel), (x, torch.empty(5, device="meta"), out, 3), {})
+    image, a, b, c = (torch.empty(n, 4, device="meta", dtype=torch.float16) for n in (8, 6, 4, 2))
+    chain = [[(launch(image, a), 10)], [(launch(a, b), 10)], [(launch(b, c), 10)]]
+    assert G.triton_intermediate_bytes(chain) == 2 * (6 * 4 * 2 + 4 * 4 * 2)
+    assert G.triton_intermediate_bytes(chain[:1]) == 0  # one launch: the kind's own bytes
+    # two calls of a one-launch kind, another kind between them: nothing read back
+    assert G.triton_intermediate_bytes([chain[0], [(launch(c, b), 10)]]) == 0
+
+
 # Runs where TRITON_INTERPRET is unset: the Triton launches of an M0 forward, on meta tensors.
 TRITON_PREDICTIONS = r"""
 import json, sys
