@@ -204,7 +204,9 @@ def test_cuda_definition():
 # it runs: name: (channels, B, H, W, final_relu, layout, small). M4's stem at the model's
 # image size; a chain whose widths are not whole tiles (12 -> 20 -> 36) on odd sizes (each next
 # convolution's last taps read padding); one convolution from more channels than one reduction
-# step holds (40 -> 72: 360 products a pixel); 1x1; an empty batch.
+# step holds (40 -> 72: 360 products a pixel); 1x1; an empty batch; the Triton kernel's pairs of
+# convolutions over several tiles of outputs, whole and cut at the right and bottom (a pair, then
+# convolutions alone; from 20 channels, more than the pair kernel reduces in one step).
 BACKEND_CASES = {
     "m4_stem": (STEM, 2, 224, 224, False, "contiguous", False),
     "odd_chain": ([3, 12, 20, 36], 2, 17, 9, False, "permuted", True),
@@ -212,6 +214,9 @@ BACKEND_CASES = {
     "wide_reduction": ([40, 72], 2, 6, 13, False, "strided", True),
     "one_pixel": ([3, 8, 16], 1, 1, 1, False, "contiguous", True),
     "batch0": ([3, 8], 0, 5, 5, False, "contiguous", True),
+    "pair_tiles": ([3, 12, 40, 20], 2, 61, 33, False, "contiguous", True),
+    "m0_stem": ([3, 8, 16, 32, 64], 1, 45, 58, True, "channels_last", True),
+    "pair_wide_input": ([20, 12, 16], 1, 19, 23, False, "strided", True),
 }
 
 
@@ -240,3 +245,10 @@ def test_patch_embed_backend_nan(patch_ops_backend):
     x[0, 1, 8, 0] = float("nan")  # bottom left: reaches output (1, 0) of 3x3 after two steps
     out = patch_ops_backend.ops.patch_embed(x, weights, biases, False).cpu()
     assert torch.isnan(out[0, :, 2, 0]).all() and torch.isnan(out).sum() == STEM[2]
+    # An infinite pixel with positive weights: +inf there, no NaN (the padded channels of a
+    # width that is not a whole tile, 12, must not turn it into inf * 0)
+    weights, biases = ([t.abs().to(device, dtype) for t in ts]
+                       for ts in random_patch_embed_params([3, 12, 20]))
+    x[0, 1, 8, 0] = float("inf")
+    out = patch_ops_backend.ops.patch_embed(x, weights, biases, False).cpu()
+    assert torch.isposinf(out[0, :, 2, 0]).all() and torch.isfinite(out).sum() == out.numel() - 20

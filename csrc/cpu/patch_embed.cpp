@@ -163,19 +163,21 @@ std::vector<at::Tensor> pack_stem(at::TensorList weights, at::TensorList biases)
   return packed;
 }
 
-// One convolution of a call: its packed weights and bias, and its output's sizes (channels padded
-// to CP).
+// One convolution of a call: its packed weights and bias, and its output's sizes (Co channels,
+// padded to CP).
 struct StemLayer {
   at::Tensor w, b;
-  int64_t CP, H, W;
+  int64_t Co, CP, H, W;
 };
 
-std::vector<StemLayer> stem_layers(const at::Tensor& x, at::TensorList packed) {
+// channels: each convolution's Co.
+std::vector<StemLayer> stem_layers(const at::Tensor& x, at::TensorList packed,
+                                   c10::ArrayRef<int64_t> channels) {
   std::vector<StemLayer> layers;
   int64_t H = x.size(2), W = x.size(3);
   for (size_t i = 0; i < packed.size(); i += 2) {
     H = (H + 1) / 2, W = (W + 1) / 2;
-    layers.push_back({packed[i], packed[i + 1], packed[i + 1].size(0), H, W});
+    layers.push_back({packed[i], packed[i + 1], channels[i / 2], packed[i + 1].size(0), H, W});
   }
   return layers;
 }
@@ -209,6 +211,20 @@ class StemChain {
   void row(size_t l, int64_t image, int64_t k, T* dst, int64_t pixel_stride) {
     const StemLayer& layer = layers_[l];
     const bool apply_relu = l + 1 < layers_.size() || final_relu_;
+    compute_row(l, image, k, dst, pixel_stride, apply_relu);
+    // The padded channels of a row the next convolution reads (with zero weights) hold
+    // relu(0 * x): NaN where an input is infinite, which 0 * NaN would carry into every
+    // channel of the next. Zero them.
+    if (l + 1 < layers_.size() && layer.Co < layer.CP) {
+      for (int64_t p = 0; p < layer.W; ++p)
+        std::memset(dst + p * pixel_stride + layer.Co, 0, (layer.CP - layer.Co) * sizeof(T));
+    }
+  }
+
+ private:
+  void compute_row(size_t l, int64_t image, int64_t k, T* dst, int64_t pixel_stride,
+                   bool apply_relu) {
+    const StemLayer& layer = layers_[l];
     if (l == 0) return first_row(image, k, dst, pixel_stride, apply_relu);
     const StemLayer& in = layers_[l - 1];
     const int64_t pixel = 3 * in.CP;
@@ -232,7 +248,6 @@ class StemChain {
             kPanelMajor, {layer.b.data_ptr<T>(), 0, 1}, dst, pixel_stride, apply_relu);
   }
 
- private:
   void first_row(int64_t image, int64_t k, T* dst, int64_t pixel_stride, bool apply_relu) {
     const StemLayer& layer = layers_[0];
     const T* x = x_ + image * Ci_ * H_ * W_;
@@ -276,11 +291,11 @@ void run_stem_conv(const at::Tensor& x, const std::vector<StemLayer>& layers, bo
   });
 }
 
-at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, int64_t out_channels,
+at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, c10::ArrayRef<int64_t> channels,
                     bool final_relu) {
   const at::Tensor input = x.contiguous();  // NCHW: a row of taps is a stride-2 run
-  const std::vector<StemLayer> layers = stem_layers(x, packed);
-  at::Tensor output = at::empty({x.size(0), out_channels, layers.back().H, layers.back().W},
+  const std::vector<StemLayer> layers = stem_layers(x, packed, channels);
+  at::Tensor output = at::empty({x.size(0), channels.back(), layers.back().H, layers.back().W},
                                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "efficientvit::patch_embed", [&] {
@@ -294,7 +309,7 @@ at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, int64_t out_chan
 
 at::Tensor patch_embed_packed_cpu(const at::Tensor& x, const PackedWeights& weights,
                                   bool final_relu) {
-  return run_stem(x, weights.tensors, weights.sizes[0], final_relu);
+  return run_stem(x, weights.tensors, weights.sizes, final_relu);
 }
 
 }  // namespace
@@ -304,10 +319,12 @@ Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases) {
                     "efficientvit: patch_embed_pack takes floating-point weights, at least one");
   check_patch_embed_params(weights[0].dim() == 4 ? weights[0].size(1) : 0,
                            {weights[0], "weights[0]"}, weights, biases);
-  // sizes: {C_last}
-  return c10::make_intrusive<PackedWeights>(
-      "patch_embed", &patch_embed_packed_cpu, pack_stem(weights, biases),
-      std::vector<int64_t>{weights.back().size(0)}, weights[0].size(1), weights[0].scalar_type());
+  // sizes: each convolution's output channels
+  std::vector<int64_t> channels;
+  for (const at::Tensor& weight : weights) channels.push_back(weight.size(0));
+  return c10::make_intrusive<PackedWeights>("patch_embed", &patch_embed_packed_cpu,
+                                            pack_stem(weights, biases), std::move(channels),
+                                            weights[0].size(1), weights[0].scalar_type());
 }
 
 at::Tensor patch_embed_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
