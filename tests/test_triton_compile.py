@@ -16,6 +16,7 @@ a kernel or launcher changed fails test_committed_profile_is_current.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,12 +63,23 @@ def test_committed_profile_is_current(profile):
         "regenerate it")
 
 
+# Every Triton kernel of the package.
+KERNELS = {"_cga_kernel", "_dwconv_kernel", "_ffn_kernel", "_conv3x3_stride2_kernel",
+           "_conv3x3_stride2_pair_kernel", "_conv1x1_kernel", "_squeeze_excite_kernel"}
+
+
+def test_sanitizer_checks_every_kernel():
+    """The quick GPU check's memcheck and racecheck instrument kernels by name: each Triton
+    kernel must be among the names, or it would run unchecked."""
+    with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
+        names = set(re.findall(r"--kernel-name kns=(\w+)", f.read()))
+    assert KERNELS <= names, sorted(KERNELS - names)
+
+
 def test_every_specialization_compiles(rows):
     print(format_profiles([r for r in rows if "error" not in r]), file=sys.stderr)
     assert {r["arch"] for r in rows} == {80, 90}
-    assert {r["kernel"] for r in rows} == {
-        "_cga_kernel", "_dwconv_kernel", "_ffn_kernel", "_conv3x3_stride2_kernel", "_conv1x1_kernel",
-        "_squeeze_excite_kernel"}
+    assert {r["kernel"] for r in rows} == KERNELS
     errors = [f"{r['kernel']} [{r['variant']}] sm_{r['arch']}: {r['error']}"
               for r in rows if "error" in r]
     assert not errors, "\n".join(errors)

@@ -92,7 +92,8 @@ TWO_BLOCK_REGISTERS = 128
 MAX_REGISTERS = 255
 # The kernels whose launchers pass their launch arguments through launch_kwargs (the static
 # profile, efficientvit_kernels/triton_static.py, makes the same choice for them).
-REGISTER_CAPPED = frozenset({"_cga_kernel", "_conv1x1_kernel"})
+REGISTER_CAPPED = frozenset({"_cga_kernel", "_conv1x1_kernel", "_conv3x3_stride2_pair_kernel",
+                             "_squeeze_excite_kernel"})
 
 
 def block_limits(threads):
@@ -117,9 +118,9 @@ def capped_registers(kwargs, compile):
       instead of three (fewer registers held for loads ahead); a cap may instead trade the
       second block for local-memory traffic, as some do;
     - where the kernel as written spills: the limits of ``block_limits``, most resident blocks
-      first, then 255 with one stage of loads in flight (left to itself, ptxas stops some
-      variants at 128 registers and spills a few bytes, the attention's on channels-last maps
-      8-24; an explicit limit schedules differently);
+      first, then the one-block limit with one stage of loads in flight (left to itself, ptxas
+      stops some variants at 128 registers and spills a few bytes, the attention's on
+      channels-last maps 8-24; an explicit limit schedules differently);
     else as written."""
     registers, spilled = compile(kwargs)
     threads = kwargs["num_warps"] * 32
@@ -130,7 +131,9 @@ def capped_registers(kwargs, compile):
     if spilled:
         limits = [{"maxnreg": limit} for limit in block_limits(threads)]
         choices += [c for c in limits if c not in choices]
-        choices += [{"maxnreg": MAX_REGISTERS, "num_stages": 1}]
+        # the one-block limit with one stage (255 up to 256 threads; 128 for 512, whose block
+        # could not launch with more)
+        choices += [{"maxnreg": block_limits(threads)[-1], "num_stages": 1}]
     for choice in choices:
         chosen = {**kwargs, **choice}
         if compile(chosen)[1] == 0:

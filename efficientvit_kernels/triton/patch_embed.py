@@ -3,16 +3,18 @@ Triton kernel launched per convolution.
 
 Each launch is an implicit matrix product: a (output pixels x output channels) tile of one
 image, reduced over (tap, input channel) pairs, BK at a time, gathered from the input with the
-taps' zero padding as masks. A chain of four on an image's 3 channels (M0-M5) reads its
-input and writes each convolution's output once: the outputs between convolutions go through
-memory (channels-last), unlike the CPU kernel's, which keeps them in cache.
+taps' zero padding as masks. The outputs between launches go through memory (channels-last),
+unlike the CPU kernel's, which keeps them in cache; but a narrow convolution and the one
+after it run as one launch (the pair kernel), so the chain's largest activation, the first
+convolution's output (M4: 16 channels at 112x112, half of the stem's traffic between
+launches), never reaches memory.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, interpreted, mm, output_tile, padded,
+from ._common import (check_device_dtype, interpreted, launch_kwargs, mm, output_tile, padded,
                       pixel_offsets, relu)
 
 
@@ -50,6 +52,102 @@ def _conv3x3_stride2_kernel(x_ptr, w_ptr, b_ptr, out_ptr, CI, CO, H, W, OW, OHW,
     tl.store(o, acc.to(DT), mask=pmask[:, None] & nmask[None, :])
 
 
+# Output pixels a pair program computes: TILE x TILE. It computes the first convolution on the
+# (2 TILE + 1)^2 positions the second's taps read (225 of REGION rows: 15% more than the
+# outputs need, for the halo), and each tap of the second gathers its rows from them on chip.
+PAIR_TILE = 7
+PAIR_REGION = 256
+# The widths a pair holds: the first convolution's output (REGION rows in registers; at 32
+# channels, 255 registers and spills) and the second's, all in one program. Every model's first
+# two convolutions fit but M5's (24 channels, then 48).
+PAIR_MAX_MID = 16
+PAIR_MAX_OUT = 64
+
+
+@triton.jit
+def _region_conv(x_img, w1_ptr, b1_ptr, CI, C1, H, W, H1, W1, sxc, sxh, sxw, oy0, ox0, r0,
+                 SIDE: tl.constexpr, HALF: tl.constexpr, BK: tl.constexpr, C1P: tl.constexpr,
+                 DT: tl.constexpr):
+    """relu(conv1(x) + b1) on region rows r0 .. r0 + HALF: conv1 outputs (2 oy0 - 1 + r //
+    SIDE, 2 ox0 - 1 + r % SIDE), rounded to DT as the unfused chain stores them; zero outside
+    conv1's map (conv2's padding) and in the padded channels (where an infinite input would
+    leave inf * 0 = NaN, which the zero weights of conv2 would spread)."""
+    r = r0 + tl.arange(0, HALF)
+    y1 = 2 * oy0 - 1 + r // SIDE
+    x1 = 2 * ox0 - 1 + r % SIDE
+    inside = (r < SIDE * SIDE) & (y1 >= 0) & (y1 < H1) & (x1 >= 0) & (x1 < W1)
+    m = tl.arange(0, C1P)
+    acc = tl.zeros([HALF, C1P], dtype=tl.float32)
+    # Tap by tap, BK input channels at a time: the positions and masks are per region row, so
+    # the (HALF x BK) tiles hold only the loaded values.
+    for t in range(9):
+        iy = 2 * y1 - 1 + t // 3
+        ix = 2 * x1 - 1 + t % 3
+        ok = inside & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        row = x_img + iy * sxh + ix * sxw
+        for c0 in range(0, CI, BK):
+            ci = c0 + tl.arange(0, BK)
+            xk = tl.load(row[:, None] + ci[None, :] * sxc, mask=ok[:, None] & (ci < CI)[None, :],
+                         other=0.0)
+            wk = tl.load(w1_ptr + m[None, :] * (9 * CI) + (ci * 9 + t)[:, None],
+                         mask=(ci < CI)[:, None] & (m < C1)[None, :], other=0.0)
+            acc += mm(xk, wk, DT)
+    acc += tl.load(b1_ptr + m, mask=m < C1, other=0.0).to(tl.float32)[None, :]
+    return tl.where(inside[:, None] & (m < C1)[None, :], relu(acc), 0.0).to(DT)
+
+
+@triton.jit(do_not_specialize=["H", "W", "H1", "W1", "OH", "OW", "tiles_w", "tiles"])
+def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, CI, C1, CO,
+                                 H, W, H1, W1, OH, OW, tiles_w, tiles,
+                                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                                 TILE: tl.constexpr, REGION: tl.constexpr, BP: tl.constexpr,
+                                 BK: tl.constexpr, C1P: tl.constexpr, BN: tl.constexpr,
+                                 RELU: tl.constexpr):
+    """relu(conv1(x)) then conv2 of that, [relu]: both 3x3 stride 2; one program per TILE x
+    TILE outputs of one image (all CO channels)."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    SIDE: tl.constexpr = 2 * TILE + 1  # the region's side, in conv1 outputs
+    HALF: tl.constexpr = REGION // 2
+    pid = tl.program_id(0)
+    b = (pid // tiles).to(tl.int64)
+    oy0 = (pid % tiles) // tiles_w * TILE
+    ox0 = (pid % tiles) % tiles_w * TILE
+    # The region in two halves, each computed alone: half the registers of its input tiles.
+    x_img = x_ptr + b * sxb
+    low = _region_conv(x_img, w1_ptr, b1_ptr, CI, C1, H, W, H1, W1, sxc, sxh, sxw, oy0, ox0, 0,
+                       SIDE, HALF, BK, C1P, DT)
+    high = _region_conv(x_img, w1_ptr, b1_ptr, CI, C1, H, W, H1, W1, sxc, sxh, sxw, oy0, ox0,
+                        HALF, SIDE, HALF, BK, C1P, DT)
+
+    p = tl.arange(0, BP)
+    py = p // TILE
+    px = p % TILE
+    pmask = (p < TILE * TILE) & (oy0 + py < OH) & (ox0 + px < OW)
+    m = tl.arange(0, C1P)
+    n = tl.arange(0, BN)
+    nmask = n < CO
+    acc = tl.zeros([BP, BN], dtype=tl.float32)
+    for t in tl.static_range(9):
+        # tap (t // 3, t % 3) of output (oy, ox) reads conv1 output (2 oy - 1 + t // 3, ...):
+        # region row 2 py + t // 3, column 2 px + t % 3, in one of the halves
+        src = tl.where(p < TILE * TILE, (2 * py + t // 3) * SIDE + 2 * px + t % 3, 0)
+        in_low = (src < HALF)[:, None]
+        a = tl.where(in_low,
+                     tl.gather(low, tl.broadcast_to(tl.where(src < HALF, src, 0)[:, None],
+                                                    (BP, C1P)), 0),
+                     tl.gather(high, tl.broadcast_to(tl.where(src < HALF, 0, src - HALF)[:, None],
+                                                     (BP, C1P)), 0))
+        wt = tl.load(w2_ptr + n[None, :] * (9 * C1) + (m * 9 + t)[:, None],
+                     mask=(m < C1)[:, None] & nmask[None, :], other=0.0)
+        acc += mm(a, wt, DT)
+    acc += tl.load(b2_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = relu(acc)
+    o = (out_ptr + b * sob + ((oy0 + py) * soh + (ox0 + px) * sow)[:, None]
+         + n[None, :] * soc)
+    tl.store(o, acc.to(DT), mask=pmask[:, None] & nmask[None, :])
+
+
 def _blocks(dtype, CI, CO, OHW):
     """(output pixels, output channels, reduction) per step, and num_warps."""
     if interpreted(_conv3x3_stride2_kernel):  # few, large programs: the interpreter pays per op
@@ -71,6 +169,20 @@ def _conv3x3_stride2(x, weight, bias, relu, out):
         *x.stride(), *out.stride(), BP=BP, BN=BN, BK=BK, RELU=bool(relu), num_warps=num_warps)
 
 
+def _conv3x3_stride2_pair(x, weights, biases, relu, out):
+    B, CI, H, W = x.shape
+    C1, CO = weights[0].shape[0], weights[1].shape[0]
+    tiles_w = triton.cdiv(out.shape[3], PAIR_TILE)
+    tiles = triton.cdiv(out.shape[2], PAIR_TILE) * tiles_w
+    args = (x, weights[0].contiguous(), biases[0].contiguous(), weights[1].contiguous(),
+            biases[1].contiguous(), out, CI, C1, CO, H, W, (H + 1) // 2, (W + 1) // 2,
+            *out.shape[2:], tiles_w, tiles, *x.stride(), *out.stride())
+    kwargs = dict(TILE=PAIR_TILE, REGION=PAIR_REGION, BP=padded(PAIR_TILE * PAIR_TILE), BK=16,
+                  C1P=padded(C1), BN=padded(CO), RELU=bool(relu), num_warps=8)
+    _conv3x3_stride2_pair_kernel[(B * tiles,)](
+        *args, **launch_kwargs(_conv3x3_stride2_pair_kernel, args, kwargs))
+
+
 def patch_embed(x, weights, biases, final_relu=False):
     """Triton implementation of :func:`efficientvit_kernels.ops.patch_embed` (same arguments;
     x in any layout)."""
@@ -81,10 +193,21 @@ def patch_embed(x, weights, biases, final_relu=False):
     if out.numel() == 0:
         return out
     last = len(weights) - 1
-    for i, (weight, bias) in enumerate(zip(weights, biases)):
+    i = 0
+    while i <= last:
+        # two convolutions at once where the first's output fits a pair program's registers
+        pair = (i < last and weights[i].shape[0] <= PAIR_MAX_MID
+                and weights[i + 1].shape[0] <= PAIR_MAX_OUT)
+        j = i + 1 if pair else i  # the last convolution of this launch
         B, _, H, W = x.shape
-        y = out if i == last else ops.empty_output(
-            x, (B, weight.shape[0], (H + 1) // 2, (W + 1) // 2), torch.channels_last)
-        _conv3x3_stride2(x, weight, bias, final_relu or i < last, y)
-        x = y
+        for _ in range(i, j + 1):
+            H, W = (H + 1) // 2, (W + 1) // 2
+        y = out if j == last else ops.empty_output(
+            x, (B, weights[j].shape[0], H, W), torch.channels_last)
+        relu = final_relu or j < last
+        if pair:
+            _conv3x3_stride2_pair(x, weights[i:j + 1], biases[i:j + 1], relu, y)
+        else:
+            _conv3x3_stride2(x, weights[i], biases[i], relu, y)
+        x, i = y, j + 1
     return out

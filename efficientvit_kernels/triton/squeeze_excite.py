@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import check_device_dtype, flat_pixels, interpreted, padded, pixel_offsets, relu
+from ._common import (check_device_dtype, flat_pixels, interpreted, launch_kwargs, padded,
+                      pixel_offsets, relu)
 
 
 @triton.jit(do_not_specialize=["HW", "W"])
@@ -75,8 +76,8 @@ def squeeze_excite(x, w1, b1, w2, b2):
         return out
     B, C, H, W = x.shape
     BP, BC, num_warps = _blocks(x, R, H * W)
-    _squeeze_excite_kernel[(B,)](
-        x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out, C, R, H * W, W,
-        *x.stride(), *out.stride(), RP=padded(R), BP=BP, BC=BC, FLAT=flat_pixels(x),
-        num_warps=num_warps)
+    args = (x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out, C, R,
+            H * W, W, *x.stride(), *out.stride())
+    kwargs = dict(RP=padded(R), BP=BP, BC=BC, FLAT=flat_pixels(x), num_warps=num_warps)
+    _squeeze_excite_kernel[(B,)](*args, **launch_kwargs(_squeeze_excite_kernel, args, kwargs))
     return out
