@@ -58,8 +58,8 @@ def _conv3x3_stride2_kernel(x_ptr, w_ptr, b_ptr, out_ptr, CI, CO, H, W, OW, OHW,
 PAIR_TILE = 7
 PAIR_REGION = 256
 # The widths a pair holds: the first convolution's output (REGION rows in registers; at 32
-# channels, 255 registers and spills) and the second's, all in one program. Every model's first
-# two convolutions fit but M5's (24 channels, then 48).
+# channels, fp16 takes 148-184 registers, one block, and fp32 spills) and the second's, all in
+# one program. Every model's first two convolutions fit but M5's (24 channels, then 48).
 PAIR_MAX_MID = 16
 PAIR_MAX_OUT = 64
 
