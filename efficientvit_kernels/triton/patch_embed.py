@@ -192,6 +192,11 @@ def patch_embed(x, weights, biases, final_relu=False):
     out = ops.empty_output(x, shape, torch.channels_last)
     if out.numel() == 0:
         return out
+    B, _, H, W = x.shape
+    maps = []  # each convolution's output map
+    for _ in weights:
+        H, W = (H + 1) // 2, (W + 1) // 2
+        maps.append((H, W))
     last = len(weights) - 1
     i = 0
     while i <= last:
@@ -199,11 +204,8 @@ def patch_embed(x, weights, biases, final_relu=False):
         pair = (i < last and weights[i].shape[0] <= PAIR_MAX_MID
                 and weights[i + 1].shape[0] <= PAIR_MAX_OUT)
         j = i + 1 if pair else i  # the last convolution of this launch
-        B, _, H, W = x.shape
-        for _ in range(i, j + 1):
-            H, W = (H + 1) // 2, (W + 1) // 2
         y = out if j == last else ops.empty_output(
-            x, (B, weights[j].shape[0], H, W), torch.channels_last)
+            x, (B, weights[j].shape[0], *maps[j]), torch.channels_last)
         relu = final_relu or j < last
         if pair:
             _conv3x3_stride2_pair(x, weights[i:j + 1], biases[i:j + 1], relu, y)
