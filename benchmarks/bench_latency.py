@@ -1,7 +1,8 @@
 """CPU latency: each model's forward at batch 1 (and 16) on one thread (and two), fused against
-the eager reference, ONNX Runtime on the same folded model, and the fused model's deployment
-forms (its C++ replay, cpu_graph; torch.export's module; optionally an AOTInductor package),
-optionally torch.compile of the reference and of the fused model; all timed in this process in
+the eager reference, ONNX Runtime on the same folded model, and the fused model as converted
+(its calls replayed in C++, cpu_replay), module by module, and in its deployment forms
+(cpu_graph's replay, torch.export's module, optionally an AOTInductor package), optionally
+torch.compile of the reference and of the fused model; all timed in this process in
 interleaved rounds. With --timm the models are timm's (converted as users convert them; ONNX
 Runtime and the check run on the reference loaded with the same weights, folded).
 
@@ -58,7 +59,8 @@ def runners(model, name, batch, threads, args, workdir):
     session = onnx_session(folded, x, threads)
     if session is not None:
         out["onnxruntime"] = lambda t: torch.from_numpy(session(t)[0])
-    out["fused"] = fused
+    out["fused"] = fused  # replayed in C++ from its second call (convert's cpu_replay)
+    out["fused, modules"] = K.convert(model, cpu_replay=False)
     out["fused, cpu_graph"] = K.cpu_graph(fused, x)
     if args.compile:
         out["fused, torch.compile"] = torch.compile(fused)
@@ -125,15 +127,18 @@ def markdown(meta, rows):
              f"{(meta['commit'] or '?')[:10]}; models from {meta.get('models', 'python_ref')}; "
              f"`{meta['command']}`.", "",
              "Median forward, ms (10th-90th percentile), all forms of a row timed in "
-             "interleaved rounds; `x ORT`: ONNX Runtime's median over the fused model's, eager, "
-             "replayed by cpu_graph and as an AOTInductor package (above 1: fused is faster).", "",
+             "interleaved rounds, in the columns' order; `fused`: the converted model as called "
+             "(replayed in C++, `cpu_replay`), `fused, modules`: the same without replay, module "
+             "by module; `x ORT`: ONNX Runtime's median over the fused model's, as called, "
+             "module by module, replayed by cpu_graph and as an AOTInductor package (above 1: "
+             "fused is faster).", "",
              "| model | batch | threads | " + " | ".join(labels)
-             + " | x ORT | x ORT, cpu_graph | x ORT, AOTI |",
-             "|---|---|---|" + "---|" * (len(labels) + 3)]
+             + " | x ORT | x ORT, modules | x ORT, cpu_graph | x ORT, AOTI |",
+             "|---|---|---|" + "---|" * (len(labels) + 4)]
     for r in rows:
         t = r["ms_p10_median_p90"]
         cells = [f"{t[k][1]:.2f} ({t[k][0]:.2f}-{t[k][2]:.2f})" for k in labels]
-        for form in ("fused", "fused, cpu_graph", "fused, AOTInductor"):
+        for form in ("fused", "fused, modules", "fused, cpu_graph", "fused, AOTInductor"):
             cells.append(f"{t['onnxruntime'][1] / t[form][1]:.2f}"
                          if "onnxruntime" in t and form in t else "-")
         lines.append(f"| {r['model'].upper()} | {r['batch']} | {r['threads']} | "

@@ -42,6 +42,7 @@ from torch import nn
 import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
+from . import graphs
 from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,
                       FusedPatchMerging, FusedSqueezeExcite, LinearSqueezeExcite, ResidualAdd,
                       _Fused, backend_ops)
@@ -294,7 +295,7 @@ def _default_passes(model, backend):
     return ("fuse",)
 
 
-def convert(model, backend="auto", passes=None):
+def convert(model, backend="auto", passes=None, cpu_replay=True):
     """Returns an inference copy of ``model`` (eval mode, batch norm folded) using the fused ops.
 
     ``model``: a whole EfficientViT (``python_ref``, official or timm) or any submodule of one
@@ -308,6 +309,11 @@ def convert(model, backend="auto", passes=None):
     docstring). Default: all three for backends "auto" and "triton", and "cpu" on a CPU model;
     "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D output of the model may
     be channels-last; its values are the same.)
+    ``cpu_replay``: with backend "auto" or "cpu", the copy's calls on CPU replay a C++ program
+    of its ops (no Python between them), captured on the second call with an input of the
+    same shape, strides and dtype; each call is checked against what the program assumed and
+    runs module by module where that differs (hooks, training mode, gradients, tracing, a
+    changed model). See ``efficientvit_kernels.cpu_replay``.
 
     The input model is left as it was and shares nothing mutable with the copy. The copy
     pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or
@@ -330,4 +336,6 @@ def convert(model, backend="auto", passes=None):
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)
+    if cpu_replay and backend in ("auto", "cpu"):
+        graphs.cpu_replay(out)
     return out

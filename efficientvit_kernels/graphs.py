@@ -1,13 +1,16 @@
 """Replays of a (fused) model for batch-1 latency, where the cost around each op dominates:
 ``cuda_graph`` (a CUDA graph: no launch per op) and ``cpu_graph`` (one C++ program: no Python
 between the ops)."""
+import itertools
 import operator
+import threading
+import warnings
 
 import torch
 
 from . import ops  # noqa: F401  (loads the library that defines efficientvit_cpu.Program)
 
-__all__ = ["cuda_graph", "cpu_graph"]
+__all__ = ["cuda_graph", "cpu_graph", "cpu_replay"]
 
 
 def _check_like(x, example, what):
@@ -55,9 +58,15 @@ _PACKED_FLAG = {"cga": "residual", "ffn": "residual", "conv1x1": "relu", "patch_
 
 
 class _Capture:
-    """Translates an exported program's graph into an efficientvit_cpu.Program."""
+    """Translates an exported program's graph into an efficientvit_cpu.Program.
 
-    def __init__(self, exported):
+    ``live``: None, or the module that was exported. Without it the program holds copies of the
+    weights and the fused ops' packings, taken now; with it, the module's own parameters and
+    buffers (so later changes to their values are seen) and the fused ops as op calls (which
+    find their packing in the op's cache, repacked when a weight changes)."""
+
+    def __init__(self, exported, live=None):
+        self.live = live
         self.program = torch.classes.efficientvit_cpu.Program()
         self.slots = {}      # fx node -> the slot of its value (a tuple's first element)
         self.constants = {}  # fx placeholder -> its tensor, copied at capture
@@ -71,7 +80,7 @@ class _Capture:
                    **signature.inputs_to_lifted_tensor_constants}
         for node in exported.graph.nodes:
             if node.op == "placeholder" and node.name in by_name:
-                self.constants[node] = tensors[by_name[node.name]].detach().clone()
+                self.constants[node] = self.tensor(by_name[node.name], tensors)
             elif node.op == "placeholder":
                 if self.slots:
                     raise NotImplementedError("cpu_graph: the model takes more than one input")
@@ -82,6 +91,17 @@ class _Capture:
                 self.finish(node)
             else:
                 raise NotImplementedError(f"cpu_graph: no step for graph node {node.format_node()}")
+
+    def tensor(self, target, tensors):
+        """The tensor a parameter, buffer or constant placeholder stands for."""
+        if self.live is None:
+            return tensors[target].detach().clone()
+        for get in (self.live.get_parameter, self.live.get_buffer):
+            try:
+                return get(target)
+            except AttributeError:
+                pass
+        return tensors[target]  # a constant the forward made: the same on every call
 
     def value(self, v):
         """What an argument v stands for: (a constant, or None; the slot it reads, or -1; for a
@@ -134,7 +154,7 @@ class _Capture:
         namespace, op = node.target._schema.name.split("::")
         constants, slots, lists = zip(*args.values())
         reads = [s for s in slots if s >= 0] + [s for list_slots in lists for s in list_slots if s >= 0]
-        flag = _PACKED_FLAG.get(op) if namespace == "efficientvit" else None
+        flag = _PACKED_FLAG.get(op) if namespace == "efficientvit" and self.live is None else None
         if flag is not None and reads == [args["x"][1]] and not any(lists):
             packing = getattr(torch.ops.efficientvit_cpu, f"{op}_pack")
             packed = packing(*(c for name, (c, _, _) in args.items() if name not in ("x", flag)))
@@ -193,3 +213,153 @@ def cpu_graph(module, example):
         return program.run(x)
 
     return run
+
+
+def cpu_replay(model):
+    """Makes ``model``'s calls on CPU replay C++ programs, as ``cpu_graph``'s, captured as it
+    runs; returns ``model``. ``convert`` does this to the models it returns (``cpu_replay=True``).
+
+    A call ``model(x)`` is replayed when nothing about it needs Python: one CPU tensor, no
+    gradient asked for (``torch.no_grad()``, ``torch.inference_mode()``, or neither x nor any
+    weight requiring one), every module in eval mode, no hooks, and no tracing, compiling or
+    dispatch mode at work. The second such call with an input of the same shape, strides and
+    dtype captures a program for it (``torch.export``, a fraction of a second; over a second
+    the first time in a process); later ones run it. Every other call runs module by module, as
+    without replay. Unlike ``cpu_graph``'s, the program reads the module's own weights and the
+    fused ops' packing cache, so weights changed in place are seen (through ``.data``: call
+    ``ops.clear_packing_cache()``, as for the ops); a change to the model itself (a module,
+    weight or attribute replaced or added, a hook) is seen at the next call, which drops the
+    programs and starts again. After 8 captures a model runs module by module for new inputs.
+    A capture that fails warns and leaves that input to the modules.
+
+    Deep copies and pickles of the model run module by module until passed here again.
+    """
+    model._compiled_call_impl = _Replay(model)  # nn.Module.__call__ calls it in place of forward
+    return model
+
+
+class _Replay:
+    """The call that cpu_replay installs: its programs, per input shape, strides and dtype, and
+    the model state they were captured for."""
+
+    max_captures = 8
+
+    def __init__(self, model):
+        self._model = model
+        self._lock = threading.Lock()
+        self._state = None      # the model's _ModelState at the last call
+        self._captured = None   # the _ModelState the programs were captured in
+        self._programs = {}     # input key -> Program, or None where a capture failed
+        self._seen = set()      # input keys called once since the state was taken
+        self._captures = 0
+
+    def __call__(self, *args, **kwargs):
+        model = self._model
+        if len(args) == 1 and not kwargs and _replayable(args[0]):
+            program = self._program(model, args[0])
+            if program is not None:
+                return program.run(args[0])
+        return model._call_impl(*args, **kwargs)
+
+    def _program(self, model, x):
+        state = self._state
+        if state is None or state.changed():
+            with self._lock:
+                self._state = state = _ModelState(model)
+        if not state.replayable():
+            return None
+        if state is not self._captured and self._captured is not None:
+            with self._lock:  # back as captured (eval after train), or changed: start again
+                if self._captured.differs(state.values):
+                    self._programs, self._seen, self._captured = {}, set(), None
+                else:
+                    self._state = self._captured
+        key = (x.shape, x.stride(), x.dtype)
+        program = self._programs.get(key, _MISSING)
+        if program is not _MISSING:
+            return program
+        with self._lock:
+            if self._captures >= self.max_captures:
+                return None
+            if key not in self._seen:
+                self._seen.add(key)
+                return None
+            self._captures += 1
+            self._programs[key] = program = self._capture(model, x)
+            # as the capture left it (export restores the model)
+            self._state = self._captured = _ModelState(model)
+        return program
+
+    @staticmethod
+    def _capture(model, x):
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                example = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+                return _Capture(torch.export.export(model, (example,)), live=model).program
+        except Exception as e:  # noqa: BLE001  the modules compute what the program would
+            warnings.warn(f"efficientvit_kernels.cpu_replay: {type(model).__name__} on "
+                          f"{tuple(x.shape)} {x.dtype} runs module by module: no program "
+                          f"({type(e).__name__}: {e})", stacklevel=4)
+            return None
+
+
+_MISSING = object()
+
+
+def _replayable(x):
+    """Whether a call on x may skip the model's Python: a plain CPU tensor, no gradient, and
+    no tracing, compiling or mode that must see each op."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.layout == torch.strided
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+class _ModelState:
+    """What a program captured from a model assumed: every module's attributes, parameters,
+    buffers and children, as they were (a forward reads nothing else without a change to its
+    code; an empty dict of parameters, buffers or children is left out: a forward that reads
+    none ignores what is added). Taken and compared in C loops: at batch 1 a Python loop over
+    the model's modules would cost a tenth of what replay saves."""
+
+    def __init__(self, model):
+        modules = list(model.modules())
+        self.dicts = [d for m in modules for d in (m.__dict__, m._parameters, m._buffers, m._modules)
+                      if d or d is m.__dict__]
+        self.values = self._values()
+        tensors = [i for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)]
+        self.tensors = [self.values[i] for i in tensors]
+        # Tensors are compared by identity (the program holds the objects); the rest by value.
+        self.take_tensors = operator.itemgetter(*tensors) if len(tensors) > 1 else (
+            lambda values: tuple(values[i] for i in tensors))
+        self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks,
+                                                   m._backward_hooks, m._backward_pre_hooks)]
+        self.eval = not any(m.training for m in modules)
+
+    def _values(self):
+        return list(itertools.chain.from_iterable(map(dict.values, self.dicts)))
+
+    def changed(self):
+        return self.differs(self._values())
+
+    def differs(self, values):
+        try:  # identical elements compare equal without a call; a tensor replaced may raise
+            if values != self.values:
+                return True
+        except Exception:  # noqa: BLE001  (ambiguous truth of a compared tensor or array)
+            return True
+        return not all(map(operator.is_, self.take_tensors(values), self.tensors))
+
+    def replayable(self):
+        """No hook to call, no module training, no gradient to record for a weight."""
+        return (self.eval and not any(map(len, self.hooks)) and not _global_module_hooks()
+                and not (torch.is_grad_enabled()
+                         and any(map(operator.attrgetter("requires_grad"), self.tensors))))
+
+
+def _global_module_hooks():
+    m = torch.nn.modules.module
+    return (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+            or m._global_backward_pre_hooks)

@@ -1,0 +1,178 @@
+"""A converted model's calls on CPU replayed as one C++ program (cpu_replay): the same values as
+module by module, bit for bit; no Python between the ops once captured; and module by module
+again wherever the program would differ from the modules: hooks, training mode, gradients,
+tracing, a changed model. Weights changed after capture are used."""
+import copy
+import pickle
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import efficientvit_kernels as K
+import python_ref as R
+from efficientvit_kernels.testing import assert_close
+
+
+@pytest.fixture(scope="module")
+def model():
+    return R.randomize_(R.build("m0"), seed=5).eval()
+
+
+@pytest.fixture
+def fused(model):
+    return K.convert(model)
+
+
+def forwards(fn):
+    """How many Python forward methods run in fn()."""
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        calls += event == "call" and frame.f_code.co_name == "forward"
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def replayed(model, x):
+    """model(x), and whether it ran without Python forwards (the replay)."""
+    out = []
+    return forwards(lambda: out.append(model(x))) == 0, out[0]
+
+
+X = torch.randn(2, 3, 96, 96)
+
+
+@torch.no_grad()
+def test_replay_matches_the_modules_bit_for_bit(model):
+    fused, plain = K.convert(model), K.convert(model, cpu_replay=False)
+    channels_last = X.to(memory_format=torch.channels_last)
+    for x in (X, torch.randn(1, 3, 64, 64), channels_last):
+        expected = plain(x)
+        is_replayed, out = replayed(fused, x)  # a first call: the modules
+        assert not is_replayed and torch.equal(out, expected)
+        assert torch.equal(fused(x), expected)  # the second captures, then runs the program
+        is_replayed, out = replayed(fused, x)
+        assert is_replayed and torch.equal(out, expected)
+    assert_close(fused(X), model(X), torch.float32)
+    assert forwards(lambda: plain(X)) > 0 and forwards(lambda: plain(X)) > 0
+
+
+@torch.no_grad()
+def test_weights_changed_after_capture_are_used(model):
+    fused, plain = K.convert(model), K.convert(model, cpu_replay=False)
+    fused(X), fused(X)
+    for m in (fused, plain):  # in place, as load_state_dict does
+        m.head.weight.mul_(-1)
+        m.blocks1[0].mixer.qkv_weight.mul_(0.5)
+    assert torch.equal(fused(X), plain(X))
+    assert replayed(fused, X)[0]
+    bias, b2 = torch.randn(1000), torch.randn_like(plain.blocks1[0].ffn0.b2)
+    for m in (fused, plain):  # replaced: the model changed, captured again
+        m.head.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        m.blocks1[0].ffn0.b2 = b2.clone()
+    expected = plain(X)
+    for _ in range(3):
+        assert torch.equal(fused(X), expected)
+    assert replayed(fused, X)[0]
+    fused.head = plain.head = nn.Linear(192, 10)  # a module replaced
+    assert torch.equal(fused(X), plain(X)) and fused(X).shape == (2, 10)
+
+
+@torch.no_grad()
+def test_hooks_training_and_gradients_run_the_modules(fused):
+    fused(X), fused(X)
+    assert replayed(fused, X)[0]
+    seen = []
+    handle = fused.blocks1[0].mixer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    out = fused(X)
+    assert len(seen) == 1
+    handle.remove()
+    assert torch.equal(out, fused(X)) and replayed(fused, X)[0]
+    handle = fused.register_forward_pre_hook(lambda m, i: seen.append("root"))
+    fused(X)
+    assert seen[-1] == "root"
+    handle.remove()
+    fused.train()
+    assert not replayed(fused, X)[0]
+    fused.eval()  # as captured: the program again
+    assert replayed(fused, X)[0]
+    fused.head.weight.requires_grad_(True)
+    with torch.enable_grad():
+        assert fused(X).requires_grad  # the modules record the head's gradient
+    with torch.no_grad():
+        assert replayed(fused, X)[0]  # nothing to record
+
+
+def test_gradient_mode_inference_mode_and_other_inputs(fused):
+    with torch.enable_grad():
+        fused(X), fused(X)
+        is_replayed, out = replayed(fused, X)
+        assert is_replayed and not out.requires_grad
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 80, 80)
+        fused(x), fused(x)  # captured inside inference mode
+        assert replayed(fused, x)[0]
+    with torch.no_grad():
+        assert not replayed(fused, nn.Parameter(X))[0]
+
+
+@torch.no_grad()
+def test_tracing_and_compiling_see_the_modules(fused):
+    fused(X), fused(X)
+    exported = torch.export.export(fused, (X,))
+    assert any(n.target == torch.ops.efficientvit.cga.default for n in exported.graph.nodes)
+    assert torch.equal(exported.module()(X), fused(X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fused, X)
+    assert "efficientvit::cga" in str(traced.inlined_graph)
+    assert_close(traced(X), fused(X), torch.float32)
+
+
+@torch.no_grad()
+def test_copies_run_the_modules_until_replayed_again(fused):
+    fused(X), fused(X)
+    for copied in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        copied(X)
+        assert not replayed(copied, X)[0]
+        K.cpu_replay(copied)
+        copied(X), copied(X)
+        is_replayed, out = replayed(copied, X)
+        assert is_replayed and torch.equal(out, fused(X))
+
+
+class _TwoOutputs(nn.Module):
+    def forward(self, x):
+        return x.relu(), x.sigmoid()
+
+
+@torch.no_grad()
+def test_a_model_no_program_holds_warns_and_runs_its_modules():
+    model = K.cpu_replay(_TwoOutputs().eval())
+    x = torch.randn(2, 3)
+    model(x)
+    with pytest.warns(UserWarning, match="runs module by module"):
+        relu, sigmoid = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once for this input
+        relu, sigmoid = model(x)
+    assert torch.equal(relu, x.relu()) and torch.equal(sigmoid, x.sigmoid())
+
+
+@torch.no_grad()
+def test_captures_are_bounded(fused, monkeypatch):
+    monkeypatch.setattr(type(fused._compiled_call_impl), "max_captures", 2)
+    sizes = (32, 48, 64)
+    for size in sizes:
+        x = torch.randn(1, 3, size, size)
+        fused(x), fused(x)
+    assert [replayed(fused, torch.randn(1, 3, s, s))[0] for s in sizes] == [True, True, False]
