@@ -117,6 +117,10 @@ def test_gradient_mode_inference_mode_and_other_inputs(fused):
         fused(X), fused(X)
         is_replayed, out = replayed(fused, X)
         assert is_replayed and not out.requires_grad
+        x = X.clone().requires_grad_()
+        for _ in range(2):  # the modules' error, not a replay without gradients
+            with pytest.raises(RuntimeError, match="no backward formula"):
+                fused(x)
     with torch.inference_mode():
         x = torch.randn(1, 3, 80, 80)
         fused(x), fused(x)  # captured inside inference mode
@@ -148,6 +152,28 @@ def test_copies_run_the_modules_until_replayed_again(fused):
         copied(X), copied(X)
         is_replayed, out = replayed(copied, X)
         assert is_replayed and torch.equal(out, fused(X))
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([2.0]))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@torch.no_grad()
+def test_a_weight_replaced_by_an_equal_one_is_the_new_one():
+    """The program holds weights by identity: an equal replacement, changed in place later,
+    must not leave it reading the old one."""
+    model = K.cpu_replay(_Scale().eval())
+    x = torch.ones(3)
+    model(x), model(x)
+    model.scale = torch.tensor([2.0])
+    model(x), model(x)
+    model.scale.mul_(3)
+    assert torch.equal(model(x), torch.full((3,), 6.0))
 
 
 class _TwoOutputs(nn.Module):
