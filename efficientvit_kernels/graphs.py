@@ -154,15 +154,20 @@ class _Capture:
         namespace, op = node.target._schema.name.split("::")
         constants, slots, lists = zip(*args.values())
         reads = [s for s in slots if s >= 0] + [s for list_slots in lists for s in list_slots if s >= 0]
-        flag = _PACKED_FLAG.get(op) if namespace == "efficientvit" and self.live is None else None
-        if flag is not None and reads == [args["x"][1]] and not any(lists):
-            packing = getattr(torch.ops.efficientvit_cpu, f"{op}_pack")
-            packed = packing(*(c for name, (c, _, _) in args.items() if name not in ("x", flag)))
+        flag = _PACKED_FLAG.get(op) if namespace == "efficientvit" else None
+        packable = flag is not None and reads == [args["x"][1]] and not any(lists)
+        if packable:
+            packing = [c for name, (c, _, _) in args.items() if name not in ("x", flag)]
+            packed = getattr(torch.ops.efficientvit_cpu, f"{op}_pack")(*packing)
+        if packable and self.live is None:
             self.slots[node] = self.program.add_packed(packed, args["x"][1], args[flag][0])
         else:
             self.slots[node] = self.program.add_op(
                 node.target._schema.name, node.target._schema.overload_name,
                 list(constants), list(slots), list(lists))
+            if packable:  # the op's packing, used while the live weights are unchanged
+                self.program.pack_last(packed, args[flag][0], f"efficientvit_cpu::{op}_pack",
+                                       packing)
         self.reads.append(reads)
         returns = node.target._schema.returns
         if len(returns) == 1 and isinstance(returns[0].type, torch.ListType):

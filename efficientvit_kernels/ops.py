@@ -42,7 +42,8 @@ def clear_packing_cache():
     """Drops the CPU kernels' packed weights. An op called with plain weights on CPU packs them
     on its first call and reuses the packing while each weight keeps its storage, sizes, strides
     and version counter; a change through ``.data`` bumps no version counter: call this after
-    one. (The fused modules call the ops: the same holds for their weight buffers.)"""
+    one. (The fused modules call the ops: the same holds for their weight buffers, and for a
+    converted model's replay, ``cpu_replay``, whose programs pack again after this.)"""
     torch.ops.efficientvit_cpu.clear_packing_cache()
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import efficientvit_kernels as K
 import python_ref as R
-from efficientvit_kernels.testing import assert_close
+from efficientvit_kernels.testing import assert_close, packings, profiled_calls
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,16 @@ def test_replay_matches_the_modules_bit_for_bit(model):
         expected = plain(x)
         is_replayed, out = replayed(fused, x)  # a first call: the modules
         assert not is_replayed and torch.equal(out, expected)
-        assert torch.equal(fused(x), expected)  # the second captures, then runs the program
+        # the second captures (the ops' packings, from their cache), then runs the program
+        assert packings(lambda: torch.equal(fused(x), expected)) == 0
+        assert torch.equal(fused(x), expected)
         is_replayed, out = replayed(fused, x)
         assert is_replayed and torch.equal(out, expected)
+    names = set(profiled_calls(lambda: fused(X)))  # the kernels on packed weights, no op call
+    ops = ("cga", "ffn", "conv1x1", "patch_embed")
+    assert {f"efficientvit_cpu::{op}_packed" for op in ops} <= names
+    assert not names & {f"efficientvit::{op}" for op in ops}
+    assert packings(lambda: fused(X)) == 0
     assert_close(fused(X), model(X), torch.float32)
     assert forwards(lambda: plain(X)) > 0 and forwards(lambda: plain(X)) > 0
 
@@ -69,13 +76,19 @@ def test_replay_matches_the_modules_bit_for_bit(model):
 @torch.no_grad()
 def test_weights_changed_after_capture_are_used(model):
     fused, plain = K.convert(model), K.convert(model, cpu_replay=False)
-    fused(X), fused(X)
+    fused(X), fused(X), plain(X)
     for m in (fused, plain):  # in place, as load_state_dict does
         m.head.weight.mul_(-1)
         m.blocks1[0].mixer.qkv_weight.mul_(0.5)
-    assert torch.equal(fused(X), plain(X))
+    expected = plain(X)
+    assert packings(lambda: torch.equal(fused(X), expected)) == 1  # the attention's, once
+    assert torch.equal(fused(X), plain(X)) and packings(lambda: fused(X)) == 0
     assert replayed(fused, X)[0]
     bias, b2 = torch.randn(1000), torch.randn_like(plain.blocks1[0].ffn0.b2)
+    for m in (fused, plain):  # through .data: seen once the packings are cleared
+        m.blocks1[0].ffn0.w1.data.mul_(-1)
+    K.ops.clear_packing_cache()
+    assert torch.equal(fused(X), plain(X))
     for m in (fused, plain):  # replaced: the model changed, captured again
         m.head.bias = nn.Parameter(bias.clone(), requires_grad=False)
         m.blocks1[0].ffn0.b2 = b2.clone()

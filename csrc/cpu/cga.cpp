@@ -380,8 +380,8 @@ void run_cga(const CgaDims& dims, const DenseIO& io, at::TensorList packed, bool
 // The sizes a packing fixes, in PackedWeights::sizes.
 enum CgaSize { kHeads, kKeyDim, kValueDim, kKernel, kWindow, kCgaSizes };
 
-// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
-// the op, which packs once per set of weights (cached_packing) and runs.
+// The entry points: the op on packed weights, the packing (after the anonymous namespace), its
+// cached form (X_pack's), and the op, which packs once per set of weights and runs.
 
 at::Tensor cga_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool residual) {
   const std::vector<int64_t>& s = weights.sizes;
@@ -418,18 +418,27 @@ Packed cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
       std::move(sizes), channels, qkv_weight.scalar_type());
 }
 
+Packed cga_cached_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                           const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+                           const at::Tensor& attention_bias, const at::Tensor& proj_weight,
+                           const at::Tensor& proj_bias, int64_t window_size, double scale) {
+  return cached_packing(
+      "cga", {qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias},
+      {static_cast<double>(window_size), scale}, [&] {
+        return cga_pack_cpu(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
+                            proj_weight, proj_bias, window_size, scale);
+      });
+}
+
 at::Tensor cga_cpu(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
                    const at::Tensor& dw_weight, const at::Tensor& dw_bias,
                    const at::Tensor& attention_bias, const at::Tensor& proj_weight,
                    const at::Tensor& proj_bias, int64_t window_size, double scale, bool residual) {
   check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
             window_size);
-  const Packed packed = cached_packing(
-      "cga", {qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias},
-      {static_cast<double>(window_size), scale}, [&] {
-        return cga_pack_cpu(qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias,
-                            proj_weight, proj_bias, window_size, scale);
-      });
+  const Packed packed = cga_cached_pack_cpu(qkv_weight, qkv_bias, dw_weight, dw_bias,
+                                            attention_bias, proj_weight, proj_bias, window_size,
+                                            scale);
   return cga_packed_cpu(x, *packed, residual);
 }
 

@@ -134,8 +134,8 @@ at::Tensor run_conv1x1(const at::Tensor& x, at::TensorList packed, int64_t Co, b
   return output.contiguous(output_memory_format(x));
 }
 
-// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
-// the op, which packs once per set of weights (cached_packing) and runs.
+// The entry points: the op on packed weights, the packing (after the anonymous namespace), its
+// cached form (X_pack's), and the op, which packs once per set of weights and runs.
 
 at::Tensor conv1x1_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool relu) {
   return run_conv1x1(x, weights.tensors, weights.sizes[0], relu);
@@ -157,16 +157,22 @@ Packed conv1x1_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
       std::vector<int64_t>{weight.size(0)}, weight.size(1), weight.scalar_type());
 }
 
+Packed conv1x1_cached_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,
+                               const std::optional<at::Tensor>& dw_weight,
+                               const std::optional<at::Tensor>& dw_bias) {
+  std::vector<at::Tensor> weights{weight, bias};
+  if (dw_weight) weights.push_back(*dw_weight);
+  if (dw_bias) weights.push_back(*dw_bias);
+  return cached_packing("conv1x1", weights, {}, [&] {
+    return conv1x1_pack_cpu(weight, bias, dw_weight, dw_bias);
+  });
+}
+
 at::Tensor conv1x1_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        bool relu, const std::optional<at::Tensor>& dw_weight,
                        const std::optional<at::Tensor>& dw_bias) {
   check_conv1x1(x, weight, bias, dw_weight, dw_bias);
-  std::vector<at::Tensor> weights{weight, bias};
-  if (dw_weight) weights.insert(weights.end(), {*dw_weight, *dw_bias});
-  const Packed packed = cached_packing("conv1x1", weights, {}, [&] {
-    return conv1x1_pack_cpu(weight, bias, dw_weight, dw_bias);
-  });
-  return conv1x1_packed_cpu(x, *packed, relu);
+  return conv1x1_packed_cpu(x, *conv1x1_cached_pack_cpu(weight, bias, dw_weight, dw_bias), relu);
 }
 
 EFFICIENTVIT_ISA_END

@@ -58,8 +58,8 @@ void run_ffn(const DenseIO& io, at::TensorList packed, bool residual) {
   });
 }
 
-// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
-// the op, which packs once per set of weights (cached_packing) and runs.
+// The entry points: the op on packed weights, the packing (after the anonymous namespace), its
+// cached form (X_pack's), and the op, which packs once per set of weights and runs.
 
 at::Tensor ffn_packed_cpu(const at::Tensor& x, const PackedWeights& weights, bool residual) {
   const DenseIO io = dense_input_and_output(x);
@@ -78,12 +78,15 @@ Packed ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor
                                             std::vector<int64_t>{}, w1.size(1), w1.scalar_type());
 }
 
+Packed ffn_cached_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                           const at::Tensor& b2) {
+  return cached_packing("ffn", {w1, b1, w2, b2}, {}, [&] { return ffn_pack_cpu(w1, b1, w2, b2); });
+}
+
 at::Tensor ffn_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                    const at::Tensor& w2, const at::Tensor& b2, bool residual) {
   check_ffn(x, w1, b1, w2, b2);
-  const Packed packed = cached_packing("ffn", {w1, b1, w2, b2}, {},
-                                       [&] { return ffn_pack_cpu(w1, b1, w2, b2); });
-  return ffn_packed_cpu(x, *packed, residual);
+  return ffn_packed_cpu(x, *ffn_cached_pack_cpu(w1, b1, w2, b2), residual);
 }
 
 EFFICIENTVIT_ISA_END

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -192,9 +193,32 @@ Packed cached_packing(const char* op, at::TensorList weights, std::vector<double
   return packed;
 }
 
+HeldWeight::HeldWeight(at::Tensor t) : tensor(std::move(t)) {
+  const c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
+  storage = impl->unsafe_storage().unsafeGetStorageImpl();
+  offset = impl->storage_offset();
+  sizes = impl->sizes().vec();
+  strides = impl->strides().vec();
+  version = impl->version_counter().current_version();
+}
+
+bool HeldWeight::unchanged() const {
+  const c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
+  return impl->unsafe_storage().unsafeGetStorageImpl() == storage &&
+         impl->storage_offset() == offset && impl->sizes().equals(sizes) &&
+         impl->strides().equals(strides) && impl->version_counter().current_version() == version;
+}
+
+namespace {
+std::atomic<uint64_t> cleared_count{0};
+}  // namespace
+
+uint64_t packing_cache_clears() { return cleared_count.load(std::memory_order_acquire); }
+
 void clear_packing_cache() {
   PackingCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
+  cleared_count.fetch_add(1, std::memory_order_acq_rel);
   c.entries.clear();
   c.buckets.clear();
   c.bytes = 0;
@@ -211,6 +235,7 @@ TORCH_LIBRARY(efficientvit_cpu, m) {
       .def(torch::init<>())
       .def("add_op", &efficientvit::cpu::Program::add_op)
       .def("add_packed", &efficientvit::cpu::Program::add_packed)
+      .def("pack_last", &efficientvit::cpu::Program::pack_last)
       .def("add_item", &efficientvit::cpu::Program::add_item)
       .def("finish", &efficientvit::cpu::Program::finish)
       .def("run", &efficientvit::cpu::Program::run);
@@ -227,8 +252,8 @@ TORCH_LIBRARY(efficientvit_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(efficientvit_cpu, CPU, m) {
-  m.impl("cga_pack", EFFICIENTVIT_SELECT_ISA(cga_pack_cpu));
-  m.impl("ffn_pack", EFFICIENTVIT_SELECT_ISA(ffn_pack_cpu));
-  m.impl("conv1x1_pack", EFFICIENTVIT_SELECT_ISA(conv1x1_pack_cpu));
-  m.impl("patch_embed_pack", EFFICIENTVIT_SELECT_ISA(patch_embed_pack_cpu));
+  m.impl("cga_pack", EFFICIENTVIT_SELECT_ISA(cga_cached_pack_cpu));
+  m.impl("ffn_pack", EFFICIENTVIT_SELECT_ISA(ffn_cached_pack_cpu));
+  m.impl("conv1x1_pack", EFFICIENTVIT_SELECT_ISA(conv1x1_cached_pack_cpu));
+  m.impl("patch_embed_pack", EFFICIENTVIT_SELECT_ISA(patch_embed_cached_pack_cpu));
 }

@@ -1,6 +1,6 @@
 // Weights packed once for a CPU kernel, ahead of the calls: a private detail of the CPU backend.
-// The ops pack through cached_packing (below); the op X_pack (parameters) returns a
-// PackedWeights too (schemas in packed_weights.cpp, namespace efficientvit_cpu), whose method
+// The ops pack through cached_packing (below), as the op X_pack (parameters) does, which returns
+// the PackedWeights (schemas in packed_weights.cpp, namespace efficientvit_cpu), whose method
 // run(x, flag) computes op X on x. The tensors are in the kernel's layout (transposed, padded to
 // the running instruction-set level's vector width, ...) and stay inside the object; the sizes
 // the packing fixed travel with them, so no call can contradict them.
@@ -44,6 +44,20 @@ struct PackedWeights : torch::CustomClassHolder {
 
 using Packed = c10::intrusive_ptr<PackedWeights>;
 
+// A weight whose tensor is held (a Program holds its weights), so that it can change only in
+// place (its version counter) or through .data / set_ (its storage, offset, sizes or strides):
+// checked without a reference count or a copy.
+struct HeldWeight {
+  explicit HeldWeight(at::Tensor t);
+  bool unchanged() const;
+
+  at::Tensor tensor;
+  const c10::StorageImpl* storage;
+  int64_t offset;
+  std::vector<int64_t> sizes, strides;
+  uint32_t version;
+};
+
 // The packing of an op's weights: made by pack on the first call with these weights and reused
 // by later calls with the same weights, unchanged, so the ops called with plain weights (as
 // exported, compiled and AOTInductor graphs call them) pack once, not on every call. A weight is
@@ -59,23 +73,27 @@ using Packed = c10::intrusive_ptr<PackedWeights>;
 Packed cached_packing(const char* op, at::TensorList weights, std::vector<double> scalars,
                       c10::function_ref<Packed()> pack);
 void clear_packing_cache();
+// How many times clear_packing_cache() has run: a packing held outside the cache (a Program's) is
+// made again once it has.
+uint64_t packing_cache_clears();
 constexpr size_t kPackingCacheBytes = size_t{1} << 30;
 constexpr size_t kPackingCacheEntries = 1024;
 
-// Each op's packing, one per instruction-set level (defined beside the op's kernel, in the
-// level's namespace, see cpu/isa.h; registered by packed_weights.cpp, where the class is, so that
-// its type is known first, with the level chosen at load).
+// Each op's packing through cached_packing (so the op X_pack and the op X share one packing of a
+// set of weights), one per instruction-set level (defined beside the op's kernel, in the level's
+// namespace, see cpu/isa.h; registered by packed_weights.cpp, where the class is, so that its
+// type is known first, with the level chosen at load).
 #define EFFICIENTVIT_DECLARE_PACKINGS                                                          \
-  Packed cga_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,                \
-                      const at::Tensor& dw_weight, const at::Tensor& dw_bias,                  \
-                      const at::Tensor& attention_bias, const at::Tensor& proj_weight,         \
-                      const at::Tensor& proj_bias, int64_t window_size, double scale);         \
-  Packed ffn_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,        \
-                      const at::Tensor& b2);                                                   \
-  Packed conv1x1_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,                    \
-                          const std::optional<at::Tensor>& dw_weight,                          \
-                          const std::optional<at::Tensor>& dw_bias);                           \
-  Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases);
+  Packed cga_cached_pack_cpu(const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,         \
+                             const at::Tensor& dw_weight, const at::Tensor& dw_bias,           \
+                             const at::Tensor& attention_bias, const at::Tensor& proj_weight,  \
+                             const at::Tensor& proj_bias, int64_t window_size, double scale);  \
+  Packed ffn_cached_pack_cpu(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, \
+                             const at::Tensor& b2);                                            \
+  Packed conv1x1_cached_pack_cpu(const at::Tensor& weight, const at::Tensor& bias,             \
+                                 const std::optional<at::Tensor>& dw_weight,                   \
+                                 const std::optional<at::Tensor>& dw_bias);                    \
+  Packed patch_embed_cached_pack_cpu(at::TensorList weights, at::TensorList biases);
 namespace baseline {
 EFFICIENTVIT_DECLARE_PACKINGS
 }

@@ -304,8 +304,8 @@ at::Tensor run_stem(const at::Tensor& x, at::TensorList packed, c10::ArrayRef<in
   return output;
 }
 
-// The entry points: the op on packed weights, the packing (after the anonymous namespace) and
-// the op, which packs once per set of weights (cached_packing) and runs.
+// The entry points: the op on packed weights, the packing (after the anonymous namespace), its
+// cached form (X_pack's), and the op, which packs once per set of weights and runs.
 
 at::Tensor patch_embed_packed_cpu(const at::Tensor& x, const PackedWeights& weights,
                                   bool final_relu) {
@@ -327,15 +327,18 @@ Packed patch_embed_pack_cpu(at::TensorList weights, at::TensorList biases) {
                                             weights[0].size(1), weights[0].scalar_type());
 }
 
+Packed patch_embed_cached_pack_cpu(at::TensorList weights, at::TensorList biases) {
+  std::vector<at::Tensor> tensors(weights.begin(), weights.end());
+  tensors.insert(tensors.end(), biases.begin(), biases.end());
+  return cached_packing("patch_embed", tensors, {}, [&] {
+    return patch_embed_pack_cpu(weights, biases);
+  });
+}
+
 at::Tensor patch_embed_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                            bool final_relu) {
   check_patch_embed(x, weights, biases);
-  std::vector<at::Tensor> tensors(weights.begin(), weights.end());
-  tensors.insert(tensors.end(), biases.begin(), biases.end());
-  const Packed packed = cached_packing("patch_embed", tensors, {}, [&] {
-    return patch_embed_pack_cpu(weights, biases);
-  });
-  return patch_embed_packed_cpu(x, *packed, final_relu);
+  return patch_embed_packed_cpu(x, *patch_embed_cached_pack_cpu(weights, biases), final_relu);
 }
 
 EFFICIENTVIT_ISA_END

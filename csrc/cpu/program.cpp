@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <utility>
 
 namespace efficientvit::cpu {
@@ -94,6 +95,40 @@ int64_t Program::add_packed(Packed packed, int64_t input, bool flag) {
   return add_step(std::move(step));
 }
 
+void Program::pack_last(Packed packed, bool flag, const std::string& packing,
+                        std::vector<c10::IValue> packing_arguments) {
+  TORCH_CHECK(output_ < 0, "efficientvit: a finished program takes no more steps");
+  TORCH_CHECK_VALUE(!steps_.empty() && steps_.back().op && !steps_.back().slots.empty() &&
+                        steps_.back().slots[0] >= 0,
+                    "efficientvit: pack_last needs an op step on a computed x");
+  auto path = std::make_shared<PackedPath>();
+  path->packed = std::move(packed);
+  path->flag = flag;
+  path->packing = c10::Dispatcher::singleton().findSchemaOrThrow(packing.c_str(), "");
+  for (const c10::IValue& v : packing_arguments) {
+    if (v.isTensor()) path->weights.emplace_back(v.toTensor());
+    if (v.isTensorList())
+      for (const at::Tensor& t : v.toTensorVector()) path->weights.emplace_back(t);
+  }
+  path->clears = packing_cache_clears();
+  path->arguments = std::move(packing_arguments);
+  steps_.back().packed_path = std::move(path);
+}
+
+Packed Program::PackedPath::current() {
+  std::lock_guard<std::mutex> lock(mutex);
+  const uint64_t now = packing_cache_clears();
+  if (now != clears || !std::all_of(weights.begin(), weights.end(),
+                                    [](const HeldWeight& w) { return w.unchanged(); })) {
+    torch::jit::Stack stack(arguments.begin(), arguments.end());
+    packing->callBoxed(stack);
+    packed = stack.at(0).toCustomClass<PackedWeights>();
+    for (HeldWeight& w : weights) w = HeldWeight(w.tensor);
+    clears = now;
+  }
+  return packed;
+}
+
 int64_t Program::add_item(int64_t list, int64_t index) {
   TORCH_CHECK_VALUE(index >= 0, "efficientvit: a list has no element ", index);
   Step step;
@@ -119,7 +154,10 @@ at::Tensor Program::run(const at::Tensor& x) const {
   values[0] = x;
   torch::jit::Stack stack;
   for (const Step& step : steps_) {
-    if (step.packed) {
+    if (step.packed_path) {
+      values[step.first_output] = step.packed_path->current()->run(
+          values[step.slots[0]].toTensor(), step.packed_path->flag);
+    } else if (step.packed) {
       values[step.first_output] = step.packed->run(values[step.slots[0]].toTensor(), step.flag);
     } else if (step.item >= 0) {
       const c10::ArrayRef<c10::IValue> list = values[step.slots[0]].toListRef();

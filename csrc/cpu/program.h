@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,6 +30,14 @@ struct Program : torch::CustomClassHolder {
                  std::vector<std::vector<int64_t>> lists);
   // A fused op's kernel on packed weights, on the value of slot `input` (PackedWeights::run).
   int64_t add_packed(Packed packed, int64_t input, bool flag);
+  // The last step added, a fused op's call on the value of its first argument x, runs as the
+  // kernel of `packed` on x while the weights it was packed from (the tensors among
+  // `packing_arguments`, which the program holds) are unchanged (HeldWeight) and the packing
+  // cache has not been cleared: no argument checks, no packing-cache lookup. Otherwise the
+  // packing op `packing` ("efficientvit_cpu::ffn_pack") is called on `packing_arguments` again,
+  // and its result runs.
+  void pack_last(Packed packed, bool flag, const std::string& packing,
+                 std::vector<c10::IValue> packing_arguments);
   // Element `index` of the list in slot `list` (an operator's Tensor[] output).
   int64_t add_item(int64_t list, int64_t index);
   // The slots no step after `step` reads: dropped after it, so that memory is reused while
@@ -37,7 +47,22 @@ struct Program : torch::CustomClassHolder {
   at::Tensor run(const at::Tensor& x) const;
 
  private:
+  // A packed kernel standing in for an op step while its weights are unchanged.
+  struct PackedPath {
+    Packed packed;
+    bool flag = false;
+    std::optional<c10::OperatorHandle> packing;
+    std::vector<c10::IValue> arguments;  // packing's
+    std::vector<HeldWeight> weights;     // the tensors among them, as they were when packed
+    uint64_t clears = 0;                 // packing_cache_clears() when packed
+    std::mutex mutex;                    // runs on several threads may find a weight changed
+
+    // The packing of the weights as they are now.
+    Packed current();
+  };
+
   struct Step {
+    std::shared_ptr<PackedPath> packed_path;  // run while its weights are unchanged, or else
     std::optional<c10::OperatorHandle> op;  // called boxed, or else
     Packed packed;                          // run on slots[0], or else
     int64_t item = -1;                      // this element of the list in slots[0]
