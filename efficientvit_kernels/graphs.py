@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from . import ops  # noqa: F401  (loads the library that defines efficientvit_cpu.Program)
+from .modules import _Fused
 
 __all__ = ["cuda_graph", "cpu_graph", "cpu_replay"]
 
@@ -275,7 +276,7 @@ class _Replay:
             return None
         if state is not self._captured and self._captured is not None:
             with self._lock:  # back as captured (eval after train), or changed: start again
-                if self._captured.differs(state.values):
+                if self._captured.differs(state):
                     self._programs, self._seen, self._captured = {}, set(), None
                 else:
                     self._state = self._captured
@@ -327,41 +328,66 @@ class _ModelState:
     buffers and children, as they were (a forward reads nothing else without a change to its
     code; an empty dict of parameters, buffers or children is left out: a forward that reads
     none ignores what is added). Taken and compared in C loops: at batch 1 a Python loop over
-    the model's modules would cost a tenth of what replay saves."""
+    the model's modules would cost a tenth of what replay saves. The fused modules' attributes
+    (most of the model's) are compared only after one of them was set (_Fused.attribute_sets);
+    their weights on every call."""
 
     def __init__(self, model):
         modules = list(model.modules())
-        self.dicts = [d for m in modules for d in (m.__dict__, m._parameters, m._buffers, m._modules)
+        ours = [isinstance(m, _Fused) for m in modules]
+        self.dicts = [d for m, fused in zip(modules, ours)
+                      for d in ((m._buffers,) if fused else
+                                (m.__dict__, m._parameters, m._buffers, m._modules))
                       if d or d is m.__dict__]
-        self.values = self._values()
-        tensors = [i for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)]
-        self.tensors = [self.values[i] for i in tensors]
-        # Tensors are compared by identity (the program holds the objects); the rest by value.
-        self.take_tensors = operator.itemgetter(*tensors) if len(tensors) > 1 else (
-            lambda values: tuple(values[i] for i in tensors))
+        self.values = _Values(self.dicts)
+        self.fused_dicts = [m.__dict__ for m, fused in zip(modules, ours) if fused]
+        self.fused_values = _Values(self.fused_dicts)
+        self.attribute_sets = _Fused.attribute_sets
         self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks,
                                                    m._backward_hooks, m._backward_pre_hooks)]
-        self.eval = not any(m.training for m in modules)
-
-    def _values(self):
-        return list(itertools.chain.from_iterable(map(dict.values, self.dicts)))
+        self.tensors = self.values.tensors
+        self.eval = not any(m.training for m, fused in zip(modules, ours) if not fused)
 
     def changed(self):
-        return self.differs(self._values())
-
-    def differs(self, values):
-        try:  # identical elements compare equal without a call; a tensor replaced may raise
-            if values != self.values:
+        if _Fused.attribute_sets != self.attribute_sets:
+            if self.fused_values.differ(_Values.of(self.fused_dicts)):
                 return True
-        except Exception:  # noqa: BLE001  (ambiguous truth of a compared tensor or array)
-            return True
-        return not all(map(operator.is_, self.take_tensors(values), self.tensors))
+            self.attribute_sets = _Fused.attribute_sets
+        return self.values.differ(_Values.of(self.dicts))
+
+    def differs(self, other):
+        return (self.values.differ(other.values.values)
+                or self.fused_values.differ(other.fused_values.values))
 
     def replayable(self):
         """No hook to call, no module training, no gradient to record for a weight."""
         return (self.eval and not any(map(len, self.hooks)) and not _global_module_hooks()
                 and not (torch.is_grad_enabled()
                          and any(map(operator.attrgetter("requires_grad"), self.tensors))))
+
+
+class _Values:
+    """The values of some dicts, in order: tensors compared by identity (a program holds the
+    objects), the rest by value."""
+
+    def __init__(self, dicts):
+        self.values = self.of(dicts)
+        positions = [i for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)]
+        self.tensors = [self.values[i] for i in positions]
+        self.take_tensors = operator.itemgetter(*positions) if len(positions) > 1 else (
+            lambda values: tuple(values[i] for i in positions))
+
+    @staticmethod
+    def of(dicts):
+        return list(itertools.chain.from_iterable(map(dict.values, dicts)))
+
+    def differ(self, values):
+        try:  # identical elements compare equal without a call; a tensor replaced may raise
+            if values != self.values:
+                return True
+        except Exception:  # noqa: BLE001  (ambiguous truth of a compared tensor or array)
+            return True
+        return not all(map(operator.is_, self.take_tensors(values), self.tensors))
 
 
 def _global_module_hooks():

@@ -63,11 +63,18 @@ class _Fused(nn.Module):
 
     _op = None          # the op's name in torch.ops.efficientvit
     _weight_names = ()  # the buffers the op reads, in its argument order
+    # Attribute sets on any fused module, counted: cpu_replay compares the fused modules'
+    # attributes with what it captured only after one (per call it compares their weights).
+    attribute_sets = 0
 
     def __init__(self, backend):
         super().__init__()
         backend_ops(backend)  # an unknown or unavailable backend fails here
         self.backend = backend
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        _Fused.attribute_sets += 1
 
     def _set_weights(self, **weights):
         for name, t in weights.items():
