@@ -7,7 +7,7 @@ interleaved rounds. With --timm the models are timm's (converted as users conver
 Runtime and the check run on the reference loaded with the same weights, folded).
 
     python benchmarks/bench_latency.py [--models m0,m1,m2,m3,m4,m5] [--batches 1,16]
-        [--threads 1,2] [--seconds 20] [--aoti] [--compile] [--timm]
+        [--threads 1,2] [--seconds 20] [--aoti] [--compile] [--timm] [--cold]
         [--out benchmarks/results/cpu_latency]
 
 Writes <out>.json (device, versions, build, date; every timing's 10th/50th/90th percentiles)
@@ -88,6 +88,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile of the reference and of the fused model")
     p.add_argument("--timm", action="store_true", help="time timm's models (needs timm)")
+    p.add_argument("--cold", action="store_true",
+                   help="64 MB written before each timed call: every form starts cold "
+                        "(time_interleaved's cold)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_latency"))
     args = p.parse_args(argv)
     rows = []
@@ -102,14 +105,14 @@ def main(argv=None):
                     fns = runners(models[name], name, batch, threads, args, workdir)
                     inputs = [torch.randn(batch, 3, 224, 224) for _ in range(2)]
                     timings = time_interleaved(fns, inputs, warmup=5, budget_s=args.seconds,
-                                               max_rounds=2000)
+                                               max_rounds=2000, cold=args.cold)
                     rows.append(dict(model=name, batch=batch, threads=threads, ms_p10_median_p90={
                         k: [v.p10 * 1e3, v.median * 1e3, v.p90 * 1e3] for k, v in timings.items()},
                         rounds=timings["fused"].samples))
                     print(f"{name} b{batch} t{threads}: " + ", ".join(
                         f"{k} {v.median * 1e3:.2f} ms" for k, v in timings.items()),
                         file=sys.stderr)
-    meta = dict(run_metadata("cpu"), seconds_per_row=args.seconds,
+    meta = dict(run_metadata("cpu"), seconds_per_row=args.seconds, cold=args.cold,
                 models="timm" if args.timm else "python_ref",
                 command="python benchmarks/bench_latency.py " + " ".join(argv or sys.argv[1:]))
     with open(args.out + ".json", "w") as f:
@@ -127,7 +130,10 @@ def markdown(meta, rows):
              f"{(meta['commit'] or '?')[:10]}; models from {meta.get('models', 'python_ref')}; "
              f"`{meta['command']}`.", "",
              "Median forward, ms (10th-90th percentile), all forms of a row timed in "
-             "interleaved rounds, in the columns' order; `fused`: the converted model as called "
+             "interleaved rounds, in the columns' order"
+             + (", each call cold (64 MB written before it, untimed)" if meta.get("cold") else
+                ", each call after the column before it (whose weights may share the cache)")
+             + "; `fused`: the converted model as called "
              "(replayed in C++, `cpu_replay`), `fused, modules`: the same without replay, module "
              "by module; `x ORT`: ONNX Runtime's median over the fused model's, as called, "
              "module by module, replayed by cpu_graph and as an AOTInductor package (above 1: "

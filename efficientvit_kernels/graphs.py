@@ -315,7 +315,7 @@ _MISSING = object()
 def _replayable(x):
     """Whether a call on x may skip the model's Python: a plain CPU tensor, no gradient, and
     no tracing, compiling or mode that must see each op."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.layout == torch.strided
+    return (type(x) is torch.Tensor and x.is_cpu and x.layout == torch.strided
             and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
             and torch._C._len_torch_dispatch_stack() == 0
@@ -335,16 +335,18 @@ class _ModelState:
     def __init__(self, model):
         modules = list(model.modules())
         ours = [isinstance(m, _Fused) for m in modules]
+        hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks,
+                                              m._backward_hooks, m._backward_pre_hooks)]
+        self.hooked = any(hooks)
+        # hooks added or removed change the values' count
         self.dicts = [d for m, fused in zip(modules, ours)
                       for d in ((m._buffers,) if fused else
                                 (m.__dict__, m._parameters, m._buffers, m._modules))
-                      if d or d is m.__dict__]
+                      if d or d is m.__dict__] + hooks
         self.values = _Values(self.dicts)
         self.fused_dicts = [m.__dict__ for m, fused in zip(modules, ours) if fused]
         self.fused_values = _Values(self.fused_dicts)
         self.attribute_sets = _Fused.attribute_sets
-        self.hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks,
-                                                   m._backward_hooks, m._backward_pre_hooks)]
         self.tensors = self.values.tensors
         self.eval = not any(m.training for m, fused in zip(modules, ours) if not fused)
 
@@ -361,7 +363,7 @@ class _ModelState:
 
     def replayable(self):
         """No hook to call, no module training, no gradient to record for a weight."""
-        return (self.eval and not any(map(len, self.hooks)) and not _global_module_hooks()
+        return (self.eval and not self.hooked and not _global_module_hooks()
                 and not (torch.is_grad_enabled()
                          and any(map(operator.attrgetter("requires_grad"), self.tensors))))
 

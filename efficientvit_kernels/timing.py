@@ -6,6 +6,7 @@ not only the median, so the spread of a run is reported with it."""
 import datetime
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -35,25 +36,38 @@ class Timing(NamedTuple):
 
 
 @torch.no_grad()
-def time_interleaved(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, budget_s=3.0):
+def time_interleaved(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, budget_s=3.0,
+                     cold=False):
     """``{name: Timing}`` of ``fn(x)`` for each ``{name: fn}`` in ``runners``, cycling through
     ``inputs`` so caches don't flatter.
 
-    The runners are timed in interleaved rounds (each called once per round, in turn), so a
-    slow or fast spell of a shared machine affects them alike and their ratios hold. Rounds
+    ``cold`` (CPU): before each timed call, untimed, 64 MB are written, so that every runner
+    starts with nothing of its own in the caches (weights, code, the interpreter's state), as
+    when other work runs between calls; otherwise a runner finds what the one before it left
+    (a runner after one that shares its weights finds them in cache, after one that does not
+    finds its own evicted).
+
+    The runners are timed in interleaved rounds (each called once per round, in an order
+    shuffled per round), so a slow or fast spell of a shared machine affects them alike and
+    their ratios hold, and no runner always follows the same one (a runner can slow the next:
+    the one after ONNX Runtime took 0.4 ms more of M4's 6 ms at batch 1, cold or not). Rounds
     run until ``min_rounds`` are done and ``budget_s`` seconds have passed (at most
     ``max_rounds``). On CUDA, each call is timed with CUDA events. Warm-up calls are excluded.
     """
     cuda = inputs[0].is_cuda
+    evict = torch.zeros(16 * 2**20) if cold and not cuda else None  # 64 MB: twice an L3
     for fn in runners.values():
         for i in range(warmup):
             fn(inputs[i % len(inputs)])
     times = {name: [] for name in runners}
     start_all = time.perf_counter()
     rounds = 0
+    order = list(runners.items())
+    shuffle = random.Random(0).shuffle
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start_all < budget_s):
         x = inputs[rounds % len(inputs)]
-        for name, fn in runners.items():
+        shuffle(order)
+        for name, fn in order:
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -62,6 +76,8 @@ def time_interleaved(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, bu
                 end.synchronize()
                 times[name].append(start.elapsed_time(end) / 1e3)
             else:
+                if cold:
+                    evict.add_(1)
                 t0 = time.perf_counter()
                 fn(x)
                 times[name].append(time.perf_counter() - t0)
