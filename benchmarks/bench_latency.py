@@ -130,9 +130,9 @@ def markdown(meta, rows):
              f"{(meta['commit'] or '?')[:10]}; models from {meta.get('models', 'python_ref')}; "
              f"`{meta['command']}`.", "",
              "Median forward, ms (10th-90th percentile), all forms of a row timed in "
-             "interleaved rounds, in the columns' order"
+             "interleaved rounds (each round's order shuffled)"
              + (", each call cold (64 MB written before it, untimed)" if meta.get("cold") else
-                ", each call after the column before it (whose weights may share the cache)")
+                ", each call finding the caches as the call before it left them")
              + "; `fused`: the converted model as called "
              "(replayed in C++, `cpu_replay`), `fused, modules`: the same without replay, module "
              "by module; `x ORT`: ONNX Runtime's median over the fused model's, as called, "

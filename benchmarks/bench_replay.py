@@ -1,0 +1,81 @@
+"""What cpu_replay's per-call check costs: a converted model as called (replayed, its state
+checked in Python first), its captured program run directly (no check), cpu_graph's program
+(weights packed at capture, nothing checked), the model module by module, and ONNX Runtime on
+the folded model; batch 1, one thread, each call cold (time_interleaved's cold), one
+interleaved run.
+
+    python benchmarks/bench_replay.py [--models m0,m4] [--seconds 20] [--out PATH]
+
+Writes <out>.json (device, versions, date) and <out>.md.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import efficientvit_kernels as K  # noqa: E402
+import python_ref as R  # noqa: E402
+from bench_cpu import onnx_session  # noqa: E402
+from efficientvit_kernels.timing import run_metadata, time_interleaved  # noqa: E402
+
+FORMS = ("onnxruntime", "as called", "its program", "cpu_graph", "module by module")
+
+
+def runners(name):
+    model = R.randomize_(R.build(name)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    fused = K.convert(model)
+    fused(x), fused(x)  # the second call captures
+    (program,) = fused._compiled_call_impl._programs.values()
+    out = dict(zip(FORMS[1:], (fused, program.run, K.cpu_graph(K.convert(model), x),
+                               K.convert(model, cpu_replay=False))))
+    session = onnx_session(R.fold_batchnorm(model), x)
+    if session is not None:
+        out["onnxruntime"] = lambda t: session(t)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="m0,m4")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_replay"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with torch.no_grad():
+        for name in args.models.split(","):
+            inputs = [torch.randn(1, 3, 224, 224) for _ in range(2)]
+            t = time_interleaved(runners(name), inputs, warmup=5, budget_s=args.seconds,
+                                 max_rounds=5000, cold=True)
+            rows.append(dict(model=name, ms={k: v.median * 1e3 for k, v in t.items()},
+                             rounds=t["as called"].samples))
+    meta = dict(run_metadata("cpu"), command="python benchmarks/bench_replay.py "
+                + " ".join(sys.argv[1:]))
+    lines = [f"# cpu_replay's check, {meta['date'][:10]}", "",
+             f"{meta['device']}; CPU kernels {meta['cpu_isa']}; torch {meta['torch']}; fp32; "
+             f"224x224; batch 1; one thread; commit {(meta['commit'] or '?')[:10]}; "
+             f"`{meta['command']}`.", "",
+             "Median forward, ms, each call cold, rounds in shuffled order.", "",
+             "| model | " + " | ".join(f for f in FORMS if f in rows[0]["ms"]) + " | check |",
+             "|---|" + "---|" * (len(rows[0]["ms"]) + 1)]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"| {r['model'].upper()} | " + " | ".join(
+            f"{ms[f]:.2f}" for f in FORMS if f in ms)
+            + f" | {ms['as called'] - ms['its program']:.2f} |")
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
