@@ -1,6 +1,7 @@
 """Replays of a (fused) model for batch-1 latency, where the cost around each op dominates:
-``cuda_graph`` (a CUDA graph: no launch per op) and ``cpu_graph`` (one C++ program: no Python
-between the ops)."""
+``cuda_graph`` (a CUDA graph: no launch per op), ``cpu_graph`` (one C++ program: no Python
+between the ops) and ``cpu_replay`` (a model's own calls replayed as such programs, captured
+as it runs and checked against the model on every call; ``convert`` turns it on)."""
 import itertools
 import operator
 import threading
