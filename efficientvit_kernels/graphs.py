@@ -326,36 +326,42 @@ def _replayable(x):
 
 class _ModelState:
     """What a program captured from a model assumed: every module's attributes, parameters,
-    buffers and children, as they were (a forward reads nothing else without a change to its
-    code; an empty dict of parameters, buffers or children is left out: a forward that reads
-    none ignores what is added). Taken and compared in C loops: at batch 1 a Python loop over
-    the model's modules would cost a tenth of what replay saves. The fused modules' attributes
-    (most of the model's) are compared only after one of them was set (_Fused.attribute_sets);
-    their weights on every call."""
+    buffers, children and hooks, as they were (a forward reads nothing else without a change to
+    its code; an empty dict of parameters, buffers or children is left out: a forward that
+    reads none ignores what is added). Taken and compared in C loops: at batch 1 a Python loop
+    over the model's modules would cost a tenth of what replay saves. The fused modules'
+    attributes and hooks (most of the model's) are compared only after one was set or
+    registered (_Fused.changes), or while one of them has hooks (their removal is not
+    counted); their weights on every call."""
 
     def __init__(self, model):
         modules = list(model.modules())
         ours = [isinstance(m, _Fused) for m in modules]
-        hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks,
-                                              m._backward_hooks, m._backward_pre_hooks)]
-        self.hooked = any(hooks)
+        hooks = [[m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                  m._backward_pre_hooks] for m in modules]
+        self.fused_hooks = [d for h, fused in zip(hooks, ours) if fused for d in h]
+        self.fused_hooked = any(self.fused_hooks)
+        self.hooked = self.fused_hooked or any(d for h in hooks for d in h)
         # hooks added or removed change the values' count
         self.dicts = [d for m, fused in zip(modules, ours)
                       for d in ((m._buffers,) if fused else
                                 (m.__dict__, m._parameters, m._buffers, m._modules))
-                      if d or d is m.__dict__] + hooks
+                      if d or d is m.__dict__]
+        self.dicts += [d for h, fused in zip(hooks, ours) if not fused or self.fused_hooked
+                       for d in h]
         self.values = _Values(self.dicts)
         self.fused_dicts = [m.__dict__ for m, fused in zip(modules, ours) if fused]
         self.fused_values = _Values(self.fused_dicts)
-        self.attribute_sets = _Fused.attribute_sets
+        self.fused_changes = _Fused.changes
         self.tensors = self.values.tensors
         self.eval = not any(m.training for m, fused in zip(modules, ours) if not fused)
 
     def changed(self):
-        if _Fused.attribute_sets != self.attribute_sets:
-            if self.fused_values.differ(_Values.of(self.fused_dicts)):
+        if _Fused.changes != self.fused_changes:
+            if (self.fused_values.differ(_Values.of(self.fused_dicts))
+                    or any(self.fused_hooks) != self.fused_hooked):
                 return True
-            self.attribute_sets = _Fused.attribute_sets
+            self.fused_changes = _Fused.changes
         return self.values.differ(_Values.of(self.dicts))
 
     def differs(self, other):

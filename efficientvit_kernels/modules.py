@@ -63,9 +63,10 @@ class _Fused(nn.Module):
 
     _op = None          # the op's name in torch.ops.efficientvit
     _weight_names = ()  # the buffers the op reads, in its argument order
-    # Attribute sets on any fused module, counted: cpu_replay compares the fused modules'
-    # attributes with what it captured only after one (per call it compares their weights).
-    attribute_sets = 0
+    # Attribute sets and hook registrations on any fused module, counted: cpu_replay compares the
+    # fused modules' attributes and hooks with what it captured only after one (per call it
+    # compares their weights, which torch.func.functional_call swaps without a set).
+    changes = 0
 
     def __init__(self, backend):
         super().__init__()
@@ -74,7 +75,7 @@ class _Fused(nn.Module):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        _Fused.attribute_sets += 1
+        _Fused.changes += 1
 
     def _set_weights(self, **weights):
         for name, t in weights.items():
@@ -106,6 +107,19 @@ class _Fused(nn.Module):
 
     def extra_repr(self):
         return f"backend={self.backend!r}"
+
+
+def _counted(register):
+    @functools.wraps(register)
+    def counted(self, *args, **kwargs):
+        _Fused.changes += 1
+        return register(self, *args, **kwargs)
+    return counted
+
+
+for _register in ("register_forward_pre_hook", "register_forward_hook", "register_backward_hook",
+                  "register_full_backward_pre_hook", "register_full_backward_hook"):
+    setattr(_Fused, _register, _counted(getattr(nn.Module, _register)))
 
 
 class FusedCGA(_Fused):

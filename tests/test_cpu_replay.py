@@ -96,6 +96,12 @@ def test_weights_changed_after_capture_are_used(model):
     for _ in range(3):
         assert torch.equal(fused(X), expected)
     assert replayed(fused, X)[0]
+    w1 = -plain.blocks1[0].ffn0.w1  # swapped in without an attribute set
+    swapped = {"blocks1.0.ffn0.w1": w1}
+    expected = torch.func.functional_call(plain, swapped, (X,))
+    for _ in range(2):
+        assert torch.equal(torch.func.functional_call(fused, swapped, (X,)), expected)
+    assert torch.equal(fused(X), plain(X))
     for m in (fused, plain):  # a fused module's flag (its attributes are compared after a set)
         m.blocks1[0].ffn0.residual = False
     assert torch.equal(fused(X), plain(X))
