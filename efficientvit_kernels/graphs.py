@@ -64,14 +64,15 @@ class _Capture:
 
     ``live``: None, or the module that was exported. Without it the program holds copies of the
     weights and the fused ops' packings, taken now; with it, the module's own parameters and
-    buffers (so later changes to their values are seen) and the fused ops as op calls (which
-    find their packing in the op's cache, repacked when a weight changes)."""
+    buffers (so later changes to their values are seen) and the fused ops as op steps that run
+    the op's cached packing while the weights it was packed from are unchanged, and pack again
+    once one has changed (Program.pack_last)."""
 
     def __init__(self, exported, live=None):
         self.live = live
         self.program = torch.classes.efficientvit_cpu.Program()
         self.slots = {}      # fx node -> the slot of its value (a tuple's first element)
-        self.constants = {}  # fx placeholder -> its tensor, copied at capture
+        self.constants = {}  # fx placeholder -> its tensor (copied at capture unless live)
         self.reads = []      # per step, the slots it reads
         self.list_outputs = set()  # the fx nodes whose slot holds a list (a Tensor[] output)
         signature = exported.graph_signature

@@ -41,11 +41,11 @@ def time_interleaved(runners, inputs, warmup=3, min_rounds=5, max_rounds=100, bu
     """``{name: Timing}`` of ``fn(x)`` for each ``{name: fn}`` in ``runners``, cycling through
     ``inputs`` so caches don't flatter.
 
-    ``cold`` (CPU): before each timed call, untimed, 64 MB are written, so that every runner
-    starts with nothing of its own in the caches (weights, code, the interpreter's state), as
-    when other work runs between calls; otherwise a runner finds what the one before it left
-    (a runner after one that shares its weights finds them in cache, after one that does not
-    finds its own evicted).
+    ``cold`` (CPU): before each timed call, untimed, 64 MB are written (twice the L3 this
+    machine reports), so that a runner's weights, code and interpreter state are mostly out of
+    cache, as when other work runs between calls; otherwise a runner finds what the one before
+    it left (after one that shares its weights, in cache; after one that does not, evicted).
+    (Even cold, a runner right after another form of the same model ran faster here.)
 
     The runners are timed in interleaved rounds (each called once per round, in an order
     shuffled per round), so a slow or fast spell of a shared machine affects them alike and
