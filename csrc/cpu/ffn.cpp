@@ -45,7 +45,8 @@ void ffn_tiles(const DenseIO& io, at::TensorList packed, bool residual) {
   const T *w2 = packed[kW2].data_ptr<T>(), *b2 = packed[kB2].data_ptr<T>();
   for_each_token_tile<T>(io.input, io.channels_last, io.output, CP, kTileTokens * MP, residual,
                          [&](const T* x, int64_t n, T* y, T* hidden, const T* add) {
-    gemm<T>(n, MP, C, {x, C, 1}, w1, kPanelMajor, {b1, 0, 1}, hidden, MP, /*apply_relu=*/true);
+    gemm<T>(n, MP, C, {x, C, 1}, w1, kPanelMajor, {b1, 0, 1}, hidden, MP, /*apply_relu=*/true,
+            {}, first_panel(w2, M, CP));
     gemm<T>(n, CP, M, {hidden, MP, 1}, w2, kPanelMajor, {b2, 0, 1}, y, CP, /*apply_relu=*/false,
             {add, C, 1});  // with add, y is the output
   });
