@@ -9,11 +9,12 @@ __version__ = "0.2.0"
 from . import ops  # noqa: E402  (after __version__, which the build reads without importing)
 from .convert import PASSES, convert
 from .graphs import cpu_graph, cpu_replay, cuda_graph
-from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,
-                      FusedPatchMerging, FusedSqueezeExcite)
+from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedLinear,
+                      FusedPatchEmbed, FusedPatchMerging, FusedSqueezeExcite)
 
 __all__ = ["ops", "convert", "cpu_graph", "cpu_replay", "cuda_graph", "BACKENDS", "PASSES", "FusedCGA", "FusedDWConv",
-           "FusedFFN", "FusedConv1x1", "FusedPatchEmbed", "FusedPatchMerging", "FusedSqueezeExcite"]
+           "FusedFFN", "FusedConv1x1", "FusedLinear", "FusedPatchEmbed", "FusedPatchMerging",
+           "FusedSqueezeExcite"]
 
 
 def _triton_serves_cuda():

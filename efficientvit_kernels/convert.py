@@ -17,7 +17,8 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   image's few channels, in a plain ``nn.Sequential``) -> one ``FusedPatchEmbed`` with
   channels-last output; PatchMerging's first 1x1 convolution, its depthwise convolution and
   their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution another, its squeeze-excite
-  one ``FusedSqueezeExcite``.
+  one ``FusedSqueezeExcite``; every other Linear layer (the classifier, its batch norm folded)
+  -> ``FusedLinear`` (conv1x1 on a 1x1 map).
 - ``"channels_last"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model): every
   remaining convolution gets channels-last weights, so oneDNN or cuDNN runs it channels-last,
   and the activations stay channels-last through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5
@@ -43,9 +44,9 @@ import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
 from . import graphs
-from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedPatchEmbed,
-                      FusedPatchMerging, FusedSqueezeExcite, LinearSqueezeExcite, ResidualAdd,
-                      _Fused, backend_ops)
+from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedLinear,
+                      FusedPatchEmbed, FusedPatchMerging, FusedSqueezeExcite, LinearSqueezeExcite,
+                      ResidualAdd, _Fused, backend_ops)
 
 __all__ = ["PASSES", "convert"]
 
@@ -270,10 +271,21 @@ def _squeeze_excites(model, backend):
                     backend=backend)
 
 
+def _linears(model, backend):
+    """Each Linear layer outside a squeeze-excite (the classifiers) -> FusedLinear."""
+    for m in model.modules():
+        if isinstance(m, LinearSqueezeExcite):  # its forward runs fc1 and fc2 on (B, C) means
+            continue
+        for name, child in m._modules.items():
+            if type(child) is nn.Linear:
+                m._modules[name] = FusedLinear(child.weight, _bias(child), backend=backend)
+
+
 def _patch_ops(model, backend):
     _stem_convolutions(model, backend)
     _conv1x1_convolutions(model, backend)
     _squeeze_excites(model, backend)
+    _linears(model, backend)
 
 
 def _channels_last(model, backend):

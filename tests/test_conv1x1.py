@@ -187,6 +187,21 @@ def test_fused_conv1x1_module():
         assert "dwconv3x3_stride2=True" in repr(module)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fused_linear_module(backend):
+    """The classifier as conv1x1 on a 1x1 map: x's last dimension, any leading ones."""
+    weight, bias = (t.float() for t in random_conv1x1_params(20, 36))
+    module = K.FusedLinear(weight, bias, backend=backend)
+    with torch.no_grad():
+        for shape in [(3, 20), (2, 5, 20), (20,), (0, 20)]:
+            x = torch.randn(shape)
+            out = module(x)
+            assert out.shape == (*shape[:-1], 36)
+            assert_close(out, torch.nn.functional.linear(x.double(), weight.double(), bias.double()),
+                         torch.float32)
+    assert "in_features=20, out_features=36" in repr(module)
+
+
 @pytest.mark.parametrize("depthwise", [False, True], ids=["conv1x1", "with_dwconv"])
 def test_cuda_definition(depthwise):
     """What the op runs on CUDA (its spec, checked, in the output layout), on CPU tensors."""

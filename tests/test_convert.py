@@ -86,8 +86,8 @@ def test_stem_and_patch_merging(models):
     """PatchMerging becomes FusedPatchMerging, its squeeze-excite a LinearSqueezeExcite (on CPU
     a FusedSqueezeExcite), on CPU its convolutions FusedConv1x1 (the first 1x1 with the
     depthwise one and both ReLUs); on CPU the stem's convolutions and ReLUs become a
-    FusedPatchEmbed; on CPU the other convolutions' weights are channels-last; the caller's
-    tensor is never written."""
+    FusedPatchEmbed and the classifier a FusedLinear; on CPU the other convolutions' weights
+    are channels-last; the caller's tensor is never written."""
     model = models["m4"]
     fused = K.convert(model)
     merging = [m for m in fused.modules() if isinstance(m, K.FusedPatchMerging)]
@@ -103,6 +103,8 @@ def test_stem_and_patch_merging(models):
     assert len(fused.patch_embed) == 1  # the modules it took in are gone
     assert not any(isinstance(m, K.FusedPatchEmbed) for m in K.convert(model, backend="reference").modules())
     assert not any(isinstance(m, torch.nn.Conv2d) for m in fused.modules())  # all in fused ops
+    assert isinstance(fused.head, K.FusedLinear)  # the classifier, its batch norm folded
+    assert type(K.convert(model, passes=("fuse",)).head) is nn.Linear
     x = torch.randn(2, 3, 64, 80)
     x0 = x.clone()
     with torch.no_grad():
