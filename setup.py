@@ -63,10 +63,11 @@ def _with_cuda():
 
 def _extension():
     with_cuda = _with_cuda()
-    cxx = ["-O3", "-fopenmp", "-DEFFICIENTVIT_PYTHON_MODULE"]
+    cxx = ["-O3", "-fopenmp"]
     if os.environ.get("EFFICIENTVIT_NATIVE", "0") == "1":
         cxx += ["-march=native", "-DEFFICIENTVIT_NATIVE"]
-    sources = _sources("csrc/efficientvit.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/efficientvit.cpp") + _sources("csrc/python_module.cpp") + _sources(
+        "csrc/cpu/*.cpp")
     args = dict(
         name="efficientvit_kernels._C",
         sources=sources,

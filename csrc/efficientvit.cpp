@@ -45,13 +45,3 @@ TORCH_LIBRARY_IMPL(efficientvit, Autograd, m) {
   for (const char* op : {"cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite"})
     m.impl(op, efficientvit::inference_only());
 }
-
-#ifdef EFFICIENTVIT_PYTHON_MODULE
-#include <Python.h>
-// An empty Python module: importing efficientvit_kernels._C loads this library,
-// whose static initializers register the ops.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-#endif

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from . import ops  # noqa: F401  (loads the library that defines efficientvit_cpu.Program)
+from . import _C, ops  # noqa: F401  (ops loads the library that defines efficientvit_cpu.Program)
 from .modules import _Fused
 
 __all__ = ["cuda_graph", "cpu_graph", "cpu_replay"]
@@ -329,11 +329,13 @@ class _ModelState:
     """What a program captured from a model assumed: every module's attributes, parameters,
     buffers, children and hooks, as they were (a forward reads nothing else without a change to
     its code; an empty dict of parameters, buffers or children is left out: a forward that
-    reads none ignores what is added). Taken and compared in C loops: at batch 1 a Python loop
-    over the model's modules would cost a tenth of what replay saves. The fused modules'
-    attributes and hooks (most of the model's) are compared only after one was set or
-    registered (_Fused.changes), or while one of them has hooks (their removal is not
-    counted); their weights on every call."""
+    reads none ignores what is added). Compared by the dicts' versions (_C.max_dict_version:
+    any change to one of them moves the largest), and only where they moved (or, from Python
+    3.14, on every call) by their values, in C loops: at batch 1 a Python loop over the
+    model's modules would cost a tenth of what replay saves. The fused modules' attributes
+    and hooks (most of the model's) are compared only after one was set or registered
+    (_Fused.changes), or while one of them has hooks (their removal is not counted); their
+    weights on every call."""
 
     def __init__(self, model):
         modules = list(model.modules())
@@ -350,6 +352,7 @@ class _ModelState:
                       if d or d is m.__dict__]
         self.dicts += [d for h, fused in zip(hooks, ours) if not fused or self.fused_hooked
                        for d in h]
+        self.version = _C.max_dict_version(self.dicts)
         self.values = _Values(self.dicts)
         self.fused_dicts = [m.__dict__ for m, fused in zip(modules, ours) if fused]
         self.fused_values = _Values(self.fused_dicts)
@@ -363,7 +366,13 @@ class _ModelState:
                     or any(self.fused_hooks) != self.fused_hooked):
                 return True
             self.fused_changes = _Fused.changes
-        return self.values.differ(_Values.of(self.dicts))
+        version = _C.max_dict_version(self.dicts)
+        if version is not None and version == self.version:
+            return False
+        if self.values.differ(_Values.of(self.dicts)):
+            return True
+        self.version = version  # changed back, or set to the same values
+        return False
 
     def differs(self, other):
         return (self.values.differ(other.values.values)

@@ -113,6 +113,35 @@ def test_weights_changed_after_capture_are_used(model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dict_versions", [True, False], ids=["dict_versions", "values_only"])
+def test_the_check_reads_dict_versions_and_compares_values_where_they_moved(
+        model, monkeypatch, dict_versions):
+    """Unchanged dicts cost a look at their versions, no comparison of their values; a value
+    changed back is compared and replays again; without dict versions (Python 3.14 on) the
+    values are compared at every call, and changes are seen alike."""
+    if not dict_versions:
+        monkeypatch.setattr(K.graphs._C, "max_dict_version", lambda dicts: None)
+    compared = []
+    of = K.graphs._Values.of
+    monkeypatch.setattr(K.graphs._Values, "of", staticmethod(lambda d: compared.append(1) or of(d)))
+    fused, plain = K.convert(model), K.convert(model, cpu_replay=False)
+    fused(X), fused(X)
+    compared.clear()
+    assert replayed(fused, X)[0] and replayed(fused, X)[0]
+    assert len(compared) == (0 if dict_versions else 2)
+    fused.blocks1.training = True
+    fused.blocks1.training = False  # changed back: the values compared, the same
+    assert replayed(fused, X)[0] and len(compared) == (1 if dict_versions else 3)
+    assert replayed(fused, X)[0] and len(compared) == (1 if dict_versions else 4)  # versions taken
+    for m in (fused, plain):
+        m.blocks1[0].ffn0 = copy.deepcopy(m.blocks1[0].ffn1)  # a module replaced
+    expected = plain(X)
+    for _ in range(3):
+        assert torch.equal(fused(X), expected)
+    assert replayed(fused, X)[0]
+
+
+@torch.no_grad()
 def test_hooks_training_and_gradients_run_the_modules(fused):
     fused(X), fused(X)
     assert replayed(fused, X)[0]
