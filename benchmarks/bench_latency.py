@@ -1,9 +1,9 @@
 """CPU latency: each model's forward at batch 1 (and 16) on one thread (and two), fused against
 the eager reference, ONNX Runtime on the same folded model, and the fused model as converted
-(its calls replayed in C++, cpu_replay), module by module, and in its deployment forms
-(cpu_graph's replay, torch.export's module, optionally an AOTInductor package), optionally
-torch.compile of the reference and of the fused model; all timed in this process in
-interleaved rounds. With --timm the models are timm's (converted as users convert them; ONNX
+(its calls replayed in C++, cpu_replay), module by module, and in its deployment forms (its
+torch.export program replayed by cpu_graph, and that program's module, optionally an
+AOTInductor package), optionally torch.compile of the reference and of the fused model; all
+timed in this process in interleaved rounds. With --timm the models are timm's (converted as users convert them; ONNX
 Runtime and the check run on the reference loaded with the same weights, folded).
 
     python benchmarks/bench_latency.py [--models m0,m1,m2,m3,m4,m5] [--batches 1,16]
@@ -61,10 +61,10 @@ def runners(model, name, batch, threads, args, workdir):
         out["onnxruntime"] = lambda t: torch.from_numpy(session(t)[0])
     out["fused"] = fused  # replayed in C++ from its second call (convert's cpu_replay)
     out["fused, modules"] = K.convert(model, cpu_replay=False)
-    out["fused, cpu_graph"] = K.cpu_graph(fused, x)
+    program = torch.export.export(fused, (x,))
+    out["fused, cpu_graph"] = K.cpu_graph(program, x)  # the exported program, replayed in C++
     if args.compile:
         out["fused, torch.compile"] = torch.compile(fused)
-    program = torch.export.export(fused, (x,))
     out["fused, exported"] = program.module()
     if args.aoti:
         path = os.path.join(workdir, f"{name}_b{batch}.pt2")  # one package for all threads
@@ -135,7 +135,8 @@ def markdown(meta, rows):
                 ", each call finding the caches as the call before it left them")
              + "; `fused`: the converted model as called "
              "(replayed in C++, `cpu_replay`), `fused, modules`: the same without replay, module "
-             "by module; `x ORT`: ONNX Runtime's median over the fused model's, as called, "
+             "by module, `fused, cpu_graph`: its exported program (`torch.export`) replayed by "
+             "cpu_graph, `fused, exported`: that program's `.module()`; `x ORT`: ONNX Runtime's median over the fused model's, as called, "
              "module by module, replayed by cpu_graph and as an AOTInductor package (above 1: "
              "fused is faster).", "",
              "| model | batch | threads | " + " | ".join(labels)

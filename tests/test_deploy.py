@@ -80,6 +80,23 @@ def test_cpu_graph_replays_the_model(fused):
         assert not run(x).requires_grad
 
 
+def test_cpu_graph_of_an_exported_program(fused, tmp_path):
+    """A program exported and saved, loaded elsewhere: replayed as the model would be, on its
+    kernels; one exported for another shape, or for a dynamic one, is refused."""
+    x = torch.randn(1, 3, 64, 64)
+    torch.export.save(torch.export.export(fused, (x,)), tmp_path / "m.pt2")
+    run = K.cpu_graph(torch.export.load(tmp_path / "m.pt2"), x)
+    with torch.no_grad():
+        assert torch.equal(run(x), fused(x))
+    assert "efficientvit_cpu::ffn_packed" in set(profiled_calls(lambda: run(x)))
+    with pytest.raises(ValueError, match="exported for"):
+        K.cpu_graph(torch.export.load(tmp_path / "m.pt2"), torch.randn(2, 3, 64, 64))
+    two = torch.randn(2, 3, 64, 64)
+    dynamic = torch.export.export(fused, (two,), dynamic_shapes=({0: torch.export.Dim("batch", max=8)},))
+    with pytest.raises(ValueError, match="exported for"):
+        K.cpu_graph(dynamic, two)
+
+
 def test_cpu_graph_takes_the_weights_at_capture(fused):
     model = copy.deepcopy(fused)
     x = torch.randn(1, 3, 64, 64)
