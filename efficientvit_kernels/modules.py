@@ -40,16 +40,23 @@ def backend_ops(backend):
     return ops
 
 
-@functools.lru_cache(maxsize=None)
+# (backend, op) -> _op_call's answer. A dict, not functools.lru_cache: torch.compile warns of
+# possible silent errors when it traces a call through an lru_cache.
+_OP_CALLS = {}
+
+
 def _op_call(backend, op):
     """What a fused module of ``backend`` calls for ``op``: where the dispatcher chooses the
     kernel, the op's overload itself, not the ``ops`` wrapper around it. (At batch 1 the
     eager forward spends a tenth of its time in Python, most of it in the frames around each
     op call: this one and the packet's overload resolution are two of them.)"""
-    namespace = backend_ops(backend)
-    if namespace is ops:
-        return getattr(torch.ops.efficientvit, op).default
-    return getattr(namespace, op)
+    call = _OP_CALLS.get((backend, op))
+    if call is None:
+        namespace = backend_ops(backend)
+        call = (getattr(torch.ops.efficientvit, op).default if namespace is ops
+                else getattr(namespace, op))
+        _OP_CALLS[backend, op] = call
+    return call
 
 
 class _Fused(nn.Module):
@@ -70,7 +77,7 @@ class _Fused(nn.Module):
 
     def __init__(self, backend):
         super().__init__()
-        backend_ops(backend)  # an unknown or unavailable backend fails here
+        _op_call(backend, self._op)  # an unknown or unavailable backend fails here
         self.backend = backend
 
     def __setattr__(self, name, value):
