@@ -18,7 +18,7 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   channels-last output; PatchMerging's first 1x1 convolution, its depthwise convolution and
   their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution another, its squeeze-excite
   one ``FusedSqueezeExcite``; every other Linear layer (the classifier, its batch norm folded)
-  -> ``FusedLinear`` (conv1x1 on a 1x1 map).
+  -> ``FusedLinear`` (on CPU conv1x1 on a 1x1 map, elsewhere torch's linear).
 - ``"channels_last"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model): every
   remaining convolution gets channels-last weights, so oneDNN or cuDNN runs it channels-last,
   and the activations stay channels-last through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5

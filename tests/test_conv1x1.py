@@ -200,6 +200,8 @@ def test_fused_linear_module(backend):
             assert_close(out, torch.nn.functional.linear(x.double(), weight.double(), bias.double()),
                          torch.float32)
     assert "in_features=20, out_features=36" in repr(module)
+    if backend == "auto":  # off CPU, torch's linear (meta: its shapes only)
+        assert module.to("meta")(torch.empty(3, 20, device="meta")).shape == (3, 36)
 
 
 @pytest.mark.parametrize("depthwise", [False, True], ids=["conv1x1", "with_dwconv"])
