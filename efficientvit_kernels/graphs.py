@@ -202,7 +202,7 @@ def cpu_graph(module, example):
     dispatcher, and no Python runs between the steps (at batch 1, the Python around each op of
     a converted model costs a large part of the forward). ``module`` may also be the
     ``torch.export.ExportedProgram`` of one (as ``torch.export.load`` returns it), exported for
-    ``example``'s shape: its ``.module()`` runs the graph in Python, 20-50% slower at batch 1.
+    ``example``'s shape: its ``.module()`` runs the graph in Python, 17-64% slower at batch 1.
     ``x`` must have ``example``'s shape, dtype and device (any layout); each call returns its
     own result (no buffer is reused between calls, as cuda_graph's output is). Gradients are
     not recorded.
