@@ -214,12 +214,10 @@ def cpu_graph(module, example):
     if not isinstance(example, torch.Tensor) or example.device.type != "cpu":
         raise ValueError("cpu_graph needs a CPU tensor")
     if isinstance(module, torch.export.ExportedProgram):
-        exported = module
-        _check_exported_for(exported, example)
+        _check_exported_for(module, example)
+        exported, tensors = module, module.state_dict.items()
     else:
-        exported = None
-    tensors = exported.state_dict.items() if exported else [*module.named_parameters(),
-                                                            *module.named_buffers()]
+        exported, tensors = None, [*module.named_parameters(), *module.named_buffers()]
     for name, t in tensors:
         if t.device.type != "cpu":
             raise ValueError(f"cpu_graph needs a CPU model, but {name} is on {t.device}")

@@ -220,7 +220,7 @@ class FusedConv1x1(_Fused):
 class FusedLinear(FusedConv1x1):
     """A Linear layer, ``y = weight x + bias`` over x's last dimension. On CPU, ``conv1x1`` on a
     1x1 map: the classifier's (1000, C) weight comes from memory at every batch-1 forward, which
-    conv1x1's packed GEMM prefetches and torch's linear does not (2-4% off M0's and 1-2% off
+    conv1x1's packed GEMM prefetches and torch's linear does not (2-3% off M0's and 1-2% off
     M5's batch-1 forward). Elsewhere torch's linear (on a GPU, a cuBLAS GEMM)."""
 
     def __init__(self, weight, bias, backend="auto"):

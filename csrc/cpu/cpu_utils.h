@@ -111,7 +111,7 @@ constexpr int kVecBlock = kVecBytes == 64 ? 4 : 2;
 // A PrefetchRange asked for over a panel's steps (its blocks' k steps each), the same number of
 // lines at each step, so that the last goes before the panel's last step. Spread over the panel
 // rather than asked for in its first block (as long as the next one arrives from memory), it
-// took 5-8% off M0's and M4's batch-1 forwards; into L1 (and L2) rather than only L2, 2-3% more.
+// took 2-8% off M0's and M4's batch-1 forwards; into L1 (and L2) rather than only L2, 2-3% more.
 struct Prefetch {
   const char* next;
   const char* end;
