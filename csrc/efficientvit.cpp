@@ -21,6 +21,13 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def("dwconv(Tensor x, Tensor weight, Tensor bias, bool relu, bool residual) -> Tensor");
   // Pointwise MLP: [x +] w2 relu(w1 x + b1) + b2; w1 (M, C), b1 (M), w2 (C, M), b2 (C).
   m.def("ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual) -> Tensor");
+  // An EfficientViT block's residual depthwise convolution, then its residual FFN:
+  // y + ffn(y) with y = x + dwconv(x) + dw_bias; dw_weight (C, K, K), dw_bias (C), the rest as
+  // ffn's. Kernels: Triton (one kernel: y passes through the output's tile in cache); on CPU
+  // and CUDA the dwconv and ffn kernels one after the other (ops.py).
+  m.def(
+      "dwconv_ffn(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor w1, Tensor b1, Tensor w2, "
+      "Tensor b2) -> Tensor");
   // The patch embedding: a chain of 3x3 stride-2 convolutions with zero padding 1,
   // x = [relu](conv(x, weights[l]) + biases[l]), each but the last with its ReLU (the last with
   // it when final_relu); weights[l] (C_l, C_{l-1}, 3, 3), C_{-1} = x's channels. Returns the
@@ -42,6 +49,7 @@ TORCH_LIBRARY(efficientvit, m) {
 }
 
 TORCH_LIBRARY_IMPL(efficientvit, Autograd, m) {
-  for (const char* op : {"cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite"})
+  for (const char* op :
+       {"cga", "dwconv", "ffn", "dwconv_ffn", "patch_embed", "conv1x1", "squeeze_excite"})
     m.impl(op, efficientvit::inference_only());
 }

@@ -1,5 +1,5 @@
-"""Fused kernels for EfficientViT: ``torch.ops.efficientvit.{cga, dwconv, ffn, patch_embed,
-conv1x1}``.
+"""Fused kernels for EfficientViT: ``torch.ops.efficientvit.{cga, dwconv, ffn, dwconv_ffn,
+patch_embed, conv1x1, squeeze_excite}``.
 
 ``convert(model)`` turns a reference, official or timm EfficientViT into a model whose
 forward calls the fused ops.
@@ -9,11 +9,11 @@ __version__ = "0.2.0"
 from . import ops  # noqa: E402  (after __version__, which the build reads without importing)
 from .convert import PASSES, convert
 from .graphs import cpu_graph, cpu_replay, cuda_graph
-from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedLinear,
-                      FusedPatchEmbed, FusedPatchMerging, FusedSqueezeExcite)
+from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedDWConvFFN, FusedFFN,
+                      FusedLinear, FusedPatchEmbed, FusedPatchMerging, FusedSqueezeExcite)
 
 __all__ = ["ops", "convert", "cpu_graph", "cpu_replay", "cuda_graph", "BACKENDS", "PASSES", "FusedCGA", "FusedDWConv",
-           "FusedFFN", "FusedConv1x1", "FusedLinear", "FusedPatchEmbed", "FusedPatchMerging",
+           "FusedFFN", "FusedDWConvFFN", "FusedConv1x1", "FusedLinear", "FusedPatchEmbed", "FusedPatchMerging",
            "FusedSqueezeExcite"]
 
 

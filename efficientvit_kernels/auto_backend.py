@@ -51,7 +51,7 @@ def _candidates(op):
     """{backend name: op callable} of the backends that can run ``op`` on CUDA here, the
     plain-PyTorch definition last."""
     out = {}
-    if ops.has_compiled_kernels("cuda") and op in ("cga", "dwconv", "ffn"):
+    if ops.has_compiled_kernels("cuda") and op in ("cga", "dwconv", "ffn", "dwconv_ffn"):
         out["cuda"] = getattr(torch.ops.efficientvit, op).default
     from . import triton as triton_kernels
     if triton_kernels.available():

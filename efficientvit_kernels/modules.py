@@ -8,7 +8,7 @@ import python_ref.functional
 
 from . import auto_backend, ops
 
-__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedConv1x1", "FusedLinear",
+__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedDWConvFFN", "FusedConv1x1", "FusedLinear",
            "FusedPatchEmbed", "FusedPatchMerging", "FusedSqueezeExcite", "LinearSqueezeExcite",
            "ResidualAdd", "backend_ops"]
 
@@ -17,8 +17,8 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 @functools.lru_cache(maxsize=None)
 def backend_ops(backend):
-    """The namespace whose ``cga``, ``dwconv``, ``ffn``, ``conv1x1``, ``patch_embed`` and
-    ``squeeze_excite`` implement ``backend``.
+    """The namespace whose ``cga``, ``dwconv``, ``ffn``, ``dwconv_ffn``, ``conv1x1``,
+    ``patch_embed`` and ``squeeze_excite`` implement ``backend``.
 
     "auto", "cpu" and "cuda" call ``torch.ops.efficientvit`` (the dispatcher picks the
     kernel for the tensors' device; a fused module on "auto" given a CUDA tensor runs each
@@ -191,6 +191,23 @@ class FusedFFN(_Fused):
     def extra_repr(self):
         return (f"channels={self.w1.shape[1]}, hidden={self.w1.shape[0]}, residual={self.residual}, "
                 f"{super().extra_repr()}")
+
+
+class FusedDWConvFFN(_Fused):
+    """An EfficientViT block's residual depthwise convolution and the residual FFN after it,
+    ``y + ffn(y)`` with ``y = x + dwconv(x)``, in one op (``dwconv_ffn``): one Triton kernel,
+    where no tensor of y is written and read back."""
+
+    _op = "dwconv_ffn"
+    _weight_names = ("dw_weight", "dw_bias", "w1", "b1", "w2", "b2")
+
+    def __init__(self, dw_weight, dw_bias, w1, b1, w2, b2, backend="auto"):
+        super().__init__(backend)
+        self._set_weights(dw_weight=dw_weight, dw_bias=dw_bias, w1=w1, b1=b1, w2=w2, b2=b2)
+
+    def extra_repr(self):
+        return (f"channels={self.w1.shape[1]}, kernel={self.dw_weight.shape[-1]}, "
+                f"hidden={self.w1.shape[0]}, {super().extra_repr()}")
 
 
 class FusedConv1x1(_Fused):

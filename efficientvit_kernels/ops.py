@@ -1,5 +1,5 @@
-"""Python face of the fused ops: ``torch.ops.efficientvit.{cga, dwconv, ffn, patch_embed,
-conv1x1, squeeze_excite}``.
+"""Python face of the fused ops: ``torch.ops.efficientvit.{cga, dwconv, ffn, dwconv_ffn,
+patch_embed, conv1x1, squeeze_excite}``.
 
 The schemas live in ``csrc/efficientvit.cpp``; the compiled library registers the CPU
 (and, where built, CUDA) kernels. This module documents each op, holds the ops' contract for
@@ -17,8 +17,9 @@ import python_ref.functional
 
 from . import _C  # noqa: F401  (loads the op library and its compiled kernels)
 
-__all__ = ["cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite",
-           "check_cga", "check_dwconv", "check_ffn", "check_patch_embed", "check_conv1x1",
+__all__ = ["cga", "dwconv", "ffn", "dwconv_ffn", "patch_embed", "conv1x1", "squeeze_excite",
+           "check_cga", "check_dwconv", "check_ffn", "check_dwconv_ffn", "check_patch_embed",
+           "check_conv1x1",
            "output_memory_format", "empty_output", "has_compiled_kernels"]
 
 
@@ -130,17 +131,18 @@ def check_cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_
     return heads, kd, d, K
 
 
-def check_dwconv(x, weight, bias):
-    """Checks dwconv arguments; returns the kernel size."""
+def check_dwconv(x, weight, bias, names=("weight", "bias")):
+    """Checks dwconv arguments (``names``: the weight's and bias's, in messages); returns the
+    kernel size."""
     _check_input(x)
     if weight.dim() != 3:
-        _fail(f"dwconv weight must be 3-D (C, K, K), got {list(weight.shape)}")
+        _fail(f"dwconv {names[0]} must be 3-D (C, K, K), got {list(weight.shape)}")
     K = weight.shape[1]
     if K % 2 != 1:
         _fail(f"the dwconv kernel size must be odd, got {K}")
-    _check_shape(weight, (x.shape[1], K, K), "weight")
-    _check_shape(bias, (x.shape[1],), "bias")
-    _check_params(x, weight=weight, bias=bias)
+    _check_shape(weight, (x.shape[1], K, K), names[0])
+    _check_shape(bias, (x.shape[1],), names[1])
+    _check_params(x, **dict(zip(names, (weight, bias))))
     return K
 
 
@@ -157,6 +159,12 @@ def check_ffn(x, w1, b1, w2, b2):
     _check_shape(b2, (C,), "b2")
     _check_params(x, w1=w1, b1=b1, w2=w2, b2=b2)
     return M
+
+
+def check_dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2):
+    """Checks dwconv_ffn arguments; returns (the dwconv kernel size, the hidden width)."""
+    return (check_dwconv(x, dw_weight, dw_bias, ("dw_weight", "dw_bias")),
+            check_ffn(x, w1, b1, w2, b2))
 
 
 def check_patch_embed(x, weights, biases):
@@ -242,6 +250,18 @@ def ffn(x, w1, b1, w2, b2, residual=True):
     return torch.ops.efficientvit.ffn(x, w1, b1, w2, b2, residual)
 
 
+def dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2):
+    """An EfficientViT block's residual depthwise convolution, then its residual FFN:
+    ``y + ffn(y)`` with ``y = x + dwconv(x)`` (``dwconv``'s and ``ffn``'s arguments, both
+    residual, no ReLU on the convolution). Returns x's shape, in ``output_memory_format(x)``.
+    The Triton backend runs it as one kernel (each program parks its tile of y in its tile of
+    the output, read back from cache and overwritten with the result: no tensor of y is
+    written and read back); on CPU and CUDA the dwconv and ffn kernels run one after the
+    other.
+    """
+    return torch.ops.efficientvit.dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2)
+
+
 def patch_embed(x, weights, biases, final_relu=False):
     """The patch embedding, a chain of 3x3 stride-2 convolutions (zero padding 1), each
     ``x = relu(conv(x, weights[l]) + biases[l])`` but the last, which has its ReLU only when
@@ -305,6 +325,12 @@ def _ffn_fake(x, w1, b1, w2, b2, residual):
     return empty_output(x)
 
 
+@torch.library.register_fake("efficientvit::dwconv_ffn")
+def _dwconv_ffn_fake(x, dw_weight, dw_bias, w1, b1, w2, b2):
+    check_dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2)
+    return empty_output(x)
+
+
 @torch.library.register_fake("efficientvit::conv1x1")
 def _conv1x1_fake(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     return empty_output(x, check_conv1x1(x, weight, bias, dw_weight, dw_bias))
@@ -344,6 +370,15 @@ def squeeze_excite_composite(x, w1, b1, w2, b2):
     return y.contiguous(memory_format=output_memory_format(x))
 
 
+# dwconv_ffn on CPU and CUDA: their dwconv and ffn kernels in turn (its fused kernel is
+# Triton's, where the convolution's output then never reaches memory).
+def dwconv_ffn_composite(x, dw_weight, dw_bias, w1, b1, w2, b2):
+    check_dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2)
+    y = torch.ops.efficientvit.dwconv.default(x, dw_weight, dw_bias, False, True)
+    return torch.ops.efficientvit.ffn.default(y, w1, b1, w2, b2, True)
+
+
+torch.library.register_kernel("efficientvit::dwconv_ffn", ("cpu", "cuda"), dwconv_ffn_composite)
 torch.library.register_kernel("efficientvit::conv1x1", "cuda", conv1x1_composite)
 torch.library.register_kernel("efficientvit::patch_embed", "cuda", patch_embed_composite)
 torch.library.register_kernel("efficientvit::squeeze_excite", "cuda", squeeze_excite_composite)

@@ -11,6 +11,7 @@ ops in ``torch.ops.efficientvit`` take (see ``efficientvit_kernels/ops.py``):
     proj_weight (C, h*d), proj_bias (C)                  -- output 1x1 conv, BN folded
 ``dwconv``: x (B, C, H, W), weight (C, K, K), bias (C): ``[x +] act(dwconv_KxK(x) + bias)``
 ``ffn``: x (B, C, H, W), w1 (M, C), b1 (M), w2 (C, M), b2 (C): ``[x +] w2 relu(w1 x + b1) + b2``
+``dwconv_ffn``: dwconv's weight and bias, then ffn's: ``y + ffn(y)``, ``y = x + dwconv(x)``
 ``conv1x1``: x (B, C, H, W), weight (Co, C), bias (Co) [, dw_weight (Co, 3, 3), dw_bias (Co)]
 ``patch_embed``: x (B, Ci, H, W), weights[l] (C_l, C_{l-1}, 3, 3), biases[l] (C_l):
     ``x = [relu](conv3x3_stride2(x, weights[l]) + biases[l])`` for each l
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 
 from .model import attention_bias_index, window_partition, window_reverse
 
-__all__ = ["cga", "conv1x1", "dwconv", "ffn", "patch_embed", "squeeze_excite"]
+__all__ = ["cga", "conv1x1", "dwconv", "dwconv_ffn", "ffn", "patch_embed", "squeeze_excite"]
 
 
 def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight, proj_bias,
@@ -68,6 +69,13 @@ def ffn(x, w1, b1, w2, b2, residual):
     hidden = torch.relu(torch.einsum("mc,bchw->bmhw", w1, x) + b1[None, :, None, None])
     y = torch.einsum("cm,bmhw->bchw", w2, hidden) + b2[None, :, None, None]
     return x + y if residual else y
+
+
+def dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2):
+    """An EfficientViT block's residual depthwise convolution, then its residual FFN:
+    ``y + ffn(y)`` with ``y = x + dwconv(x)``."""
+    y = dwconv(x, dw_weight, dw_bias, False, True)
+    return ffn(y, w1, b1, w2, b2, True)
 
 
 def conv1x1(x, weight, bias, relu, dw_weight=None, dw_bias=None):

@@ -25,7 +25,7 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """One implementation of the fused ops: ``ops`` has them (cga, dwconv and ffn; from
+    """One implementation of the fused ops: ``ops`` has them (cga, dwconv, ffn, dwconv_ffn; from
     ``patch_ops_backend``, patch_embed, conv1x1 and squeeze_excite too), with the public ops'
     arguments; ``dispatcher`` says whether they are torch.ops.efficientvit itself (so opcheck
     applies); ``slow`` backends (interpreted, emulated) take the small cases only."""
@@ -56,6 +56,10 @@ class EmulatedCuda:
 
     def ffn(self, x, *args):
         return self._ops.ffn(x, *args, 0, 0, self._ops.smem_target())
+
+    def dwconv_ffn(self, x, dw_weight, dw_bias, *ffn):
+        """The CUDA backend's dwconv_ffn: its dwconv and ffn kernels in turn (ops.py)."""
+        return self.ffn(self.dwconv(x, dw_weight, dw_bias, False, True), *ffn, True)
 
 
 def build_emulation(name, root, build_dir):

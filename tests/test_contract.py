@@ -40,6 +40,13 @@ def ffn_call(**changes):
     return ops.ffn, (p["x"], p["w1"], p["b1"], p["w2"], p["b2"], True)
 
 
+def dwconv_ffn_call(**changes):
+    p = _mlp_params(**changes)
+    dw_weight, dw_bias = (changes.get(n, t.float()) for n, t in zip(("dw_weight", "dw_bias"),
+                                                                   random_dwconv_params(8)))
+    return ops.dwconv_ffn, (p["x"], dw_weight, dw_bias, p["w1"], p["b1"], p["w2"], p["b2"])
+
+
 def squeeze_excite_call(**changes):
     p = _mlp_params(**changes)
     return ops.squeeze_excite, (p["x"], p["w1"], p["b1"], p["w2"], p["b2"])
@@ -87,6 +94,13 @@ def _cases():
         "ffn dtype": (ffn_call(b1=torch.zeros(16, dtype=torch.float64)), "b1 has dtype"),
         "ffn w1 rank": (ffn_call(w1=torch.zeros(16, 8, 1, 1)), "w1 must be 2-D"),
         "ffn weight on meta": (ffn_call(w2=torch.zeros(8, 16, device="meta")), "w2 is on meta"),
+        "dwconv_ffn channels": (dwconv_ffn_call(x=torch.randn(1, 7, 5, 5)), "dw_weight must have shape"),
+        "dwconv_ffn even kernel": (dwconv_ffn_call(dw_weight=torch.zeros(8, 4, 4)), "odd"),
+        "dwconv_ffn dw_bias": (dwconv_ffn_call(dw_bias=torch.zeros(9)), "dw_bias must have shape"),
+        "dwconv_ffn w2": (dwconv_ffn_call(w2=torch.zeros(16, 8)), "w2 must have shape"),
+        "dwconv_ffn dtype": (dwconv_ffn_call(dw_bias=torch.zeros(8, dtype=torch.float64)),
+                             "dw_bias has dtype"),
+        "dwconv_ffn on meta": (dwconv_ffn_call(b1=torch.zeros(16, device="meta")), "b1 is on meta"),
         "squeeze_excite channels": (squeeze_excite_call(x=torch.randn(1, 7, 5, 5)), "w1 must have shape"),
         "squeeze_excite w2": (squeeze_excite_call(w2=torch.zeros(16, 8)), "w2 must have shape"),
         "squeeze_excite integer x": (squeeze_excite_call(x=torch.ones(1, 8, 5, 5, dtype=torch.int32)),
@@ -134,10 +148,12 @@ def test_rejected_alike_by_kernel_and_fake(case):
     assert normalized(kernel.value) == normalized(fake.value)
 
 
-@pytest.mark.parametrize("op", ["cga", "dwconv", "ffn", "conv1x1", "patch_embed", "squeeze_excite"])
+@pytest.mark.parametrize("op", ["cga", "dwconv", "ffn", "dwconv_ffn", "conv1x1", "patch_embed",
+                                "squeeze_excite"])
 def test_x_on_meta_with_cpu_weights(op):
     """x on the meta device, the weights on CPU: rejected (never an uninitialized result)."""
-    call, args = {"cga": cga_call, "dwconv": dwconv_call, "ffn": ffn_call, "conv1x1": conv1x1_call,
+    call, args = {"cga": cga_call, "dwconv": dwconv_call, "ffn": ffn_call,
+                  "dwconv_ffn": dwconv_ffn_call, "conv1x1": conv1x1_call,
                   "patch_embed": patch_embed_call, "squeeze_excite": squeeze_excite_call}[op]()
     with pytest.raises(ValueError, match="is on cpu but x is on meta"):
         call(args[0].to("meta"), *args[1:])

@@ -204,6 +204,21 @@ def test_ffn(backend, dtype, C, M, B, H, W, channels_last, residual):
 
 
 @dtypes
+@layouts
+@pytest.mark.parametrize("C,M", FFN_CHANNELS)
+@pytest.mark.parametrize("B,H,W", FFN_SIZES)
+def test_dwconv_ffn(backend, dtype, C, M, B, H, W, channels_last):
+    """A block's dwconv and FFN as one op (the Triton backend's one kernel in fp16/bf16)."""
+    dw = [t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(C, 3, seed=M)]
+    ffn = [t.to(device=DEVICE, dtype=dtype) for t in random_ffn_params(C, M, seed=C)]
+    x = random_input(B, C, H, W, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
+    # not output_first: the CUDA backend's dwconv_ffn allocates the dwconv's output first
+    out = call_poisoned(getattr(backend[1], "dwconv_ffn"), x, *dw, *ffn)
+    assert_layout(out, x)
+    assert_close(out, functional.dwconv_ffn(*(t.cpu().double() for t in (x, *dw, *ffn))), dtype)
+
+
+@dtypes
 def test_dwconv_ffn_nan_and_empty(backend, dtype):
     weight, bias = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(8))
     ffn = [t.to(device=DEVICE, dtype=dtype) for t in random_ffn_params(8, 16)]
@@ -263,6 +278,11 @@ def _graph_case(op, dtype):
         pd = cast(p, dtype, DEVICE)
         return (cga_args(pd) + [True], (4, 64, 14, 14),
                 lambda x: reference_cga(x.cpu(), cast(pd, torch.float64, "cpu")))
+    if op == "dwconv_ffn":
+        ws = [t.to(device=DEVICE, dtype=dtype)
+              for t in (*random_dwconv_params(64, 3, seed=5), *random_ffn_params(64, 128, seed=5))]
+        return (ws, (4, 64, 14, 14),
+                lambda x: functional.dwconv_ffn(x.cpu().double(), *(t.cpu().double() for t in ws)))
     if op == "dwconv":
         w, b = (t.to(device=DEVICE, dtype=dtype) for t in random_dwconv_params(64, 3, seed=5))
         return ([w, b, True, True], (4, 64, 14, 14),
@@ -273,7 +293,7 @@ def _graph_case(op, dtype):
             lambda x: functional.ffn(x.cpu().double(), *[t.cpu().double() for t in ws], True))
 
 
-@pytest.mark.parametrize("op", ["cga", "dwconv", "ffn"])
+@pytest.mark.parametrize("op", ["cga", "dwconv", "ffn", "dwconv_ffn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_cuda_graph_capture(backend, op, dtype):
     """The op records into a CUDA graph (no host sync, no allocation outside torch's allocator)

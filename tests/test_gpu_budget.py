@@ -79,6 +79,8 @@ with s.recording() as tests:
             k.dwconv(meta((4, C, 14, 14), dtype), w, b, True, C == 64)
             ws = [x.to("meta", dtype) for x in random_ffn_params(C, M)]
             k.ffn(meta((4, C, 14, 14), dtype), *ws, C == 64)
+        w, b = (x.to("meta", dtype) for x in random_dwconv_params(64))  # graph capture
+        k.dwconv_ffn(meta((4, 64, 14, 14), dtype), w, b, *ws)
         cga(64, 4, (7, 5, 3, 3), 7, (4, 64, 14, 14), dtype)  # test_cuda_graph_capture's
         for C, K in t.quick(t.DWCONV_CHANNELS):
             w, b = (x.to("meta", dtype) for x in random_dwconv_params(C, K))
@@ -89,10 +91,12 @@ with s.recording() as tests:
                             k.dwconv(meta((2, C, H, W), dtype, cl), w, b, relu, residual)
         for C, M in t.quick(t.FFN_CHANNELS):
             ws = [x.to("meta", dtype) for x in random_ffn_params(C, M)]
+            w, b = (x.to("meta", dtype) for x in random_dwconv_params(C))
             for B, H, W in t.quick(t.FFN_SIZES):
                 for cl in (False, True):
                     for residual in (False, True):
                         k.ffn(meta((B, C, H, W), dtype, cl), *ws, residual)
+                    k.dwconv_ffn(meta((B, C, H, W), dtype, cl), w, b, *ws)
         for cl in (False, True):
             for channels in t.quick(t.PATCH_EMBED_CHANNELS):
                 ws, bs = ([x.to("meta", dtype) for x in xs] for xs in random_patch_embed_params(channels))

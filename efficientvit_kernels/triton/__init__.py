@@ -1,5 +1,5 @@
-"""Triton implementations of the fused ops: ``cga``, ``dwconv``, ``ffn``, ``patch_embed``,
-``conv1x1``, ``squeeze_excite``.
+"""Triton implementations of the fused ops: ``cga``, ``dwconv``, ``ffn``, ``dwconv_ffn``,
+``patch_embed``, ``conv1x1``, ``squeeze_excite``.
 
 Same arguments and results as :mod:`efficientvit_kernels.ops`, on CUDA tensors (fp32, fp16,
 bf16), or on CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is imported.
@@ -10,7 +10,7 @@ try:
 except ImportError:
     triton = None
 
-OPS = ("cga", "dwconv", "ffn", "patch_embed", "conv1x1", "squeeze_excite")
+OPS = ("cga", "dwconv", "ffn", "dwconv_ffn", "patch_embed", "conv1x1", "squeeze_excite")
 __all__ = ["available", *OPS]
 
 
@@ -23,7 +23,7 @@ if available():
     from .cga import cga
     from .conv1x1 import conv1x1
     from .dwconv import dwconv
-    from .ffn import ffn
+    from .ffn import dwconv_ffn, ffn
     from .patch_embed import patch_embed
     from .squeeze_excite import squeeze_excite
 else:

@@ -69,6 +69,24 @@ def pixel_offsets(p, W, sh, sw, FLAT: tl.constexpr):
 
 
 @triton.jit
+def dwconv_taps(acc, tile, y, x, H, W, sh, sw, c, pmask, cmask, w_ptr, K: tl.constexpr):
+    """acc plus a depthwise KxK convolution (zero padding K//2) of a (pixels x channels) tile
+    whose element pointers are ``tile``, pixel (y, x) of an H x W map with rows sh apart and
+    columns sw; w_ptr holds the (C, K, K) weights. Taps outside the map, and masked pixels
+    and channels, read zero; the products are summed in fp32."""
+    for ky in range(K):
+        dy = ky - K // 2
+        row_ok = pmask & (y + dy >= 0) & (y + dy < H)
+        for kx in range(K):
+            dx = kx - K // 2
+            ok = row_ok & (x + dx >= 0) & (x + dx < W)
+            v = tl.load(tile + dy * sh + dx * sw, mask=ok[:, None] & cmask[None, :], other=0.0)
+            tap = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0)
+            acc += v.to(tl.float32) * tap.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def output_tile(pixel_tiles, n_pixels, n_channels, BP: tl.constexpr, BC: tl.constexpr):
     """A program's tile of a (pixels x channels) output, grid axis 0 over images x pixel tiles,
     axis 1 over channel tiles: (image, as int64 for its offsets; pixels; channels; the masks of

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, flat_pixels, interpreted, padded,
+from ._common import (check_device_dtype, dwconv_taps, flat_pixels, interpreted, padded,
                       pixel_offsets, relu)
 
 
@@ -33,16 +33,7 @@ def _dwconv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, pixel_tiles,
 
     acc = tl.zeros([BP, BC], dtype=tl.float32)
     acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    for ky in range(K):
-        dy = ky - K // 2
-        row_ok = pmask & (y + dy >= 0) & (y + dy < H)
-        for kx in range(K):
-            dx = kx - K // 2
-            ok = row_ok & (x + dx >= 0) & (x + dx < W)
-            v = tl.load(x_img + (x_pix + dy * sxh + dx * sxw)[:, None],
-                        mask=ok[:, None] & cmask[None, :], other=0.0)
-            tap = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0)
-            acc += v.to(tl.float32) * tap.to(tl.float32)[None, :]
+    acc = dwconv_taps(acc, x_img + x_pix[:, None], y, x, H, W, sxh, sxw, c, pmask, cmask, w_ptr, K)
     if RELU:
         acc = relu(acc)
     io_mask = pmask[:, None] & cmask[None, :]

@@ -1,4 +1,7 @@
-"""Pointwise MLP, ``[x +] w2 relu(w1 x + b1) + b2``, as one Triton kernel.
+"""Pointwise MLP, ``[x +] w2 relu(w1 x + b1) + b2``, as one Triton kernel; the same kernel
+also runs ``dwconv_ffn`` (fp16, bf16), the depthwise convolution an EfficientViT block runs
+before each FFN and the FFN, the convolution's output passing through the program's own
+output tile in cache instead of a tensor of its own.
 
 Each program takes a tile of tokens (pixels of one image, either layout through strides; in
 channels-last, pixels of the whole batch, so that a tile of a small map spans images) with all
@@ -10,26 +13,52 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, flat_batch, flat_pixels, interpreted, mm, padded,
-                      pixel_offsets, relu)
+from ._common import (check_device_dtype, dwconv_taps, flat_batch, flat_pixels, interpreted, mm,
+                      padded, pixel_offsets, relu)
+from .dwconv import dwconv
+
+
+DW_CHANNELS = tl.constexpr(32)
 
 
 # Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of
 # 16): one compiled kernel serves every batch and map size of a layer.
-@triton.jit(do_not_specialize=["HW", "W"])
-def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, HW, W,
+@triton.jit(do_not_specialize=["HW", "H", "W"])
+def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr, out_ptr, HW, H, W,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 C: tl.constexpr, M: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
-                BM: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
+                BM: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, FLAT: tl.constexpr,
                 RESIDUAL: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BT + tl.arange(0, BT)  # tokens: pixels of one image
+    p = tl.program_id(1) * BT + tl.arange(0, BT)  # tokens: pixels of one image (or of all)
     c = tl.arange(0, CP)
     cmask = c < C
     io_mask = (p < HW)[:, None] & cmask[None, :]
-    x_tok = (x_ptr + b * sxb + pixel_offsets(p, W, sxh, sxw, FLAT))[:, None]
     token = (p < HW)[:, None]
+    x_tok = (x_ptr + b * sxb + pixel_offsets(p, W, sxh, sxw, FLAT))[:, None]
+    o_tok = (out_ptr + b * sob + pixel_offsets(p, W, soh, sow, True))[:, None]
+    if K > 0:
+        # The FFN's input is y = x + dwconv(x) + dw_b (a KxK depthwise convolution),
+        # DW_CHANNELS channels at a time (all K*K taps of a wider tile in flight take the
+        # widest layers past 128 registers). It is parked in the program's own tile of the output, rounded to
+        # the dtype there as the separate dwconv op stores it, and read back like x below (from
+        # cache: in registers it would cost the widest layers their second block). A tile may
+        # span images (HW: all their pixels): a token's row and column are in its own image.
+        q = p % (H * W)
+        for k0 in range(0, CP, DW_CHANNELS):
+            k = k0 + tl.arange(0, DW_CHANNELS)
+            kmask = k < C
+            y = tl.load(dw_b_ptr + k, mask=kmask, other=0.0).to(tl.float32)[None, :]
+            y = dwconv_taps(y + tl.zeros([BT, DW_CHANNELS], tl.float32), x_tok + k[None, :] * sxc,
+                            q // W, q % W, H, W, sxh, sxw, k, p < HW, kmask, dw_w_ptr, K)
+            y += tl.load(x_tok + k[None, :] * sxc, mask=token & kmask[None, :],
+                         other=0.0).to(tl.float32)
+            tl.store(o_tok + k[None, :] * soc, y.to(DT), mask=token & kmask[None, :])
+        tl.debug_barrier()  # every thread's part of y stored before any reads it
+        src_tok, ssc = o_tok, soc
+    else:
+        src_tok, ssc = x_tok, sxc
 
     acc = tl.zeros([BT, CP], dtype=tl.float32)
     for m0 in range(0, M, BM):
@@ -41,7 +70,7 @@ def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, HW, W,
         h = tl.zeros([BT, BM], dtype=tl.float32)
         for k0 in range(0, CP, BK):
             k = k0 + tl.arange(0, BK)
-            xk = tl.load(x_tok + k[None, :] * sxc, mask=token & (k < C)[None, :], other=0.0)
+            xk = tl.load(src_tok + k[None, :] * ssc, mask=token & (k < C)[None, :], other=0.0)
             w1 = tl.load(w1_ptr + m[None, :] * C + k[:, None],
                          mask=(k < C)[:, None] & mmask[None, :], other=0.0)
             h += mm(xk, w1, DT)
@@ -51,9 +80,10 @@ def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, HW, W,
         acc += mm(relu(h), w2, DT)
     acc += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if RESIDUAL:
-        acc += tl.load(x_tok + c[None, :] * sxc, mask=io_mask, other=0.0).to(tl.float32)
-    o = out_ptr + b * sob + pixel_offsets(p, W, soh, sow, True)[:, None] + c[None, :] * soc
-    tl.store(o, acc.to(DT), mask=io_mask)
+        acc += tl.load(src_tok + c[None, :] * ssc, mask=io_mask, other=0.0).to(tl.float32)
+    if K > 0:
+        tl.debug_barrier()  # every thread done reading y before any overwrites it
+    tl.store(o_tok + c[None, :] * soc, acc.to(DT), mask=io_mask)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -76,23 +106,42 @@ _ffn = triton.autotune(
     [triton.Config({"BT": bt, "BM": bm}, num_warps=warps, num_stages=2)
      for bt, bm, warps in ((16, 16, 8), (32, 32, 8), (64, 32, 8), (128, 32, 8), (32, 32, 16),
                            (64, 32, 16))],
-    key=["C", "M", "sxc"], prune_configs_by={"early_config_prune": _prune})(_ffn_kernel)
+    key=["C", "M", "K", "sxc"], prune_configs_by={"early_config_prune": _prune})(_ffn_kernel)
 
 
 def ffn(x, w1, b1, w2, b2, residual=True):
     """Triton implementation of :func:`efficientvit_kernels.ops.ffn` (same arguments)."""
     M = ops.check_ffn(x, w1, b1, w2, b2)
     check_device_dtype(x, _ffn_kernel)
+    return _launch(x, w1, b1, w2, b2, residual, M)
+
+
+def dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2):
+    """Triton implementation of :func:`efficientvit_kernels.ops.dwconv_ffn` (same arguments):
+    the ffn kernel, which first computes the depthwise convolution of its tile of tokens, in
+    fp16 and bf16. fp32 runs the dwconv kernel, then the ffn kernel: fused, its variants took
+    up to 200 registers (one block a multiprocessor) and some spilled."""
+    K, M = ops.check_dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2)
+    check_device_dtype(x, _ffn_kernel)
+    if x.dtype == torch.float32:
+        return _launch(dwconv(x, dw_weight, dw_bias, False, True), w1, b1, w2, b2, True, M)
+    return _launch(x, w1, b1, w2, b2, True, M, (dw_weight, dw_bias, K))
+
+
+def _launch(x, w1, b1, w2, b2, residual, M, dw=None):
+    """The kernel's launch on checked arguments; ``dw``: (weight, bias, K) of the depthwise
+    convolution before the FFN, or None."""
     B, C, H, W = x.shape
     out = ops.empty_output(x)  # first, so a just-freed block (a test's poison) goes to the output
     if out.numel() == 0:
         return out
     CP = padded(C)
+    BK = 32 if x.dtype == torch.float32 else CP
+    dw_weight, dw_bias, K = (dw[0].contiguous(), dw[1].contiguous(), dw[2]) if dw else (b1, b1, 0)
     # One map of B*H*W pixels where the layout allows (the batch stride is then never used)
     images, pixels = (1, B * H * W) if flat_batch(x) and flat_batch(out) else (B, H * W)
     _ffn[lambda meta: (images, triton.cdiv(pixels, meta["BT"]))](
-        x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out, pixels, W,
-        *x.stride(), *out.stride(), C=C, M=M, CP=CP, BK=32 if x.dtype == torch.float32 else CP,
-        FLAT=flat_pixels(x),
-        RESIDUAL=bool(residual))
+        x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), dw_weight, dw_bias,
+        out, pixels, H, W, *x.stride(), *out.stride(), C=C, M=M, CP=CP, BK=BK, K=K,
+        FLAT=flat_pixels(x), RESIDUAL=bool(residual))
     return out
