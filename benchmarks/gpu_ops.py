@@ -28,7 +28,8 @@ Per kind, over one forward at the measured batch:
   makes, triton_static.launch_key): each program reads the weights among its
   arguments, the convolutions' programs only their tile of output channels; a kind of several
   launches (the stem's convolutions, PatchMerging's three steps) also writes each launch's
-  output and reads it back in the next, bytes added to its own. A kind's warps are
+  output and reads it back in the next, bytes added to its own; each dwconv runs inside
+  the FFN launch after it (dwconv_ffn), so the dwconv kind predicts 0. A kind's warps are
   those of its launch with the fewest; where autotuning chooses among configs, the prediction
   takes the config with the least restaged traffic per busy share, the one it should pick.
 The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
@@ -45,7 +46,8 @@ import torch
 from torch import nn
 
 import python_ref
-from efficientvit_kernels.modules import FusedCGA, FusedDWConv, FusedFFN, FusedPatchMerging
+from efficientvit_kernels.modules import (FusedCGA, FusedDWConv, FusedDWConvFFN, FusedFFN,
+                                         FusedPatchMerging)
 from python_ref.model import FFN, Conv2d_BN, LocalWindowAttention, PatchMerging, Residual
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +63,8 @@ KERNELS = {"dwconv": "dwconv_kernel<c10::Half, int, 8>", "ffn": "ffn_kernel<c10:
 # The Triton kernels whose grid axis 1 runs over tiles of output channels: each of those
 # programs reads only its tile's share of the weights.
 CHANNEL_TILED = ("_conv3x3_stride2_kernel", "_conv1x1_kernel")
-_CLASSES = ((FFN, "ffn"), (FusedFFN, "ffn"), (LocalWindowAttention, "attention"),
+# A dwconv the Triton backend fused into the FFN after it runs as that FFN's kind.
+_CLASSES = ((FFN, "ffn"), (FusedFFN, "ffn"), (FusedDWConvFFN, "ffn"), (LocalWindowAttention, "attention"),
             (FusedCGA, "attention"), (FusedDWConv, "dwconv"), (PatchMerging, "patch merging"),
             (FusedPatchMerging, "patch merging"))
 
@@ -252,10 +255,11 @@ def cuda_predictions(work, restaged, bandwidth, matmul_rate, static):
 
 @torch.no_grad()
 def triton_launches(fused, x):
-    """{kind: [[launch, its alternatives...] per kernel launch]} of one forward of the
-    Triton-converted ``fused`` on x, recorded on meta-tensor copies (efficientvit_kernels.
-    triton_static), with each launch's weights: [(Launch, weight bytes it reads)]. Consecutive
-    launches of one kernel on the same arguments are an autotuner's configs."""
+    """{kind: [[[launch, its alternatives...] per kernel launch] per call of a module of the
+    kind]} of one forward of the Triton-converted ``fused`` on x, recorded on meta-tensor copies
+    (efficientvit_kernels.triton_static), with each launch's weights: [(Launch, weight bytes it
+    reads)]. Consecutive launches of one kernel on the same arguments are an autotuner's
+    configs."""
     from efficientvit_kernels import triton_static
     model = copy.deepcopy(fused).to("meta")
     spans = []
@@ -275,7 +279,8 @@ def triton_launches(fused, x):
                 h.remove()
     out = {}
     for kind, weights, start, end in spans:
-        calls = out.setdefault(kind, [])
+        calls = []
+        out.setdefault(kind, []).append(calls)
         previous = None
         for launch in launches[start:end]:
             read = sum(weights.get(id(a), 0) for a in launch.args)
@@ -303,10 +308,10 @@ def _argument(launch, name):
 
 
 def triton_intermediate_bytes(calls):
-    """Bytes a kind's Triton launches (``triton_launches``' list for the kind) move between
-    each other: each output that another of its launches reads (the stem's convolutions after
-    the first, PatchMerging's three steps), written and read back once; 0 where each launch's
-    output goes to another kind."""
+    """Bytes the Triton launches of one module call (``triton_launches``' list for it) move
+    between each other: each output that another of its launches reads (the stem's
+    convolutions after the first, PatchMerging's three steps), written and read back once; 0
+    for a module of one launch."""
     launches = [alternatives[0][0] for alternatives in calls]
     inputs = {id(_argument(launch, "x_ptr")) for launch in launches}
     outputs = {id(t): t for t in (_argument(launch, "out_ptr") for launch in launches)}
@@ -315,12 +320,16 @@ def triton_intermediate_bytes(calls):
 
 def triton_predictions(launches, work, bandwidth, matmul_rate, static):
     """{kind: predicted ms on the Triton backend} from ``triton_launches``, None for a kind
-    with a launch the static profile lacks (or with no launch: the head)."""
+    with a launch the static profile lacks (or with no launch: the head), 0 for a kind no
+    module of the model runs as (dwconv, where each runs in the FFN's kernel after it)."""
     from efficientvit_kernels import triton_static
     out = {}
     for kind, (bytes_, flops) in work.items():
+        if kind not in launches:
+            out[kind] = 0.0
+            continue
         restaged, warps = 0, []
-        for alternatives in launches.get(kind, []):
+        for alternatives in (a for call in launches.get(kind, []) for a in call):
             options = []
             for launch, weight_bytes in alternatives:
                 row = static.get(triton_static.launch_key(launch, 90))
@@ -333,7 +342,7 @@ def triton_predictions(launches, work, bandwidth, matmul_rate, static):
             r, w = min(options, key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
             restaged += r
             warps.append(w)
-        moved = bytes_ + triton_intermediate_bytes(launches.get(kind, []))
+        moved = bytes_ + sum(map(triton_intermediate_bytes, launches.get(kind, [])))
         out[kind] = (predict_ms(moved, flops, restaged, min(warps), bandwidth, matmul_rate)
                      if warps else None)
     return out

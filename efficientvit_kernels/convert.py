@@ -19,6 +19,12 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution another, its squeeze-excite
   one ``FusedSqueezeExcite``; every other Linear layer (the classifier, its batch norm folded)
   -> ``FusedLinear`` (on CPU conv1x1 on a 1x1 map, elsewhere torch's linear).
+- ``"dwconv_ffn"`` (backend "triton"): after "fuse", each residual depthwise convolution and
+  the residual FFN it feeds (an EfficientViT block's ``ffn0(dw0(x))`` and ``ffn1(dw1(x))``,
+  and the pairs of a plain ``nn.Sequential``, as the stages' downsampling has them) -> one
+  ``FusedDWConvFFN``, one Triton kernel (in the block an ``nn.Identity`` takes the FFN's
+  place). The other backends have no kernel that fuses the two: on CPU the op would run its
+  two kernels through one more Python call.
 - ``"channels_last"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model): every
   remaining convolution gets channels-last weights, so oneDNN or cuDNN runs it channels-last,
   and the activations stay channels-last through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5
@@ -44,13 +50,13 @@ import python_ref
 from python_ref.fold import bn_linear_parts, conv_bn_parts, fold_bn_linear, fold_conv_bn
 
 from . import graphs
-from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedFFN, FusedLinear,
+from .modules import (FusedCGA, FusedConv1x1, FusedDWConv, FusedDWConvFFN, FusedFFN, FusedLinear,
                       FusedPatchEmbed, FusedPatchMerging, FusedSqueezeExcite, LinearSqueezeExcite,
                       ResidualAdd, _Fused, backend_ops)
 
 __all__ = ["PASSES", "convert"]
 
-PASSES = ("fuse", "patch_ops", "channels_last")
+PASSES = ("fuse", "patch_ops", "dwconv_ffn", "channels_last")
 
 
 def _is_cga(m):
@@ -281,6 +287,40 @@ def _linears(model, backend):
                 m._modules[name] = FusedLinear(child.weight, _bias(child), backend=backend)
 
 
+# The forward of an EfficientViT block in the three codebases (the reference's and the official
+# EfficientViTBlock, timm's EfficientVitBlock): ffn1(dw1(mixer(ffn0(dw0(x))))).
+_BLOCK_FORWARDS = ("EfficientViTBlock.forward", "EfficientVitBlock.forward")
+
+
+def _dwconv_ffn(dw, ffn, backend):
+    """The FusedDWConvFFN of ``ffn(dw(x))``, or None unless dw is a residual depthwise
+    convolution without ReLU and ffn a residual FFN on its channels."""
+    if not (type(dw) is FusedDWConv and dw.residual and not dw.relu
+            and type(ffn) is FusedFFN and ffn.residual
+            and dw.weight.shape[0] == ffn.w1.shape[1]):
+        return None
+    return FusedDWConvFFN(dw.weight, dw.bias, ffn.w1, ffn.b1, ffn.w2, ffn.b2, backend=backend)
+
+
+def _dwconv_ffn_pairs(model, backend):
+    """Each depthwise convolution an FFN follows -> FusedDWConvFFN (the module docstring)."""
+    for m in list(model.modules()):
+        if _runs_children_in_order(m):
+            names = list(m._modules)
+            for first, second in zip(names, names[1:]):
+                if first not in m._modules:  # the second of a pair fused before
+                    continue
+                fused = _dwconv_ffn(m._modules[first], m._modules[second], backend)
+                if fused is not None:
+                    m._modules[first] = fused
+                    del m._modules[second]
+        elif type(m).forward.__qualname__ in _BLOCK_FORWARDS:
+            for dw, ffn in (("dw0", "ffn0"), ("dw1", "ffn1")):
+                fused = _dwconv_ffn(m._modules.get(dw), m._modules.get(ffn), backend)
+                if fused is not None:
+                    m._modules[dw], m._modules[ffn] = fused, nn.Identity()
+
+
 def _patch_ops(model, backend):
     _stem_convolutions(model, backend)
     _conv1x1_convolutions(model, backend)
@@ -295,13 +335,16 @@ def _channels_last(model, backend):
                                     requires_grad=False)
 
 
-_PASS_FUNCTIONS = {"patch_ops": _patch_ops, "channels_last": _channels_last}
+_PASS_FUNCTIONS = {"patch_ops": _patch_ops, "dwconv_ffn": _dwconv_ffn_pairs,
+                   "channels_last": _channels_last}
 
 
 def _default_passes(model, backend):
     on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
-    if backend in ("auto", "triton") or (backend == "cpu" and on_cpu):
+    if backend == "triton":
         return PASSES
+    if backend == "auto" or (backend == "cpu" and on_cpu):
+        return ("fuse", "patch_ops", "channels_last")
     if backend == "cuda":
         return ("fuse", "channels_last")
     return ("fuse",)
@@ -318,8 +361,8 @@ def convert(model, backend="auto", passes=None, cpu_replay=True):
     see ``efficientvit_kernels.auto_backend``), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
-    docstring). Default: all three for backends "auto" and "triton", and "cpu" on a CPU model;
-    "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D output of the model may
+    docstring). Default: all four for backend "triton"; all but "dwconv_ffn" for "auto", and
+    "cpu" on a CPU model; "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D output of the model may
     be channels-last; its values are the same.)
     ``cpu_replay``: with backend "auto" or "cpu", the copy's calls on CPU replay a C++ program
     of its ops (no Python between them), captured on the second call with an input of the

@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -109,12 +110,16 @@ def recording():
 
 def model_launches(models=MODELS, dtypes=DTYPES, inputs=INPUTS):
     """The launches of the Triton-converted python_ref models on meta tensors, for every
-    model, dtype, (batch, size) and both memory formats (contiguous and channels-last)."""
+    model, dtype, (batch, size) and both memory formats (contiguous and channels-last); each
+    model converted with every pass and without "dwconv_ffn" (its dwconv and ffn apart, as
+    backend "auto" runs them)."""
     import python_ref
-    from .convert import convert
+    from .convert import PASSES, convert
     launches = []
-    for name in models:
-        fused = convert(getattr(python_ref, f"efficientvit_{name}")().eval(), backend="triton")
+    unpaired = [p for p in PASSES if p != "dwconv_ffn"]
+    for name, passes in itertools.product(models, (PASSES, unpaired)):
+        fused = convert(getattr(python_ref, f"efficientvit_{name}")().eval(), backend="triton",
+                        passes=passes)
         for dtype in dtypes:
             model = fused.to(device="meta", dtype=dtype)
             for batch, size in inputs:

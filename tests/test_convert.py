@@ -161,18 +161,19 @@ def test_passes(models, passes):
 
 
 def test_default_passes(models):
-    """All three for the backends with kernels for patch_embed, conv1x1 and squeeze_excite (the
-    CPU's, Triton; "auto", which on a GPU measures them against PyTorch's); fuse and
-    channels_last for the CUDA backend (channels-last rows for its 16-byte packs; cuDNN's stem
-    and PatchMerging); fuse alone otherwise."""
+    """All four for Triton; all but dwconv_ffn for the other backends with kernels for
+    patch_embed, conv1x1 and squeeze_excite (the CPU's; "auto", which on a GPU measures them
+    against PyTorch's); fuse and channels_last for the CUDA backend (channels-last rows for its
+    16-byte packs; cuDNN's stem and PatchMerging); fuse alone otherwise."""
     from efficientvit_kernels.convert import _default_passes
     model = models["m0"]
     on_meta = copy.deepcopy(model).to("meta")  # a model on another device than the CPU
     for m in (model, on_meta):
-        assert _default_passes(m, "auto") == _default_passes(m, "triton") == K.PASSES
+        assert _default_passes(m, "triton") == K.PASSES
+        assert _default_passes(m, "auto") == ("fuse", "patch_ops", "channels_last")
         assert _default_passes(m, "cuda") == ("fuse", "channels_last")
         assert _default_passes(m, "reference") == ("fuse",)
-    assert _default_passes(model, "cpu") == K.PASSES
+    assert _default_passes(model, "cpu") == ("fuse", "patch_ops", "channels_last")
     assert _default_passes(on_meta, "cpu") == ("fuse",)
 
 
@@ -347,3 +348,42 @@ def test_patch_merging_with_its_own_forward_is_not_replaced(models):
     z = torch.randn(1, merge.conv1.c.in_channels, 8, 8)
     with torch.no_grad():
         assert relative_error(fused(z), merge(z)) < TOL
+
+
+def _ffn_census(model):
+    return collections.Counter(type(m).__name__ for m in model.modules()
+                               if isinstance(m, (K.FusedDWConv, K.FusedFFN, K.FusedDWConvFFN)))
+
+
+def test_triton_fuses_each_dwconv_with_the_ffn_after_it(models, timm):
+    """The dwconv_ffn pass (by default with backend "triton" only): every depthwise
+    convolution and the FFN it feeds become one FusedDWConvFFN, in the blocks and in the
+    stages' downsampling Sequentials, for the reference's and timm's classes alike; a block
+    or Sequential with a forward of its own keeps them apart."""
+    model = models["m4"]
+    ffns = _ffn_census(K.convert(model, backend="reference"))["FusedFFN"]
+    assert ffns == _ffn_census(K.convert(model, backend="reference"))["FusedDWConv"] == 2 * 6 + 2 * 2
+    for m in (model, R.randomize_(timm.create_model("efficientvit_m4"), seed=7)):
+        assert _ffn_census(K.convert(m, backend="triton")) == {"FusedDWConvFFN": ffns}
+    fused = K.convert(model, backend="triton")
+    sandwich, block = fused.blocks2[0], fused.blocks2[3]  # (dw, FFN) before PatchMerging; a block
+    assert list(map(type, sandwich)) == [K.FusedDWConvFFN]
+    assert isinstance(block.dw0, K.FusedDWConvFFN) and type(block.ffn0) is nn.Identity
+    assert block.dw1.w1.shape == (2 * 256, 256) and block.dw1.dw_weight.shape == (256, 3, 3)
+    for backend in ("auto", "cpu"):
+        assert "FusedDWConvFFN" not in _ffn_census(K.convert(model, backend=backend, cpu_replay=False))
+    unpaired = K.convert(model, backend="triton", passes=("fuse", "patch_ops", "channels_last"))
+    assert _ffn_census(unpaired) == {"FusedDWConv": ffns, "FusedFFN": ffns}
+    on_cpu = K.convert(model, backend="cpu", passes=K.PASSES)  # the dwconv and ffn kernels in turn
+    assert _ffn_census(on_cpu) == {"FusedDWConvFFN": ffns}
+    _check_model(on_cpu, model, [(64, 80)])
+
+    class OwnForward(type(model.blocks1[0])):
+        def forward(self, x):
+            return self.ffn0(x) + self.dw0(x)
+
+    own = copy.deepcopy(model.blocks1[0])
+    own.__class__ = OwnForward
+    seq = ReusingSequential(copy.deepcopy(model.blocks1[0].dw0), copy.deepcopy(model.blocks1[0].ffn0))
+    for m in (own, seq):
+        assert "FusedDWConvFFN" not in _ffn_census(K.convert(m, backend="triton"))
