@@ -1,9 +1,11 @@
-"""The Triton backend's predicted time per op kind, without a GPU: each kind's floor and the
-time benchmarks/gpu_ops.py predicts from the committed static profile
-(benchmarks/results/gpu_static.json), for the Triton-converted model with every pass and
-without "dwconv_ffn" (each dwconv its own launch, as backend "auto" runs it), fp16, at a GPU's
-copy bandwidth and matrix rate (default: an H200's, ~4.3 TB/s and ~790 TFLOP/s dense fp16).
-A GPU run (bench_models_gpu.py) prints the same predictions beside measured times.
+"""The GPU backends' predicted time per op kind, without a GPU: each kind's floor and the time
+benchmarks/gpu_ops.py predicts from the committed static profile
+(benchmarks/results/gpu_static.json), fp16, at a GPU's copy bandwidth and matrix rate
+(default: an H200's, ~4.3 TB/s and ~790 TFLOP/s dense fp16), for the Triton-converted model
+with every pass and without "dwconv_ffn" (each dwconv its own launch, as backend "auto" runs
+it), and for the CUDA kernels (dwconv, ffn, attention; the stem and PatchMerging are cuDNN's
+there, unpredicted: its total is of those three kinds). A GPU run (bench_models_gpu.py)
+prints the same predictions beside measured times.
 
     python benchmarks/gpu_predict.py [--models m0,m4] [--batch 2048] [--out FILE.md]
 """
@@ -36,8 +38,12 @@ def table(name, batch, bandwidth, rate):
     predicted = {}
     for label, passes in CONVERSIONS.items():
         fused = convert(python_ref.build(name).eval(), backend="triton", passes=passes).half()
-        predicted[label] = gpu_ops.triton_predictions(gpu_ops.triton_launches(fused, x), work,
-                                                      bandwidth, rate, static)
+        predicted[f"triton, {label}"] = gpu_ops.triton_predictions(
+            gpu_ops.triton_launches(fused, x), work, bandwidth, rate, static)
+    # the CUDA backend's fused modules, as backend "reference" converts them, run on x's meta
+    # tensors for their weight restaging
+    predicted["cuda"] = gpu_ops.cuda_predictions(work, gpu_ops.restaged_bytes(unfused, x),
+                                                 bandwidth, rate, gpu_ops.static_rows())
     show = lambda ms: "-" if ms is None else f"{ms:.2f}"
     rows = [f"| {name} | {k} | {floor[k]:.2f} | "
             + " | ".join(show(p[k]) for p in predicted.values()) + " |" for k in gpu_ops.KINDS]
@@ -60,8 +66,10 @@ def main():
              f"`python benchmarks/gpu_predict.py --batch {args.batch}`: floors and predictions of "
              f"benchmarks/gpu_ops.py from the committed static profile, at "
              f"{args.bandwidth / 1e12:g} TB/s and {args.rate / 1e12:g} TFLOP/s. No GPU ran.", "",
-             "| model | kind | floor | " + " | ".join(CONVERSIONS) + " |",
-             "|---|---|---|" + "---|" * len(CONVERSIONS)]
+             "| model | kind | floor | "
+             + " | ".join(f"triton, {c}" for c in CONVERSIONS)
+             + " | cuda (total: its three kinds) |",
+             "|---|---|---|" + "---|" * (len(CONVERSIONS) + 1)]
     for name in args.models.split(","):
         lines += table(name, args.batch, args.bandwidth, args.rate)
     text = "\n".join(lines) + "\n"

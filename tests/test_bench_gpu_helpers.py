@@ -207,3 +207,19 @@ def test_report_has_the_op_table():
     text = B.render(lines)
     assert "| ffn | 1.000 | 3.000 | 1.500 | 2.00x | 0.250 |" in text
     assert "| forward | 6.500 | 6.500 | - | - | - |" in text
+
+
+def test_gpu_predict_prints_every_kind_without_a_gpu():
+    """benchmarks/gpu_predict.py: each kind's floor and predictions for M0 from the committed
+    profile; with dwconv_ffn the dwconv kind is inside the FFN's launches (0 ms of its own)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_predict.py", "--models", "m0"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(" | ")[1]: line.strip(" |").split(" | ")[2:]
+            for line in proc.stdout.splitlines() if line.startswith("| m0 |")}
+    assert set(rows) == {*G.KINDS, "**total**"}
+    triton, unpaired, cuda = (float(v) for v in rows["dwconv"][1:])
+    assert triton == 0 < unpaired and cuda > 0
+    assert rows["stem"][3] == "-" and float(rows["**total**"][1]) < float(rows["**total**"][2])
