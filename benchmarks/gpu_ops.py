@@ -64,8 +64,8 @@ KERNELS = {"dwconv": "dwconv_kernel<c10::Half, int, 8>", "ffn": "ffn_kernel<c10:
 # programs reads only its tile's share of the weights.
 CHANNEL_TILED = ("_conv3x3_stride2_kernel", "_conv1x1_kernel")
 # A dwconv the Triton backend fused into the FFN after it runs as that FFN's kind.
-_CLASSES = ((FFN, "ffn"), (FusedFFN, "ffn"), (FusedDWConvFFN, "ffn"), (LocalWindowAttention, "attention"),
-            (FusedCGA, "attention"), (FusedDWConv, "dwconv"), (PatchMerging, "patch merging"),
+_CLASSES = ((FFN, "ffn"), (FusedFFN, "ffn"), (FusedDWConvFFN, "ffn"),
+            (LocalWindowAttention, "attention"), (FusedCGA, "attention"), (FusedDWConv, "dwconv"), (PatchMerging, "patch merging"),
             (FusedPatchMerging, "patch merging"))
 
 

@@ -362,8 +362,8 @@ def convert(model, backend="auto", passes=None, cpu_replay=True):
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
     docstring). Default: all four for backend "triton"; all but "dwconv_ffn" for "auto", and
-    "cpu" on a CPU model; "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D output of the model may
-    be channels-last; its values are the same.)
+    "cpu" on a CPU model; "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D
+    output of the model may be channels-last; its values are the same.)
     ``cpu_replay``: with backend "auto" or "cpu", the copy's calls on CPU replay a C++ program
     of its ops (no Python between them), captured on the second call with an input of the
     same shape, strides and dtype; each call is checked against what the program assumed and

@@ -8,9 +8,9 @@ import python_ref.functional
 
 from . import auto_backend, ops
 
-__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedDWConvFFN", "FusedConv1x1", "FusedLinear",
-           "FusedPatchEmbed", "FusedPatchMerging", "FusedSqueezeExcite", "LinearSqueezeExcite",
-           "ResidualAdd", "backend_ops"]
+__all__ = ["BACKENDS", "FusedCGA", "FusedDWConv", "FusedFFN", "FusedDWConvFFN", "FusedConv1x1",
+           "FusedLinear", "FusedPatchEmbed", "FusedPatchMerging", "FusedSqueezeExcite",
+           "LinearSqueezeExcite", "ResidualAdd", "backend_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 

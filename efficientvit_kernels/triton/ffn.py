@@ -41,10 +41,11 @@ def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr, out_p
     if K > 0:
         # The FFN's input is y = x + dwconv(x) + dw_b (a KxK depthwise convolution),
         # DW_CHANNELS channels at a time (all K*K taps of a wider tile in flight take the
-        # widest layers past 128 registers). It is parked in the program's own tile of the output, rounded to
-        # the dtype there as the separate dwconv op stores it, and read back like x below (from
-        # cache: in registers it would cost the widest layers their second block). A tile may
-        # span images (HW: all their pixels): a token's row and column are in its own image.
+        # widest layers past 128 registers). It is parked in the program's own tile of the
+        # output, rounded to the dtype there as the separate dwconv op stores it, and read back
+        # like x below (from cache: in registers it would cost the widest layers their second
+        # block). A tile may span images (HW: all their pixels): a token's row and column are
+        # in its own image.
         q = p % (H * W)
         for k0 in range(0, CP, DW_CHANNELS):
             k = k0 + tl.arange(0, DW_CHANNELS)
