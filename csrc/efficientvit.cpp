@@ -23,8 +23,8 @@ TORCH_LIBRARY(efficientvit, m) {
   m.def("ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual) -> Tensor");
   // An EfficientViT block's residual depthwise convolution, then its residual FFN:
   // y + ffn(y) with y = x + dwconv(x) + dw_bias; dw_weight (C, K, K), dw_bias (C), the rest as
-  // ffn's. Kernels: Triton (one kernel: y passes through the output's tile in cache); on CPU
-  // and CUDA the dwconv and ffn kernels one after the other (ops.py).
+  // ffn's. Kernels: Triton (one kernel in fp16/bf16: y passes through the output's tile in
+  // cache); Triton's fp32, CPU and CUDA run the dwconv and ffn kernels in turn (ops.py).
   m.def(
       "dwconv_ffn(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor w1, Tensor b1, Tensor w2, "
       "Tensor b2) -> Tensor");

@@ -195,8 +195,8 @@ class FusedFFN(_Fused):
 
 class FusedDWConvFFN(_Fused):
     """An EfficientViT block's residual depthwise convolution and the residual FFN after it,
-    ``y + ffn(y)`` with ``y = x + dwconv(x)``, in one op (``dwconv_ffn``): one Triton kernel,
-    where no tensor of y is written and read back."""
+    ``y + ffn(y)`` with ``y = x + dwconv(x)``, in one op (``dwconv_ffn``): one Triton kernel in
+    fp16 and bf16, where no tensor of y is written and read back."""
 
     _op = "dwconv_ffn"
     _weight_names = ("dw_weight", "dw_bias", "w1", "b1", "w2", "b2")

@@ -254,10 +254,10 @@ def dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2):
     """An EfficientViT block's residual depthwise convolution, then its residual FFN:
     ``y + ffn(y)`` with ``y = x + dwconv(x)`` (``dwconv``'s and ``ffn``'s arguments, both
     residual, no ReLU on the convolution). Returns x's shape, in ``output_memory_format(x)``.
-    The Triton backend runs it as one kernel (each program parks its tile of y in its tile of
-    the output, read back from cache and overwritten with the result: no tensor of y is
-    written and read back); on CPU and CUDA the dwconv and ffn kernels run one after the
-    other.
+    The Triton backend runs it as one kernel in fp16 and bf16 (each program parks its tile of
+    y in its tile of the output, read back from cache and overwritten with the result: no
+    tensor of y is written and read back); fp32 there, and CPU and CUDA, run the dwconv and
+    ffn kernels one after the other.
     """
     return torch.ops.efficientvit.dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2)
 
@@ -371,7 +371,8 @@ def squeeze_excite_composite(x, w1, b1, w2, b2):
 
 
 # dwconv_ffn on CPU and CUDA: their dwconv and ffn kernels in turn (its fused kernel is
-# Triton's, where the convolution's output then never reaches memory).
+# Triton's). The arguments are checked first, so that errors name dw_weight and dw_bias as the
+# fake's do, not the dwconv kernel's weight and bias.
 def dwconv_ffn_composite(x, dw_weight, dw_bias, w1, b1, w2, b2):
     check_dwconv_ffn(x, dw_weight, dw_bias, w1, b1, w2, b2)
     y = torch.ops.efficientvit.dwconv.default(x, dw_weight, dw_bias, False, True)
