@@ -27,15 +27,18 @@ Per kind, over one forward at the measured batch:
   static profile records them, so no GPU is needed; each finds its row by the compilation it
   makes, triton_static.launch_key): each program reads the weights among its
   arguments, the convolutions' programs only their tile of output channels; a kind of several
-  launches (the stem's convolutions, PatchMerging's three steps) also writes each launch's
-  output and reads it back in the next, bytes added to its own; each dwconv runs inside
-  the FFN launch after it (dwconv_ffn), so the dwconv kind predicts 0. A kind's warps are
+  launches (the stem's convolutions, PatchMerging's five) also writes each launch's output
+  and reads it back in each launch that reads it, bytes added to its own; each dwconv runs inside
+  the FFN launch after it (dwconv_ffn), so the dwconv kind predicts 0. FLOPs: the
+  reference's, or where more, the products the launches compute with their tiles' padding
+  and recomputation (triton_product_flops: conv1x1 and ffn). A kind's warps are
   those of its launch with the fewest; where autotuning chooses among configs, the prediction
   takes the config with the least restaged traffic per busy share, the one it should pick.
 The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
 the library's matrix product (wgmma on Hopper), L2 serving restaged weights at 2.5x the copy
 bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's latencies.
 """
+import collections
 import copy
 import inspect
 import json
@@ -309,40 +312,61 @@ def _argument(launch, name):
 
 def triton_intermediate_bytes(calls):
     """Bytes the Triton launches of one module call (``triton_launches``' list for it) move
-    between each other: each output that another of its launches reads (the stem's
-    convolutions after the first, PatchMerging's three steps), written and read back once; 0
-    for a module of one launch."""
+    between each other: each output that others of its launches read (the stem's convolutions
+    after the first, PatchMerging's steps), written once and read once by each; 0 for a module
+    of one launch."""
     launches = [alternatives[0][0] for alternatives in calls]
-    inputs = {id(_argument(launch, "x_ptr")) for launch in launches}
+    readers = collections.Counter(id(_argument(launch, "x_ptr")) for launch in launches)
     outputs = {id(t): t for t in (_argument(launch, "out_ptr") for launch in launches)}
-    return 2 * sum(t.numel() * t.element_size() for i, t in outputs.items() if i in inputs)
+    return sum(t.numel() * t.element_size() * (1 + readers[i]) for i, t in outputs.items()
+               if readers[i])
+
+
+def triton_product_flops(launch):
+    """FLOPs of the matrix products a Triton launch's programs compute, their tiles' padding
+    and recomputation included: conv1x1 reduces over whole BK steps and, with the depthwise
+    convolution, computes y at each of the nine taps of an output; ffn's tiles have the
+    channels padded to a power of two (CP) and the hidden width to whole BM chunks. 0 for the
+    kernels not modelled here (a kind's reference FLOPs stand for them)."""
+    kw, programs = launch.kwargs, math.prod(launch.grid)
+    name = launch.kernel.fn.__name__
+    if name == "_conv1x1_kernel":
+        reduced = math.ceil(_argument(launch, "C") / kw["BK"]) * kw["BK"]
+        return programs * 2 * kw["BP"] * kw["BN"] * reduced * (9 if kw["DEPTHWISE"] else 1)
+    if name == "_ffn_kernel":  # two products over the hidden width
+        return programs * 4 * kw["BT"] * kw["CP"] * math.ceil(kw["M"] / kw["BM"]) * kw["BM"]
+    return 0
 
 
 def triton_predictions(launches, work, bandwidth, matmul_rate, static):
     """{kind: predicted ms on the Triton backend} from ``triton_launches``, None for a kind
     with a launch the static profile lacks (or with no launch: the head), 0 for a kind no
-    module of the model runs as (dwconv, where each runs in the FFN's kernel after it)."""
+    module of the model runs as (dwconv, where each runs in the FFN's kernel after it). A
+    kind's FLOPs: its reference FLOPs, or the products its launches compute
+    (``triton_product_flops``) where those are more."""
     from efficientvit_kernels import triton_static
     out = {}
     for kind, (bytes_, flops) in work.items():
         if kind not in launches:
             out[kind] = 0.0
             continue
-        restaged, warps = 0, []
+        restaged, products, warps = 0, 0, []
         for alternatives in (a for call in launches.get(kind, []) for a in call):
             options = []
             for launch, weight_bytes in alternatives:
                 row = static.get(triton_static.launch_key(launch, 90))
                 w = resident_warps(row)
                 if w:
-                    options.append((triton_restaged(launch, weight_bytes), w))
+                    options.append((triton_restaged(launch, weight_bytes), w,
+                                    triton_product_flops(launch)))
             if not options:
                 warps = None
                 break
-            r, w = min(options, key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
+            r, w, f = min(options, key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
             restaged += r
+            products += f
             warps.append(w)
         moved = bytes_ + sum(map(triton_intermediate_bytes, launches.get(kind, [])))
-        out[kind] = (predict_ms(moved, flops, restaged, min(warps), bandwidth, matmul_rate)
-                     if warps else None)
+        out[kind] = (predict_ms(moved, max(flops, products), restaged, min(warps), bandwidth,
+                                matmul_rate) if warps else None)
     return out

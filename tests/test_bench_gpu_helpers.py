@@ -144,6 +144,22 @@ def test_triton_restaged_weights_per_program():
     assert G.triton_restaged(conv, 1000) == 100 * 1000  # each channel tile reads its share
 
 
+def test_triton_product_flops_count_padding_and_taps():
+    def _conv1x1_kernel(x_ptr, C):
+        pass
+    def _dwconv_kernel(x_ptr, C):
+        pass
+    conv = dict(BP=64, BN=64, BK=64, DEPTHWISE=False)
+    launch = Launch(SimpleNamespace(fn=_conv1x1_kernel), (None, 100), conv, (10, 2))
+    assert G.triton_product_flops(launch) == 20 * 2 * 64 * 64 * 128  # 100 channels: 2 steps
+    launch = launch._replace(kwargs=dict(conv, DEPTHWISE=True))
+    assert G.triton_product_flops(launch) == 9 * 20 * 2 * 64 * 64 * 128  # y at every tap
+    ffn = Launch(SimpleNamespace(fn=SimpleNamespace(__name__="_ffn_kernel")), (),
+                 dict(BT=32, CP=512, M=768, BM=64), (1, 7))
+    assert G.triton_product_flops(ffn) == 7 * 4 * 32 * 512 * 768
+    assert G.triton_product_flops(Launch(SimpleNamespace(fn=_dwconv_kernel), (), {}, (4,))) == 0
+
+
 def test_triton_intermediates_are_written_and_read_back():
     def kernel(x_ptr, w_ptr, out_ptr, C):
         pass
@@ -155,6 +171,9 @@ def test_triton_intermediates_are_written_and_read_back():
     assert G.triton_intermediate_bytes(chain[:1]) == 0  # one launch: the kind's own bytes
     # a module's launches reading only what others wrote: nothing of its own read back
     assert G.triton_intermediate_bytes([chain[0], [(launch(c, b), 10)]]) == 0
+    # an output two launches read (squeeze-excite's input: its means, then its scaling)
+    two_readers = [chain[0], [(launch(a, b), 10)], [(launch(a, c), 10)]]
+    assert G.triton_intermediate_bytes(two_readers) == 3 * 6 * 4 * 2
 
 
 # Runs where TRITON_INTERPRET is unset: the Triton launches of an M0 forward, on meta tensors.
@@ -188,9 +207,10 @@ def test_static_profile_predicts_every_triton_launch():
     for line in proc.stdout.splitlines():
         counts, predicted = json.loads(line)
         # the stem: its first two convolutions as one launch, then the other two; each dwconv
-        # in the kernel of the FFN after it
+        # in the kernel of the FFN after it; PatchMerging: its 1x1 convolutions, squeeze-excite's
+        # means, gates and scaling
         assert counts == {"stem": 3, "ffn": 2 * depth + 4, "attention": depth,
-                          "patch merging": 2 * 3, "head": 0}
+                          "patch merging": 2 * 5, "head": 0}
         unpredicted = [k for k, ms in predicted.items() if ms is None]
         assert unpredicted == ["head"] and predicted["dwconv"] == 0
         assert all(ms > 0 for k, ms in predicted.items() if k not in ("head", "dwconv"))

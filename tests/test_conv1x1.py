@@ -221,7 +221,8 @@ def test_cuda_definition(depthwise):
 # it runs: name: (C, Co, B, H, W, relu, depthwise, layout, small). M4's first PatchMerging
 # convolution with its depthwise one, and its last; widths that are not whole tiles (20, 36,
 # 100: the reduction and output tiles are masked), odd and unequal sizes (the last output row
-# and column read a padding row and column), one pixel, an empty batch.
+# and column read a padding row and column), tiles of pixels spanning images (Triton: 3x5
+# images, and 2x2 outputs, four to a tile and one more), one pixel, an empty batch.
 BACKEND_CASES = {
     "m4_conv1_dw": (128, 512, 2, 14, 14, True, True, "channels_last", False),
     "m4_conv3": (512, 256, 2, 7, 7, False, False, "channels_last", False),
@@ -229,6 +230,8 @@ BACKEND_CASES = {
     "linear_dw": (36, 20, 1, 6, 9, False, True, "contiguous", True),
     "wide_reduction": (100, 24, 2, 4, 3, False, False, "strided", True),
     "relu": (36, 100, 1, 5, 6, True, False, "channels_last_slice", True),
+    "images_per_tile": (24, 40, 3, 3, 5, True, False, "channels_last", True),
+    "images_per_tile_dw": (16, 24, 5, 4, 3, False, True, "channels_last", True),
     "one_pixel_dw": (24, 16, 1, 1, 1, True, True, "contiguous", True),
     "batch0": (8, 16, 0, 4, 4, True, True, "contiguous", True),
 }

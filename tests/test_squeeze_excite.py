@@ -109,12 +109,14 @@ def test_cuda_definition(layout):
 # Every backend with a kernel of its own (tests/conftest.py: patch_ops_backend), in each dtype
 # it runs: name: (C, R, B, H, W, layout, small). M4's second PatchMerging (1024 channels, 256
 # hidden: several channel blocks); widths that are not whole blocks (20 -> 5, 100 -> 24) on odd
-# sizes; more pixels than one block holds (9x10); one pixel; an empty batch.
+# sizes; more pixels than one block holds (9x10); more images than one program of the Triton
+# gates takes (16), pixel tiles spanning images; one pixel; an empty batch.
 BACKEND_CASES = {
     "m4": (1024, 256, 2, 4, 4, "channels_last", False),
     "odd": (20, 5, 3, 5, 3, "permuted", True),
     "many_pixels": (100, 24, 2, 9, 10, "contiguous", True),
     "strided": (36, 9, 1, 4, 7, "strided", True),
+    "many_images": (24, 8, 19, 2, 3, "channels_last", True),
     "one_pixel": (16, 8, 2, 1, 1, "channels_last_slice", True),
     "batch0": (16, 8, 0, 3, 3, "contiguous", True),
 }

@@ -65,7 +65,8 @@ def test_committed_profile_is_current(profile):
 
 # Every Triton kernel of the package.
 KERNELS = {"_cga_kernel", "_dwconv_kernel", "_ffn_kernel", "_conv3x3_stride2_kernel",
-           "_conv3x3_stride2_pair_kernel", "_conv1x1_kernel", "_squeeze_excite_kernel"}
+           "_conv3x3_stride2_pair_kernel", "_conv1x1_kernel", "_channel_mean_kernel",
+           "_squeeze_excite_gate_kernel", "_channel_scale_kernel"}
 
 
 def test_sanitizer_checks_every_kernel():

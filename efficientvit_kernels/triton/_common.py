@@ -111,7 +111,7 @@ MAX_REGISTERS = 255
 # The kernels whose launchers pass their launch arguments through launch_kwargs (the static
 # profile, efficientvit_kernels/triton_static.py, makes the same choice for them).
 REGISTER_CAPPED = frozenset({"_cga_kernel", "_conv1x1_kernel", "_conv3x3_stride2_pair_kernel",
-                             "_squeeze_excite_kernel"})
+                             "_squeeze_excite_gate_kernel"})
 
 
 def block_limits(threads):

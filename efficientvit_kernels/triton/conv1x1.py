@@ -1,18 +1,22 @@
 """1x1 convolution, ``y = [relu](weight x + bias)``, optionally followed by PatchMerging's
 depthwise 3x3 stride-2 convolution and ReLU, as one Triton kernel.
 
-Each program computes a (pixels x output channels) tile of one image as a matrix product
-over the input channels. With the depthwise convolution the tile is of output pixels: y is
-computed at each of the 9 input pixels a tap reads (2.25x the products of y computed once),
-so y, four times x's channels at x's resolution in PatchMerging, never reaches memory.
+Each program computes a (pixels x output channels) tile as a matrix product over the input
+channels. With the depthwise convolution the tile is of output pixels: y is computed at each of
+the 9 input pixels a tap reads (2.25x the products of y computed once), so y, four times x's
+channels at x's resolution in PatchMerging, never reaches memory. PatchMerging's maps are small
+(7x7 and 4x4 outputs at 224x224): a tile runs over the pixels of the whole batch, so that it
+spans images instead of leaving rows empty (a 4x4 image fills a quarter of a 64-pixel tile) and
+each weight tile serves 64 pixels (without the depthwise convolution, where the batch continues
+the pixel axis, as in channels-last; else one image a tile).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, flat_pixels, interpreted, launch_kwargs, mm,
-                      output_tile, padded, pixel_offsets, relu)
+from ._common import (check_device_dtype, flat_batch, flat_pixels, interpreted, launch_kwargs,
+                      mm, output_tile, padded, pixel_offsets, relu)
 
 
 @triton.jit
@@ -33,18 +37,21 @@ def _pixels_by_weight(x_pix, ok, w_ptr, n, nmask, C, sxc, BP: tl.constexpr, BN: 
 
 # Map sizes vary with the input and gain nothing from specialization: one compiled kernel
 # serves every batch and map size of a layer.
-@triton.jit(do_not_specialize=["H", "W", "OW", "OHW", "pixel_tiles"])
+@triton.jit(do_not_specialize=["H", "W", "OW", "OHW", "n_pixels", "pixel_tiles"])
 def _conv1x1_kernel(x_ptr, w_ptr, b_ptr, dw_w_ptr, dw_b_ptr, out_ptr, C, CO, H, W, OW, OHW,
-                    pixel_tiles, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                    n_pixels, pixel_tiles, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                     BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RELU: tl.constexpr,
                     DEPTHWISE: tl.constexpr, FLAT: tl.constexpr):
+    """The tiles run over n_pixels output pixels: with the depthwise convolution the whole
+    batch's (each row finds its image), else one image's (grid axis 0: images x tiles)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    b, p, n, pmask, nmask = output_tile(pixel_tiles, OHW, CO, BP, BN)  # p: output pixels
-    x_img = x_ptr + b * sxb
+    b, p, n, pmask, nmask = output_tile(pixel_tiles, n_pixels, CO, BP, BN)
     bias = tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if DEPTHWISE:
-        oy = p // OW
+        image = (p // OHW).to(tl.int64)
+        oy = p % OHW // OW
         ox = p % OW
+        x_img = x_ptr + image * sxb
         acc = tl.zeros([BP, BN], dtype=tl.float32)
         acc += tl.load(dw_b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         for tap in range(9):  # not unrolled: nine copies of the product loop spill registers
@@ -60,13 +67,14 @@ def _conv1x1_kernel(x_ptr, w_ptr, b_ptr, dw_w_ptr, dw_b_ptr, out_ptr, C, CO, H, 
             tap_weight = tl.load(dw_w_ptr + n * 9 + tap, mask=nmask, other=0.0).to(tl.float32)
             acc += y * tap_weight[None, :]
         acc = relu(acc)
+        o = out_ptr + (image * sob + oy * soh + ox * sow)[:, None]
     else:
-        acc = _pixels_by_weight(x_img + pixel_offsets(p, W, sxh, sxw, FLAT), pmask, w_ptr, n,
-                                nmask, C, sxc, BP, BN, BK, DT) + bias
+        acc = _pixels_by_weight(x_ptr + b * sxb + pixel_offsets(p, W, sxh, sxw, FLAT), pmask,
+                                w_ptr, n, nmask, C, sxc, BP, BN, BK, DT) + bias
         if RELU:
             acc = relu(acc)
-    o = out_ptr + b * sob + pixel_offsets(p, OW, soh, sow, True)[:, None] + n[None, :] * soc
-    tl.store(o, acc.to(DT), mask=pmask[:, None] & nmask[None, :])
+        o = out_ptr + b * sob + pixel_offsets(p, OW, soh, sow, True)[:, None]
+    tl.store(o + n[None, :] * soc, acc.to(DT), mask=pmask[:, None] & nmask[None, :])
 
 
 def _blocks(x, CO, OHW, depthwise):
@@ -87,16 +95,23 @@ def conv1x1(x, weight, bias, relu=False, dw_weight=None, dw_bias=None):
     _, C, H, W = x.shape
     depthwise = dw_weight is not None
     BP, BN, BK, num_warps = _blocks(x, CO, OH * OW, depthwise)
-    pixel_tiles = triton.cdiv(OH * OW, BP)
+    # one image a tile, or (see the module docstring) the whole batch's pixels: with the
+    # depthwise convolution in the kernel, without it here, as one image of B*H*W pixels
+    images, pixels = B, OH * OW
+    if depthwise:
+        images, pixels = 1, B * OH * OW
+    elif flat_batch(x) and flat_batch(out):
+        images, pixels = 1, B * H * W
+    pixel_tiles = triton.cdiv(pixels, BP)
     # without the depthwise convolution its pointers are never read: any tensor serves
     if depthwise:
         dw_weight, dw_bias = dw_weight.contiguous(), dw_bias.contiguous()
     else:
         dw_weight = dw_bias = bias
     args = (x, weight.contiguous(), bias.contiguous(), dw_weight, dw_bias, out, C, CO, H, W, OW,
-            OH * OW, pixel_tiles, *x.stride(), *out.stride())
+            OH * OW, pixels, pixel_tiles, *x.stride(), *out.stride())
     kwargs = dict(BP=BP, BN=BN, BK=BK, RELU=bool(relu), DEPTHWISE=depthwise, FLAT=flat_pixels(x),
                   num_warps=num_warps)
-    _conv1x1_kernel[(B * pixel_tiles, triton.cdiv(CO, BN))](
+    _conv1x1_kernel[(images * pixel_tiles, triton.cdiv(CO, BN))](
         *args, **launch_kwargs(_conv1x1_kernel, args, kwargs))
     return out
