@@ -325,8 +325,8 @@ def triton_intermediate_bytes(calls):
 def triton_product_flops(launch):
     """FLOPs of the matrix products a Triton launch's programs compute, their tiles' padding
     and recomputation included: conv1x1 reduces over whole BK steps and, with the depthwise
-    convolution, computes y at each of the nine taps of an output; ffn's tiles have the
-    channels padded to a power of two (CP) and the hidden width to whole BM chunks. 0 for the
+    convolution, computes y at each of the nine taps of an output; ffn's output columns are
+    two tiles of powers of two (CA + CB) and its hidden width whole BM chunks. 0 for the
     kernels not modelled here (a kind's reference FLOPs stand for them)."""
     kw, programs = launch.kwargs, math.prod(launch.grid)
     name = launch.kernel.fn.__name__
@@ -334,7 +334,8 @@ def triton_product_flops(launch):
         reduced = math.ceil(_argument(launch, "C") / kw["BK"]) * kw["BK"]
         return programs * 2 * kw["BP"] * kw["BN"] * reduced * (9 if kw["DEPTHWISE"] else 1)
     if name == "_ffn_kernel":  # two products over the hidden width
-        return programs * 4 * kw["BT"] * kw["CP"] * math.ceil(kw["M"] / kw["BM"]) * kw["BM"]
+        columns = kw["CA"] + kw["CB"]
+        return programs * 4 * kw["BT"] * columns * math.ceil(kw["M"] / kw["BM"]) * kw["BM"]
     return 0
 
 

@@ -155,8 +155,8 @@ def test_triton_product_flops_count_padding_and_taps():
     launch = launch._replace(kwargs=dict(conv, DEPTHWISE=True))
     assert G.triton_product_flops(launch) == 9 * 20 * 2 * 64 * 64 * 128  # y at every tap
     ffn = Launch(SimpleNamespace(fn=SimpleNamespace(__name__="_ffn_kernel")), (),
-                 dict(BT=32, CP=512, M=768, BM=64), (1, 7))
-    assert G.triton_product_flops(ffn) == 7 * 4 * 32 * 512 * 768
+                 dict(BT=32, CA=256, CB=128, M=768, BM=64), (1, 7))
+    assert G.triton_product_flops(ffn) == 7 * 4 * 32 * 384 * 768
     assert G.triton_product_flops(Launch(SimpleNamespace(fn=_dwconv_kernel), (), {}, (4,))) == 0
 
 

@@ -43,6 +43,12 @@ def test_fp16_in_interpreter():
     ffn = [to_device(t, dtype) for t in random_ffn_params(40, 88)]
     ref = functional.ffn(*(t.double() for t in (x, *ffn)), False)
     assert_close(kernels.ffn(x, *ffn, False), ref)
+    # 384 channels: the FFN's output columns as two tiles (256 + 128), its reduction in steps
+    # of 128
+    wide = to_device(random_input(1, 384, 3, 5, channels_last=True), dtype)
+    wide_ffn = [to_device(t, dtype) for t in random_ffn_params(384, 40)]
+    ref = functional.ffn(*(t.double() for t in (wide, *wide_ffn)), True)
+    assert_close(kernels.ffn(wide, *wide_ffn, True), ref)
     # the stem's and PatchMerging's ops (ffn's parameters serve squeeze-excite and conv1x1)
     ref = functional.squeeze_excite(*(t.double() for t in (x, *ffn)))
     assert_close(kernels.squeeze_excite(x, *ffn), ref)

@@ -5,8 +5,9 @@ output tile in cache instead of a tensor of its own.
 
 Each program takes a tile of tokens (pixels of one image, either layout through strides; in
 channels-last, pixels of the whole batch, so that a tile of a small map spans images) with all
-C channels, and walks the hidden width in chunks: the hidden activation never leaves the chip.
-Each program reads all the weights: larger token tiles read them less often.
+C channels (M4's and M5's 384 as two column tiles, 256 + 128, not one of 512), and walks the
+hidden width in chunks: the hidden activation never leaves the chip. Each program reads all
+the weights: larger token tiles read them less often.
 """
 import torch
 import triton
@@ -21,20 +22,29 @@ from .dwconv import dwconv
 DW_CHANNELS = tl.constexpr(32)
 
 
+@triton.jit
+def _finish_columns(acc, c, cmask, b2_ptr, src_tok, ssc, token, RESIDUAL: tl.constexpr):
+    """An output tile's columns c: acc + b2 [+ the FFN's input]."""
+    acc += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if RESIDUAL:
+        acc += tl.load(src_tok + c[None, :] * ssc, mask=token & cmask[None, :],
+                       other=0.0).to(tl.float32)
+    return acc
+
+
 # Sizes vary with the input and gain nothing from specialization (equal to 1, multiple of
 # 16): one compiled kernel serves every batch and map size of a layer.
 @triton.jit(do_not_specialize=["HW", "H", "W"])
 def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr, out_ptr, HW, H, W,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-                C: tl.constexpr, M: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
-                BM: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, FLAT: tl.constexpr,
-                RESIDUAL: tl.constexpr):
+                C: tl.constexpr, M: tl.constexpr, CA: tl.constexpr, CB: tl.constexpr,
+                BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
+                FLAT: tl.constexpr, RESIDUAL: tl.constexpr):
+    """The output's C channels are one tile of CA (a power of two, at least 16), or two, CA
+    and CB, so that a width such as 384 (256 + 128) does not pay for 512 (see _launch)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1) * BT + tl.arange(0, BT)  # tokens: pixels of one image (or of all)
-    c = tl.arange(0, CP)
-    cmask = c < C
-    io_mask = (p < HW)[:, None] & cmask[None, :]
     token = (p < HW)[:, None]
     x_tok = (x_ptr + b * sxb + pixel_offsets(p, W, sxh, sxw, FLAT))[:, None]
     o_tok = (out_ptr + b * sob + pixel_offsets(p, W, soh, sow, True))[:, None]
@@ -47,7 +57,9 @@ def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr, out_p
         # block). A tile may span images (HW: all their pixels): a token's row and column are
         # in its own image.
         q = p % (H * W)
-        for k0 in range(0, CP, DW_CHANNELS):
+        # over the columns' tiles, masked past C (to C, ptxas spilled the 512-column variants
+        # of C=288 and 320 on sm_90)
+        for k0 in range(0, CA + CB, DW_CHANNELS):
             k = k0 + tl.arange(0, DW_CHANNELS)
             kmask = k < C
             y = tl.load(dw_b_ptr + k, mask=kmask, other=0.0).to(tl.float32)[None, :]
@@ -61,40 +73,49 @@ def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr, out_p
     else:
         src_tok, ssc = x_tok, sxc
 
-    acc = tl.zeros([BT, CP], dtype=tl.float32)
+    ca = tl.arange(0, CA)
+    cb = CA + tl.arange(0, max(CB, 16))  # a tile never used where CB is 0
+    acc_a = tl.zeros([BT, CA], dtype=tl.float32)
+    acc_b = tl.zeros([BT, max(CB, 16)], dtype=tl.float32)
     for m0 in range(0, M, BM):
         m = m0 + tl.arange(0, BM)
         mmask = m < M
-        # h = x w1 chunk + b1, reduced over the channels BK at a time (all CP at once on
-        # tensor cores; fp32 products take whole operand rows into registers); masked rows
-        # and columns load zeros.
+        # h = x w1 chunk + b1, reduced over the channels BK at a time (on tensor cores in one
+        # step, or with two column tiles in steps of the second's width; fp32 products take
+        # whole operand rows into registers); masked rows and columns load zeros.
         h = tl.zeros([BT, BM], dtype=tl.float32)
-        for k0 in range(0, CP, BK):
+        for k0 in range(0, C, BK):
             k = k0 + tl.arange(0, BK)
             xk = tl.load(src_tok + k[None, :] * ssc, mask=token & (k < C)[None, :], other=0.0)
             w1 = tl.load(w1_ptr + m[None, :] * C + k[:, None],
                          mask=(k < C)[:, None] & mmask[None, :], other=0.0)
             h += mm(xk, w1, DT)
-        h += tl.load(b1_ptr + m, mask=mmask, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(w2_ptr + c[None, :] * M + m[:, None], mask=mmask[:, None] & cmask[None, :],
-                     other=0.0)
-        acc += mm(relu(h), w2, DT)
-    acc += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if RESIDUAL:
-        acc += tl.load(src_tok + c[None, :] * ssc, mask=io_mask, other=0.0).to(tl.float32)
+        h = relu(h + tl.load(b1_ptr + m, mask=mmask, other=0.0).to(tl.float32)[None, :])
+        w2 = tl.load(w2_ptr + ca[None, :] * M + m[:, None],
+                     mask=mmask[:, None] & (ca < C)[None, :], other=0.0)
+        acc_a += mm(h, w2, DT)
+        if CB > 0:
+            w2 = tl.load(w2_ptr + cb[None, :] * M + m[:, None],
+                         mask=mmask[:, None] & (cb < C)[None, :], other=0.0)
+            acc_b += mm(h, w2, DT)
+    acc_a = _finish_columns(acc_a, ca, ca < C, b2_ptr, src_tok, ssc, token, RESIDUAL)
+    if CB > 0:
+        acc_b = _finish_columns(acc_b, cb, cb < C, b2_ptr, src_tok, ssc, token, RESIDUAL)
     if K > 0:
         tl.debug_barrier()  # every thread done reading y before any overwrites it
-    tl.store(o_tok + c[None, :] * soc, acc.to(DT), mask=io_mask)
+    tl.store(o_tok + ca[None, :] * soc, acc_a.to(DT), mask=token & (ca < C)[None, :])
+    if CB > 0:
+        tl.store(o_tok + cb[None, :] * soc, acc_b.to(DT), mask=token & (cb < C)[None, :])
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keeps the token tiles whose fp32 accumulator, (BT, CP), takes at most 32 registers a
-    thread, and 16 warps only for fp16/bf16: larger tiles, and fp32's on 16 warps, spill
+    """Keeps the token tiles whose fp32 accumulator, (BT, CA + CB), takes at most 32 registers
+    a thread, and 16 warps only for fp16/bf16: larger tiles, and fp32's on 16 warps, spill
     registers on sm_80 or sm_90 (tests/test_triton_compile.py holds every kept config to that).
     The smallest always stays."""
     fp32 = named_args["x_ptr"].dtype == torch.float32
-    kept = [c for c in configs if c.kwargs["BT"] * kwargs["CP"] <= 32 * 32 * c.num_warps
-            and not (fp32 and c.num_warps > 8)]
+    kept = [c for c in configs if c.kwargs["BT"] * (kwargs["CA"] + kwargs["CB"])
+            <= 32 * 32 * c.num_warps and not (fp32 and c.num_warps > 8)]
     return kept or configs[:1]
 
 
@@ -136,13 +157,23 @@ def _launch(x, w1, b1, w2, b2, residual, M, dw=None):
     out = ops.empty_output(x)  # first, so a just-freed block (a test's poison) goes to the output
     if out.numel() == 0:
         return out
-    CP = padded(C)
-    BK = 32 if x.dtype == torch.float32 else CP
+    # The output columns: one tile of padded(C), or in fp16/bf16, where what the largest power
+    # of two in C leaves is 128 channels or more (384: 256 + 128), two tiles. Narrower second
+    # tiles (192, 240, 288, 320) spilled on 16 warps with their reduction steps: on 8 warps
+    # alone their token tiles halve, and restaging the weights for each costs more than the
+    # padding saves (M3's and M5's FFN predicted 25-30% slower). fp32's products are not on
+    # tensor cores: one tile (split, its C=144 variant spilled on sm_80).
+    CA, CB = padded(C), 0
+    if x.dtype != torch.float32 and C - (1 << (C.bit_length() - 1)) >= 128:
+        CA = 1 << (C.bit_length() - 1)
+        CB = padded(C - CA)
+    # fp16/bf16: the reduction in steps of the narrower tile (one step without a second)
+    BK = 32 if x.dtype == torch.float32 else (CB or CA)
     dw_weight, dw_bias, K = (dw[0].contiguous(), dw[1].contiguous(), dw[2]) if dw else (b1, b1, 0)
     # One map of B*H*W pixels where the layout allows (the batch stride is then never used)
     images, pixels = (1, B * H * W) if flat_batch(x) and flat_batch(out) else (B, H * W)
     _ffn[lambda meta: (images, triton.cdiv(pixels, meta["BT"]))](
         x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), dw_weight, dw_bias,
-        out, pixels, H, W, *x.stride(), *out.stride(), C=C, M=M, CP=CP, BK=BK, K=K,
+        out, pixels, H, W, *x.stride(), *out.stride(), C=C, M=M, CA=CA, CB=CB, BK=BK, K=K,
         FLAT=flat_pixels(x), RESIDUAL=bool(residual))
     return out
