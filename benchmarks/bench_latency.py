@@ -63,7 +63,7 @@ def runners(model, name, batch, threads, args, workdir):
     out["fused, modules"] = K.convert(model, cpu_replay=False)
     program = torch.export.export(fused, (x,))
     out["fused, cpu_graph"] = K.cpu_graph(program, x)  # the exported program, replayed in C++
-    if args.compile:
+    if args.compile:  # a call without gradients is one op, the replay (cpu_replay)
         out["fused, torch.compile"] = torch.compile(fused)
     out["fused, exported"] = program.module()
     if args.aoti:
@@ -122,6 +122,10 @@ def main(argv=None):
     print(markdown(meta, rows))
 
 
+# The fused model's deployed forms, each held to the fused model's speed.
+DEPLOYED = ("fused, cpu_graph", "fused, AOTInductor", "fused, torch.compile", "fused, exported")
+
+
 def markdown(meta, rows):
     labels = list(rows[0]["ms_p10_median_p90"])
     lines = [f"# CPU latency, {meta['date'][:10]}", "",
@@ -138,16 +142,19 @@ def markdown(meta, rows):
              "by module, `fused, cpu_graph`: its exported program (`torch.export`) replayed by "
              "cpu_graph, `fused, exported`: that program's `.module()`; `x ORT`: ONNX Runtime's median over the fused model's, as called, "
              "module by module, replayed by cpu_graph and as an AOTInductor package (above 1: "
-             "fused is faster).", "",
+             "fused is faster); `/ fused`: a deployed form's median over the fused model's, as "
+             "called (the goal: at most 1.10).", "",
              "| model | batch | threads | " + " | ".join(labels)
-             + " | x ORT | x ORT, modules | x ORT, cpu_graph | x ORT, AOTI |",
-             "|---|---|---|" + "---|" * (len(labels) + 4)]
+             + " | x ORT | x ORT, modules | x ORT, cpu_graph | x ORT, AOTI | "
+             + " | ".join(f"{form.removeprefix('fused, ')} / fused" for form in DEPLOYED) + " |",
+             "|---|---|---|" + "---|" * (len(labels) + 4 + len(DEPLOYED))]
     for r in rows:
         t = r["ms_p10_median_p90"]
         cells = [f"{t[k][1]:.2f} ({t[k][0]:.2f}-{t[k][2]:.2f})" for k in labels]
         for form in ("fused", "fused, modules", "fused, cpu_graph", "fused, AOTInductor"):
             cells.append(f"{t['onnxruntime'][1] / t[form][1]:.2f}"
                          if "onnxruntime" in t and form in t else "-")
+        cells += [f"{t[form][1] / t['fused'][1]:.2f}" if form in t else "-" for form in DEPLOYED]
         lines.append(f"| {r['model'].upper()} | {r['batch']} | {r['threads']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

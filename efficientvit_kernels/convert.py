@@ -368,7 +368,8 @@ def convert(model, backend="auto", passes=None, cpu_replay=True):
     of its ops (no Python between them), captured on the second call with an input of the
     same shape, strides and dtype; each call is checked against what the program assumed and
     runs module by module where that differs (hooks, training mode, gradients, tracing, a
-    changed model). See ``efficientvit_kernels.cpu_replay``.
+    changed model); under ``torch.compile`` a call without gradients is one op that does the
+    same. See ``efficientvit_kernels.cpu_replay``.
 
     The input model is left as it was and shares nothing mutable with the copy. The copy
     pickles, deep-copies and converts again; it runs under ``torch.no_grad()`` or

@@ -6,6 +6,7 @@ import itertools
 import operator
 import threading
 import warnings
+import weakref
 
 import torch
 
@@ -264,10 +265,59 @@ def cpu_replay(model):
     programs and starts again. After 8 captures a model runs module by module for new inputs.
     A capture that fails warns and leaves that input to the modules.
 
+    Under ``torch.compile`` (not ``torch.export``), a call on a CPU tensor without gradients
+    (``torch.no_grad()``, ``torch.inference_mode()``) is one op of the compiled graph,
+    ``efficientvit_cpu.replay``, which runs it as a call outside the compiled graph would: the
+    program, or the modules. (Traced op by op, the compiled graph calls each op through the
+    dispatcher and looks up its packing, which at batch 1 costs what the replay saved.) The
+    model must then return one tensor. With gradients, under ``torch.export``, and where the
+    model is a submodule of the compiled one (dynamo calls its forward), the modules are
+    traced.
+
     Deep copies and pickles of the model run module by module until passed here again.
     """
     model._compiled_call_impl = _Replay(model)  # nn.Module.__call__ calls it in place of forward
     return model
+
+
+# handle -> _Replay: the model an op call stands for. (A string: torch.compile takes it as a
+# constant of the graph, where an int attribute may become an input of it.)
+_REPLAYS = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+
+# Defined and implemented here, not with the kernels' ops: a Python object is its state. (Not
+# torch.library.custom_op: its wrappers cost ~0.1 ms a call.)
+_LIBRARY = torch.library.Library("efficientvit_cpu", "FRAGMENT")
+_LIBRARY.define("replay(Tensor x, str model) -> Tensor")
+
+
+def _one_tensor(out, module):
+    if not isinstance(out, torch.Tensor):
+        raise NotImplementedError(
+            f"efficientvit_kernels.cpu_replay: under torch.compile the call of {type(module).__name__} "
+            f"is one op, which must return one tensor, not {type(out).__name__} (convert the model "
+            "with cpu_replay=False)")
+    return out
+
+
+def _replay_op(x, model):
+    """``model(x)`` for the model passed to ``cpu_replay`` that has the handle ``model``, as a
+    call outside a compiled graph runs it."""
+    replay = _REPLAYS[model]
+    return _one_tensor(replay.run(x), replay._model)
+
+
+_LIBRARY.impl("replay", _replay_op, "CPU")
+
+
+@torch.library.register_fake("efficientvit_cpu::replay", lib=_LIBRARY)
+def _(x, model):
+    module = _REPLAYS[model]._model  # its forward traced on fake weights (torch.compile's mode)
+    fake = {name: x.fake_mode.from_tensor(t, static_shapes=True) for name, t in itertools.chain(
+        module.named_parameters(), module.named_buffers())}
+    out = _one_tensor(torch.func.functional_call(module, fake, (x,)), module)
+    return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype)  # new, as the op's
 
 
 class _Replay:
@@ -284,14 +334,19 @@ class _Replay:
         self._programs = {}     # input key -> Program, or None where a capture failed
         self._seen = set()      # input keys called once since the state was taken
         self._captures = 0
+        self._handle = str(next(_handles))
+        _REPLAYS[self._handle] = self
 
     def __call__(self, *args, **kwargs):
-        model = self._model
-        if len(args) == 1 and not kwargs and _replayable(args[0]):
-            program = self._program(model, args[0])
-            if program is not None:
-                return program.run(args[0])
-        return model._call_impl(*args, **kwargs)
+        if len(args) == 1 and not kwargs:
+            if _compiled_as_one_op(args[0]):
+                return torch.ops.efficientvit_cpu.replay(args[0], self._handle)
+            return self.run(args[0])
+        return self._model._call_impl(*args, **kwargs)
+
+    def run(self, x):
+        program = self._program(self._model, x) if _replayable(x) else None
+        return program.run(x) if program is not None else self._model._call_impl(x)
 
     def _program(self, model, x):
         state = self._state
@@ -324,8 +379,9 @@ class _Replay:
 
     @staticmethod
     def _capture(model, x):
-        try:
-            with torch.inference_mode(False), torch.no_grad():
+        try:  # as a plain call would (efficientvit_cpu.replay may run it amid a dispatch mode's)
+            with (torch._C._ForceDispatchKeyGuard(*_PLAIN_DISPATCH_KEYS),
+                  torch.inference_mode(False), torch.no_grad()):
                 example = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
                 return _Capture(torch.export.export(model, (example,)), live=model).program
         except Exception as e:  # noqa: BLE001  the modules compute what the program would
@@ -336,6 +392,15 @@ class _Replay:
 
 
 _MISSING = object()
+_PLAIN_DISPATCH_KEYS = (torch._C._dispatch_tls_local_include_set(),
+                        torch._C._dispatch_tls_local_exclude_set())
+
+
+def _compiled_as_one_op(x):
+    """Whether torch.compile (not export) is tracing a call it may take as one op: a CPU tensor
+    (not the fake one of the op's own fake run), no gradient to record."""
+    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and type(x) is torch.Tensor and x.is_cpu and not torch.is_grad_enabled())
 
 
 def _replayable(x):

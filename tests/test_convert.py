@@ -186,9 +186,10 @@ def test_backend_errors(models):
 
 
 def test_torch_compile_fullgraph(models):
-    """Compiled before any call, without torch.compile's warning of a call traced through an
-    lru_cache (the fused modules' op lookup was one)."""
-    fused = K.convert(models["m0"])
+    """The modules traced (no replay: compiled, a replayed model is one op), compiled before
+    any call, without torch.compile's warning of a call traced through an lru_cache (the fused
+    modules' op lookup was one)."""
+    fused = K.convert(models["m0"], cpu_replay=False)
     compiled = torch.compile(fused, fullgraph=True, dynamic=False)
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:

@@ -3,6 +3,7 @@ module by module, bit for bit; no Python between the ops once captured; and modu
 again wherever the program would differ from the modules: hooks, training mode, gradients,
 tracing, a changed model. Weights changed after capture are used."""
 import copy
+import os
 import pickle
 import sys
 import warnings
@@ -26,13 +27,18 @@ def fused(model):
     return K.convert(model)
 
 
+TORCH_DIR = os.path.dirname(torch.__file__)
+
+
 def forwards(fn):
-    """How many Python forward methods run in fn()."""
+    """How many Python forward methods of models run in fn() (not torch's own or a generated
+    one, as torch.compile's)."""
     calls = 0
 
     def profile(frame, event, arg):
         nonlocal calls
-        calls += event == "call" and frame.f_code.co_name == "forward"
+        calls += (event == "call" and frame.f_code.co_name == "forward"
+                  and not frame.f_code.co_filename.startswith((TORCH_DIR, "<")))
 
     sys.setprofile(profile)
     try:
@@ -183,8 +189,56 @@ def test_gradient_mode_inference_mode_and_other_inputs(fused):
         assert not replayed(fused, nn.Parameter(X))[0]
 
 
+def compiled(model, **kwargs):
+    """torch.compile(model), and the ops of each graph it compiles (then compiled as by
+    default: AOTAutograd's wrappers run the first call amid a dispatch mode)."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append([str(n.target).removesuffix(".default") for n in graph.graph.nodes
+                       if isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))])
+        return torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
+
+    return torch.compile(model, backend=backend, **kwargs), graphs
+
+
+def test_compiled_without_gradients_one_op_replays(model):
+    fused, plain = K.convert(model), K.convert(model, cpu_replay=False)
+    fast, graphs = compiled(fused, fullgraph=True)
+    with torch.no_grad():
+        fused(X)  # seen once: the compiled graph's first call captures (amid a dispatch mode)
+        out = [fast(X) for _ in range(3)][-1]
+        assert graphs == [["efficientvit_cpu.replay"]]
+        assert torch.equal(out, plain(X)) and forwards(lambda: fast(X)) == 0  # the program
+        fused.head.bias = plain.head.bias = torch.randn_like(fused.head.bias)
+        assert torch.equal(fast(X), plain(X))  # a changed model: its modules, as when called
+    with torch.enable_grad():  # gradients: the modules traced
+        assert torch.equal(fast(X), plain(X))
+        assert "efficientvit.cga" in graphs[-1]
+    with torch.no_grad():  # schema, fake (meta) implementation, AOT dispatch
+        torch.library.opcheck(torch.ops.efficientvit_cpu.replay.default,
+                              (X, fused._compiled_call_impl._handle))
+
+
 @torch.no_grad()
-def test_tracing_and_compiling_see_the_modules(fused):
+def test_compiled_for_several_batch_sizes(fused):
+    plain = copy.deepcopy(fused)  # module by module
+    fast, graphs = compiled(fused, dynamic=True)
+    for batch in (2, 3, 4, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        assert torch.equal(fast(x), plain(x))
+    assert len(graphs) == 1 and len(fused._compiled_call_impl._programs) == 1  # 3 called twice
+
+
+@torch.no_grad()
+def test_compiled_model_of_several_outputs_is_refused():
+    model = K.cpu_replay(_TwoOutputs().eval())
+    with pytest.raises(Exception, match="must return one tensor"):
+        torch.compile(model, backend="eager")(torch.randn(2, 3))
+
+
+@torch.no_grad()
+def test_export_and_tracing_see_the_modules(fused):
     fused(X), fused(X)
     exported = torch.export.export(fused, (X,))
     assert any(n.target == torch.ops.efficientvit.cga.default for n in exported.graph.nodes)
