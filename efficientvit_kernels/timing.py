@@ -102,17 +102,28 @@ def time_gpu(fn):
 
 
 def device_name(device):
-    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The GPU's name, or the CPU's model name with its family, model and clock (from
+    /proc/cpuinfo where there is one): a virtual machine may give CPUs of different generations
+    one name ("AMD EPYC" on hosts that ran the same models 1.4-2.3x apart)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's fields
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if (
+        "cpu family" in fields and "model" in fields) else []
+    if "cpu MHz" in fields:
+        details.append(f"{float(fields['cpu MHz']):.0f} MHz")
+    return fields["model name"] + (f" ({', '.join(details)})" if details else "")
 
 
 def _commit():
