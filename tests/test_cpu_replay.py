@@ -1,7 +1,8 @@
 """A converted model's calls on CPU replayed as one C++ program (cpu_replay): the same values as
 module by module, bit for bit; no Python between the ops once captured; and module by module
 again wherever the program would differ from the modules: hooks, training mode, gradients,
-tracing, a changed model. Weights changed after capture are used."""
+tracing, a changed model. Weights changed after capture are used. Under torch.compile, a call
+without gradients is one op that does the same."""
 import copy
 import os
 import pickle
