@@ -105,7 +105,7 @@ def bench_ffn_dwconv(models, batch, rates):
     spec vs fused module, with each op's floor (bytes: x read, output written, weights once;
     multiply-adds)."""
     rows = []
-    for name, _, C, _, _, _, res in layer_shapes(models):
+    for name, _, C, _, _, _, res in layer_shapes(models) if models else ():  # [] is none, not all
         # channels-last, the layout these ops see in a model converted for the CPU
         x = [torch.randn(batch, C, res, res).to(memory_format=torch.channels_last) for _ in range(2)]
         activations = 2 * batch * C * res * res
