@@ -313,10 +313,10 @@ _LIBRARY.impl("replay", _replay_op, "CPU")
 
 @torch.library.register_fake("efficientvit_cpu::replay", lib=_LIBRARY)
 def _(x, model):
-    module = _REPLAYS[model]._model  # its forward traced on fake weights (torch.compile's mode)
-    fake = {name: x.fake_mode.from_tensor(t, static_shapes=True) for name, t in itertools.chain(
-        module.named_parameters(), module.named_buffers())}
-    out = _one_tensor(torch.func.functional_call(module, fake, (x,)), module)
+    module = _REPLAYS[model]._model  # its forward on weights like x: fake, or on "meta"
+    like_x = {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=x.device)
+              for name, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+    out = _one_tensor(torch.func.functional_call(module, like_x, (x,)), module)
     return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype)  # new, as the op's
 
 

@@ -217,8 +217,9 @@ def test_compiled_without_gradients_one_op_replays(model):
         assert torch.equal(fast(X), plain(X))
         assert "efficientvit.cga" in graphs[-1]
     with torch.no_grad():  # schema, fake (meta) implementation, AOT dispatch
-        torch.library.opcheck(torch.ops.efficientvit_cpu.replay.default,
-                              (X, fused._compiled_call_impl._handle))
+        handle = fused._compiled_call_impl._handle
+        torch.library.opcheck(torch.ops.efficientvit_cpu.replay.default, (X, handle))
+        assert torch.ops.efficientvit_cpu.replay(X.to("meta"), handle).shape == out.shape
 
 
 @torch.no_grad()
