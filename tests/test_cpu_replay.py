@@ -223,6 +223,15 @@ def test_compiled_without_gradients_one_op_replays(model):
 
 
 @torch.no_grad()
+def test_compiled_as_a_submodule_traces_the_modules(fused):
+    """Dynamo calls a submodule's forward (not its __call__): the fused ops in the graph."""
+    outer = nn.Sequential(fused, nn.ReLU()).eval()
+    fast, graphs = compiled(outer, fullgraph=True)
+    assert torch.equal(fast(X), outer(X))
+    assert "efficientvit.cga" in graphs[0] and "efficientvit_cpu.replay" not in graphs[0]
+
+
+@torch.no_grad()
 def test_compiled_for_several_batch_sizes(fused):
     plain = copy.deepcopy(fused)  # module by module
     fast, graphs = compiled(fused, dynamic=True)
