@@ -237,6 +237,43 @@ def test_op_does_not_reuse_the_packing_of_freed_weights():
         del fresh
 
 
+def test_packings_made_and_freed_around_a_live_one_stay_correct():
+    """Packed weights share memory (slabs): freeing some never frees or reuses another's."""
+    x, kept, ref = ffn_call(seed=7)
+    kept_packing = cpu.ffn_pack(*kept)
+    for seed in range(8, 12):
+        _, params, other_ref = ffn_call(seed=seed)
+        assert_close(cpu.ffn_pack(*params).run(x, True), other_ref, torch.float32)
+        del params
+        assert_close(kept_packing.run(x, True), ref, torch.float32)
+
+
+def _transparent_huge_pages():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _anon_huge_page_kb():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+@pytest.mark.skipif(_transparent_huge_pages() != "madvise",
+                    reason="huge pages only where asked for (THP 'madvise'): there the packing's "
+                           "advice is what gives them")
+def test_packed_weights_are_in_huge_pages():
+    """42 MB of FFN weights, more than a slab: packed into new memory advised for 2 MiB pages."""
+    C, M = 1024, 5120
+    w1, w2 = torch.randn(M, C), torch.randn(C, M)
+    before = _anon_huge_page_kb()
+    packing = cpu.ffn_pack(w1, torch.zeros(M), w2, torch.zeros(C))
+    assert _anon_huge_page_kb() - before >= 32 * 1024, "packed weights not in 2 MiB pages"
+    del packing
+
+
 def test_op_on_inference_tensors_packs_every_call():
     """Inference tensors have no version counter, so a change to one could not be seen."""
     with torch.inference_mode():

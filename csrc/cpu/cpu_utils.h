@@ -74,8 +74,8 @@ inline V relu(V v) {
 // block loop walks B one column panel at a time, and a weight packed that way is read as one
 // sequential stream per panel, which the prefetcher follows from memory (a row-major weight's
 // panel is k short runs, one per row, and costs 5-15% more when it is not in cache). While a
-// panel computes, the next panel of a panel-major B (after the last, `then`: what the caller
-// reads next) is brought into cache (see Prefetch).
+// panel of kPrefetchMinRowBlocks row blocks or more computes, the next panel of a panel-major B
+// (after the last, `then`: what the caller reads next) is brought into cache (see Prefetch).
 // init has a column stride of 1 (a matrix; init = C accumulates) or 0 (each row one value,
 // broadcast: a bias per row), and a row stride of 0 for a bias per column; init.data null: zero.
 // residual, if given (data not null, unit column stride), is added to the finished result (after
@@ -107,6 +107,13 @@ namespace detail {
 // AVX2 or SSE ones.
 constexpr int kRowBlock = 6;
 constexpr int kVecBlock = kVecBytes == 64 ? 4 : 2;
+
+// The fewest row blocks (of a panel) for which gemm prefetches the next panel. With fewer, the
+// panel's first block, a third or more of its time, streams it from memory anyway, and the
+// prefetches slowed that down (measured, on weights in 2 MiB pages: a chain of FFNs at 16 tokens,
+// 3 blocks, ran 13% faster without them, M0, M4 and M5 at batch 1 1.5-2%; at 49 tokens, 9
+// blocks, they saved 5%).
+constexpr int64_t kPrefetchMinRowBlocks = 4;
 
 // A PrefetchRange asked for over a panel's steps (its blocks' k steps each), the same number of
 // lines at each step, so that the last goes before the panel's last step. Spread over the panel
@@ -218,10 +225,12 @@ void gemm(int64_t m, int64_t n, int64_t k, MatA<T> a, const T* b, int64_t ldb, M
     const MatA<T> residual_j{residual.data ? residual.data + j : nullptr, residual.row_stride, 1};
     // the next panel of a panel-major B starts where this one ends
     const int64_t next_j = j + kPanelWidth<T>;
-    Prefetch prefetch(next_j >= n               ? then
+    const int64_t row_blocks = full + (rest > 0);
+    Prefetch prefetch(row_blocks < kPrefetchMinRowBlocks ? PrefetchRange{}
+                      : next_j >= n                      ? then
                       : ldb == kPanelMajor ? first_panel(b_j + k * nv * L, k, n - next_j)
                                            : PrefetchRange{},
-                      (full + (rest > 0)) * k);
+                      row_blocks * k);
     if (full > 0)
       table[(kRowBlock - 1) * kVecBlock + nv - 1](full, k, a, b_j, ldb_j, init_j, residual_j,
                                                   c + j, ldc, apply_relu, prefetch);

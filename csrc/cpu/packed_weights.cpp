@@ -5,6 +5,7 @@
 // come after it (static initializers of different files run in no set order).
 #include "cpu/packed_weights.h"
 
+#include <ATen/ops/from_blob.h>
 #include <ATen/record_function.h>
 #include <c10/util/hash.h>
 
@@ -13,8 +14,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -22,6 +25,10 @@
 
 #include "checks.h"
 #include "inference_only.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace efficientvit::cpu {
 
@@ -36,6 +43,73 @@ at::Tensor PackedWeights::run(const at::Tensor& x, bool flag) const {
   TORCH_CHECK_VALUE(x.size(1) == channels, "efficientvit: x has ", x.size(1),
                     " channels but the weights were packed for ", channels);
   return kernel(x, *this, flag);
+}
+
+namespace {
+
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+constexpr size_t kSlabBytes = size_t{32} << 20;  // M4's 35 MB of weights: two slabs
+
+// Memory for packed weights, freed when the last tensor in it is.
+struct Slab {
+  explicit Slab(size_t bytes) : bytes(bytes), base(std::aligned_alloc(kHugePageBytes, bytes)) {
+    TORCH_CHECK(base, "efficientvit: could not allocate ", bytes, " bytes for packed weights");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(base, bytes, MADV_HUGEPAGE);  // advice: where refused, 4 KiB pages serve
+#endif
+  }
+  ~Slab() { std::free(base); }
+  Slab(const Slab&) = delete;
+  Slab& operator=(const Slab&) = delete;
+
+  size_t bytes;
+  void* base;
+};
+
+// The slab being filled, in order: the next packing's tensors follow the last one's.
+struct WeightMemory {
+  std::mutex mutex;
+  std::shared_ptr<Slab> slab;
+  size_t used = 0;
+
+  // bytes (a multiple of 64), and the slab that holds them.
+  std::pair<char*, std::shared_ptr<Slab>> allocate(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (slab && slab.use_count() == 1) used = 0;  // every tensor in it freed
+    if (!slab || used + bytes > slab->bytes) {
+      slab = std::make_shared<Slab>(
+          std::max(kSlabBytes, (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes));
+      used = 0;
+    }
+    char* p = static_cast<char*>(slab->base) + used;
+    used += bytes;
+    return {p, slab};
+  }
+};
+
+WeightMemory& weight_memory() {
+  static WeightMemory* instance = new WeightMemory();  // never destroyed: used until exit
+  return *instance;
+}
+
+size_t cache_lines(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+}  // namespace
+
+std::vector<at::Tensor> in_weight_memory(std::vector<at::Tensor> tensors) {
+  size_t bytes = 0;
+  for (const at::Tensor& t : tensors) bytes += t.defined() ? cache_lines(t.nbytes()) : 0;
+  if (bytes == 0) return tensors;
+  auto [p, slab] = weight_memory().allocate(bytes);
+  for (at::Tensor& t : tensors) {
+    if (!t.defined()) continue;
+    const at::Tensor dense = t.contiguous();
+    std::memcpy(p, dense.data_ptr(), dense.nbytes());
+    t = at::from_blob(p, dense.sizes(), [slab = slab](void*) {},
+                      at::TensorOptions().dtype(dense.scalar_type()));
+    p += cache_lines(dense.nbytes());
+  }
+  return tensors;
 }
 
 namespace {
