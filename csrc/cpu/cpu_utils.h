@@ -111,8 +111,8 @@ constexpr int kVecBlock = kVecBytes == 64 ? 4 : 2;
 // The fewest row blocks (of a panel) for which gemm prefetches the next panel. With fewer, the
 // panel's first block, a third or more of its time, streams it from memory anyway, and the
 // prefetches slowed that down (measured, on weights in 2 MiB pages: a chain of FFNs at 16 tokens,
-// 3 blocks, ran 13% faster without them, M0, M4 and M5 at batch 1 1.5-2%; at 49 tokens, 9
-// blocks, they saved 5%).
+// 3 blocks, ran 13% faster without them, M0, M2, M4 and M5 at batch 1 1.5-3.5%; at 49 tokens,
+// 9 blocks, they saved 5%).
 constexpr int64_t kPrefetchMinRowBlocks = 4;
 
 // A PrefetchRange asked for over a panel's steps (its blocks' k steps each), the same number of

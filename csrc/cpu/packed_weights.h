@@ -23,7 +23,8 @@ namespace efficientvit::cpu {
 // other, in slabs advised to be backed by 2 MiB pages (Linux's transparent huge pages; 4 KiB
 // pages where the system refuses). At batch 1 a forward reads its weights from memory: one core
 // read a stream at 17 GB/s on 4 KiB pages and at 30 GB/s on 2 MiB pages (the hardware
-// prefetchers stop at every page), and M0-M5's batch-1 forwards ran 1-4% faster.
+// prefetchers stop at every page), and M0's, M2's, M4's and M5's batch-1 forwards ran 2-5%
+// faster.
 std::vector<at::Tensor> in_weight_memory(std::vector<at::Tensor> tensors);
 
 struct PackedWeights : torch::CustomClassHolder {
