@@ -118,15 +118,18 @@ struct CgaLayout {
         cat_ld(dims.heads * dP) {}
 };
 
-// The packed parameters (cga_pack), in this order. Every B operand is row-major with whole
-// vectors per row; the padding is zero.
+// The packed parameters (cga_pack), in this order. Every B operand has whole vectors per row,
+// and the padding is zero. The weights are in gemm's panel-major layout (pack_panels): at batch 1
+// they come from memory, and a panel is then one sequential stream (row-major, M0's, M4's and
+// M5's batch-1 forwards took 2-3% longer cold).
 enum CgaPacked {
-  kQkvW,       // (h, d, ldq): each head's qkv 1x1 conv, transposed
+  kQkvW,       // (h, d, ldq): each head's qkv 1x1 conv, transposed, panel-major per head
   kQkvB,       // (h, ldq)
   kQueryW,     // (h, K, K, kdP): the query conv, channels innermost, times scale
   kQueryB,     // (h, kdP), times scale
   kAttnBias,   // (h, N, NP): the bias of every (key, query) pair
-  kProjW,      // (cat_ld, CP): the output 1x1 conv, transposed, each head's d inputs padded to dP
+  kProjW,      // (cat_ld, CP): the output 1x1 conv, transposed, each head's d inputs padded to
+               // dP, panel-major
   kProjB,      // (CP)
   kRadius,     // (h) int64: each head's query kernel without its all-zero border rings
   kCgaPacked,  // count
@@ -140,12 +143,13 @@ struct Cga : CgaLayout {
   int64_t n_windows_y, n_windows_x;
   int64_t pad_w;  // tokens per row of the query conv's padded q: ws + 2R, + kGroup - 1
   bool residual;
-  // The window's activations (x, the cascade's input, the head outputs, the projection) are
-  // token-major for channels-last x and channel-major otherwise, so that gathering the window
-  // and scattering the result copy runs that are contiguous on both sides, and no step
-  // transposes. Strides of a token and of a channel in each:
+  // The window's activations (x, the cascade's input, the head outputs) are token-major for
+  // channels-last x and channel-major otherwise, so that gathering the window copies runs that
+  // are contiguous on both sides, and no step before the projection transposes. The projection
+  // is token-major in both (its weight, panel-major, is gemm's B operand): for channel-major x,
+  // the result's scatter transposes it. Strides of a token and of a channel in each:
   bool token_major;
-  int64_t xw_tok, xw_ch, feat_tok, feat_ch, cat_tok, cat_ch, y_tok, y_ch;
+  int64_t xw_tok, xw_ch, feat_tok, feat_ch, cat_tok, cat_ch;
   const int64_t* radius;
   const T *qkv_w, *qkv_b, *q_w, *q_b, *attn_bias, *proj_w, *proj_b;
   const T* x;
@@ -155,11 +159,11 @@ struct Cga : CgaLayout {
   // Per-thread scratch, in elements: the window of x (N x C), the cascade's input of a head
   // (N x d), q | k | v of each token (N x ldq), q padded for its conv (ws x pad_w x kdP), q
   // transposed (kd x NP), the scores (keys x queries, N x NP), the head outputs (N x cat_ld or
-  // cat_ld x NP) and the projection (N x CP or C x NP). Each starts on a 64-byte boundary.
+  // cat_ld x NP) and the projection (N x CP). Each starts on a 64-byte boundary.
   static constexpr int kBuffers = 8;
   std::array<int64_t, kBuffers> scratch_sizes() const {
     return {N * C,        N * d,   N * ldq,     ws * pad_w * kdP,
-            kd * NP,      N * NP,  cat_ld * NP, std::max(N * CP, C * NP)};
+            kd * NP,      N * NP,  cat_ld * NP, N * CP};
   }
   int64_t scratch_size() const {
     int64_t total = 0;
@@ -262,7 +266,7 @@ void Cga<T>::run_window(int64_t window, int64_t next_window, T* scratch) const {
                    {xw + i * d * xw_ch, xw_tok, xw_ch}, {feat, feat_tok, feat_ch});
       in = {feat, feat_tok, feat_ch};
     }
-    gemm<T>(N, ldq, d, in, qkv_w + i * d * ldq, ldq, {qkv_b + i * ldq, 0, 1}, qkv, ldq);
+    gemm<T>(N, ldq, d, in, qkv_w + i * d * ldq, kPanelMajor, {qkv_b + i * ldq, 0, 1}, qkv, ldq);
     query_conv(i, qkv, q_pad, q_t);
     // Scores transposed (keys x queries) = k q^T + bias: the softmax runs across queries in
     // whole vectors, and the probabilities are the B operand of a channel-major head output.
@@ -276,14 +280,12 @@ void Cga<T>::run_window(int64_t window, int64_t next_window, T* scratch) const {
   }
 
   for (int64_t j = 0; j < cat_ld * NP; ++j) cat[j] = relu(cat[j]);
-  if (token_major)  // y (N x CP) = relu(cat) proj_w^T + proj_b
-    gemm<T>(N, CP, cat_ld, {cat, cat_ld, 1}, proj_w, CP, {proj_b, 0, 1}, y, CP);
-  else              // y^T (C x NP) = proj_w (A, read transposed) relu(cat)^T + proj_b
-    gemm<T>(C, NP, cat_ld, {proj_w, 1, CP}, cat, NP, {proj_b, 1, 0}, y, NP);
+  // y (N x CP) = relu(cat) proj_w^T + proj_b (cat read in its layout)
+  gemm<T>(N, CP, cat_ld, {cat, cat_tok, cat_ch}, proj_w, kPanelMajor, {proj_b, 0, 1}, y, CP);
 
   // Valid tokens only, plus the residual.
   for (int64_t ty = 0; ty < rows; ty += run)
-    copy_tile<T>(run * cols, C, {y + ty * ws * y_tok, y_tok, y_ch},
+    copy_tile<T>(run * cols, C, {y + ty * ws * CP, CP, 1},
                  {residual ? xw + ty * ws * xw_tok : nullptr, xw_tok, xw_ch},
                  {ob + ty * os.h, os.w, os.c});
 }
@@ -313,7 +315,10 @@ std::vector<at::Tensor> pack_cga(const CgaDims& dims, const at::Tensor& qkv_weig
   const int64_t h = dims.heads, kd = dims.key_dim, d = dims.value_dim, C = dims.channels;
   const int64_t ws = dims.window, nq = 2 * kd + d;
   std::vector<at::Tensor> packed(kCgaPacked);
-  packed[kQkvW] = at::constant_pad_nd(qkv_weight.transpose(1, 2), {0, L.ldq - nq}).contiguous();
+  const at::Tensor qkv_t = at::constant_pad_nd(qkv_weight.transpose(1, 2), {0, L.ldq - nq});
+  std::vector<at::Tensor> qkv_heads;
+  for (int64_t i = 0; i < h; ++i) qkv_heads.push_back(pack_panels(qkv_t[i]));
+  packed[kQkvW] = at::stack(qkv_heads);
   packed[kQkvB] = at::constant_pad_nd(qkv_bias, {0, L.ldq - nq}).contiguous();
   packed[kQueryW] =
       at::constant_pad_nd((dw_weight * scale).permute({0, 2, 3, 1}), {0, L.kdP - kd}).contiguous();
@@ -328,8 +333,8 @@ std::vector<at::Tensor> pack_cga(const CgaDims& dims, const at::Tensor& qkv_weig
       {0, L.NP - L.N}).contiguous();
   // proj_weight (C, h*d) -> (h, d, C) -> padded (h, dP, CP) -> (cat_ld, CP).
   const at::Tensor proj_heads = proj_weight.reshape({C, h, d}).permute({1, 2, 0});
-  packed[kProjW] = at::constant_pad_nd(proj_heads, {0, L.CP - C, 0, L.dP - d})
-                       .reshape({L.cat_ld, L.CP}).contiguous();
+  packed[kProjW] = pack_panels(
+      at::constant_pad_nd(proj_heads, {0, L.CP - C, 0, L.dP - d}).reshape({L.cat_ld, L.CP}));
   packed[kProjB] = at::constant_pad_nd(proj_bias, {0, L.CP - C}).contiguous();
   packed[kRadius] = kernel_radii(dw_weight);
   return packed;
@@ -350,10 +355,10 @@ void cga_windows(const CgaDims& dims, const DenseIO& io, at::TensorList packed, 
   const int64_t C = k.C, d = k.d, N = k.N;
   if (k.token_major) {
     k.xw_tok = C, k.xw_ch = 1, k.feat_tok = d, k.feat_ch = 1;
-    k.cat_tok = k.cat_ld, k.cat_ch = 1, k.y_tok = k.CP, k.y_ch = 1;
+    k.cat_tok = k.cat_ld, k.cat_ch = 1;
   } else {
     k.xw_tok = 1, k.xw_ch = N, k.feat_tok = 1, k.feat_ch = N;
-    k.cat_tok = 1, k.cat_ch = k.NP, k.y_tok = 1, k.y_ch = k.NP;
+    k.cat_tok = 1, k.cat_ch = k.NP;
   }
   k.qkv_w = packed[kQkvW].data_ptr<T>(), k.qkv_b = packed[kQkvB].data_ptr<T>();
   k.q_w = packed[kQueryW].data_ptr<T>(), k.q_b = packed[kQueryB].data_ptr<T>();
