@@ -237,6 +237,28 @@ def test_op_does_not_reuse_the_packing_of_freed_weights():
         del fresh
 
 
+def test_squeeze_excite_packs_a_copy_and_reads_inference_weights_where_they_are():
+    """Its packing is the weights as they are (copied into the packed weights' memory): packed
+    once, again after an in-place change; inference tensors are not copied on every call."""
+    x = random_input(2, 48, 5, 6, dtype=torch.float32)
+    params = [torch.randn(24, 48), torch.randn(24), torch.randn(48, 24), torch.randn(48)]
+
+    def check(weights, packs):
+        ref = functional.squeeze_excite(x.double(), *[w.double() for w in weights])
+        assert packings(lambda: assert_close(ops.squeeze_excite(x, *weights), ref,
+                                             torch.float32)) == packs
+
+    check(params, 1)
+    check(params, 0)
+    with torch.no_grad():
+        params[2].mul_(-2)
+    check(params, 1)
+    with torch.inference_mode():
+        frozen = [p.clone() for p in params]
+    check(frozen, 0)
+    check(frozen, 0)
+
+
 def test_packings_made_and_freed_around_a_live_one_stay_correct():
     """Packed weights share memory (slabs): freeing some never frees or reuses another's."""
     x, kept, ref = ffn_call(seed=7)
@@ -316,10 +338,12 @@ def test_every_packed_op_uses_the_cache():
     dw_w, dw_b = torch.randn(24, 3, 3), torch.randn(24)
     image = torch.randn(1, 3, 16, 16)
     stem = ([torch.randn(8, 3, 3, 3), torch.randn(16, 8, 3, 3)], [torch.randn(8), torch.randn(16)])
+    w2, b2 = torch.randn(48, 24), torch.randn(48)  # squeeze-excite's second layer
     calls = [lambda: ops.cga(x, *cga_args(p), True),
              lambda: ops.conv1x1(x, w, b, True),
              lambda: ops.conv1x1(x, w, b, True, dw_w, dw_b),
-             lambda: ops.patch_embed(image, *stem, True)]
+             lambda: ops.patch_embed(image, *stem, True),
+             lambda: ops.squeeze_excite(x, w, b, w2, b2)]
     for call in calls:
         assert packings(call) == 1
         assert packings(call) == 0
