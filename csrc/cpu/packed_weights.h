@@ -29,7 +29,7 @@ std::vector<at::Tensor> in_weight_memory(std::vector<at::Tensor> tensors);
 
 struct PackedWeights : torch::CustomClassHolder {
   // The op's kernel on packed weights; flag is the op's one flag argument (cga, ffn: residual;
-  // conv1x1: relu; patch_embed: final_relu).
+  // conv1x1: relu; patch_embed: final_relu; squeeze_excite has none).
   using Kernel = at::Tensor (*)(const at::Tensor& x, const PackedWeights& weights, bool flag);
 
   PackedWeights(std::string op, Kernel kernel, std::vector<at::Tensor> tensors,
