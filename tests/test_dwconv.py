@@ -20,6 +20,9 @@ CASES = {
     "one_pixel": (8, 3, 1, 1, 1, False, True, "contiguous", True),
     "batch0": (8, 3, 0, 4, 4, False, True, "contiguous", True),
     "c240_k5": (240, 5, 2, 7, 7, False, True, "channels_last", False),
+    # channels-last rows of 15 inner pixels (runs of 8, 4, 2 and 1) and channels past the last
+    # whole vector
+    "k3_runs": (83, 3, 2, 5, 17, True, True, "channels_last", True),
 }
 
 

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -57,7 +58,14 @@ struct Conv {
 // next, so that x and the output are read and written in order (the rows come from memory or
 // L3: a walk over one channel vector at a time would fetch every line of the image once per
 // vector). Each pixel sums its in-bounds taps straight from x (no padded copy); the weights,
-// (K, K, C), stay in L1.
+// (K, K, C), stay in L1. Pixels whose kernel columns are all inside go in runs of up to kRun:
+// per vector of channels, the run's sums are independent and each input vector of a kernel row
+// is loaded once for all the run's outputs it falls under. (One pixel at a time, a sum's taps
+// are a chain of dependent multiply-adds and each output loads 2 K^2 vectors: a 14x14 map with
+// 128 channels took 1.3x as long.) Every sum adds its taps in the same order either way: bias,
+// then row by row, column by column.
+constexpr int64_t kRun = 8;
+
 template <int64_t kK, typename T>
 void dwconv_channels_last_row(const Conv<kK>& s, const T* in, const T* w, const T* bias, T* o,
                               int64_t y) {
@@ -80,13 +88,40 @@ void dwconv_channels_last_row(const Conv<kK>& s, const T* in, const T* w, const 
     for (int64_t c = 0; c < whole; c += S::kLanes) channels(typename S::Vec{}, px, c, kx0, kx1);
     for (int64_t c = whole; c < C; ++c) channels(T{}, px, c, kx0, kx1);
   };
+  // Pixels [px, px + P), every kernel column inside.
+  const auto run = [&](auto pixels, int64_t px) {
+    constexpr int64_t P = decltype(pixels)::value;
+    using Vec = typename S::Vec;
+    for (int64_t c = 0; c < whole; c += S::kLanes) {
+      Vec acc[P];
+      for (int64_t p = 0; p < P; ++p) acc[p] = S::load(bias + c);
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const T* row = in + ((y + ky - s.R) * W + px - s.R) * C + c;
+        for (int64_t kx = 0; kx < K; ++kx) {
+          const Vec wv = S::load(w + (ky * K + kx) * C + c);
+          for (int64_t p = 0; p < P; ++p) acc[p] += wv * S::load(row + (p + kx) * C);
+        }
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t at = (y * W + px + p) * C + c;
+        S::store(o + at, finish(acc[p], S::load(in + at), s.relu_out, s.residual));
+      }
+    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = whole; c < C; ++c) channels(T{}, px + p, c, 0, K);
+  };
   const int64_t inner0 = std::min(s.R, W), inner1 = std::max(inner0, W - s.R);
   const auto edge = [&](int64_t px) {
     pixel(px, std::max<int64_t>(0, s.R - px), std::min(K, W + s.R - px));
   };
-  for (int64_t px = 0; px < inner0; ++px) edge(px);
-  for (int64_t px = inner0; px < inner1; ++px) pixel(px, 0, K);  // every kernel column inside
-  for (int64_t px = inner1; px < W; ++px) edge(px);
+  int64_t px = 0;
+  for (; px < inner0; ++px) edge(px);
+  for (; px + kRun <= inner1; px += kRun) run(std::integral_constant<int64_t, kRun>{}, px);
+  for (; px + kRun / 2 <= inner1; px += kRun / 2)
+    run(std::integral_constant<int64_t, kRun / 2>{}, px);
+  for (; px + 2 <= inner1; px += 2) run(std::integral_constant<int64_t, 2>{}, px);
+  for (; px < inner1; ++px) pixel(px, 0, K);
+  for (; px < W; ++px) edge(px);
 }
 
 template <typename T, int64_t kK>
