@@ -92,13 +92,14 @@ WeightMemory& weight_memory() {
   return *instance;
 }
 
-size_t cache_lines(size_t bytes) { return (bytes + 63) / 64 * 64; }
+// bytes rounded up to whole 64-byte cache lines: each tensor starts on a line.
+size_t whole_cache_lines(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
 }  // namespace
 
 std::vector<at::Tensor> in_weight_memory(std::vector<at::Tensor> tensors) {
   size_t bytes = 0;
-  for (const at::Tensor& t : tensors) bytes += t.defined() ? cache_lines(t.nbytes()) : 0;
+  for (const at::Tensor& t : tensors) bytes += t.defined() ? whole_cache_lines(t.nbytes()) : 0;
   if (bytes == 0) return tensors;
   auto [p, slab] = weight_memory().allocate(bytes);
   for (at::Tensor& t : tensors) {
@@ -107,7 +108,7 @@ std::vector<at::Tensor> in_weight_memory(std::vector<at::Tensor> tensors) {
     std::memcpy(p, dense.data_ptr(), dense.nbytes());
     t = at::from_blob(p, dense.sizes(), [slab = slab](void*) {},
                       at::TensorOptions().dtype(dense.scalar_type()));
-    p += cache_lines(dense.nbytes());
+    p += whole_cache_lines(dense.nbytes());
   }
   return tensors;
 }
