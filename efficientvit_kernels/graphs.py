@@ -334,19 +334,42 @@ class _Replay:
         self._programs = {}     # input key -> Program, or None where a capture failed
         self._seen = set()      # input keys called once since the state was taken
         self._captures = 0
+        self._fast = None       # the FastCall of the last program run, or None
+        self._fast_calls = {}   # input key -> (FastCall, the state's version and changes then)
         self._handle = str(next(_handles))
         _REPLAYS[self._handle] = self
 
     def __call__(self, *args, **kwargs):
         if len(args) == 1 and not kwargs:
+            if not torch.compiler.is_compiling():
+                return self.run(args[0])
             if _compiled_as_one_op(args[0]):
                 return torch.ops.efficientvit_cpu.replay(args[0], self._handle)
-            return self.run(args[0])
         return self._model._call_impl(*args, **kwargs)
 
     def run(self, x):
+        """model(x) as called outside a compiled graph: a program where nothing about the call
+        needs Python, else the modules."""
+        if self._fast is not None:  # the last program run, with every check in one C call
+            out = _C.fast_call(self._fast, x, _Fused.changes)
+            if out is not None:
+                return out
         program = self._program(self._model, x) if _replayable(x) else None
-        return program.run(x) if program is not None else self._model._call_impl(x)
+        if program is None:
+            return self._model._call_impl(x)
+        self._fast = self._fast_call(program, x)
+        return program.run(x)
+
+    def _fast_call(self, program, x):
+        """The FastCall of program for inputs like x in the model's state now (after _program
+        found the program for x)."""
+        state, key = self._state, (x.shape, x.stride(), x.dtype)
+        fast, version, changes = self._fast_calls.get(key, (None, None, None))
+        if fast is None or version != state.version or changes != state.fused_changes:
+            fast = _C.fast_call_for(program, x, state.dicts, state.fused_changes,
+                                    _global_module_hook_dicts(), state.tensors)
+            self._fast_calls[key] = (fast, state.version, state.fused_changes)
+        return fast
 
     def _program(self, model, x):
         state = self._state
@@ -359,6 +382,7 @@ class _Replay:
             with self._lock:  # back as captured (eval after train), or changed: start again
                 if self._captured.differs(state):
                     self._programs, self._seen, self._captured = {}, set(), None
+                    self._fast, self._fast_calls = None, {}
                 else:
                     self._state = self._captured
         key = (x.shape, x.stride(), x.dtype)
@@ -498,7 +522,11 @@ class _Values:
         return not all(map(operator.is_, self.take_tensors(values), self.tensors))
 
 
-def _global_module_hooks():
+def _global_module_hook_dicts():
     m = torch.nn.modules.module
-    return (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-            or m._global_backward_pre_hooks)
+    return [m._global_forward_hooks, m._global_forward_pre_hooks, m._global_backward_hooks,
+            m._global_backward_pre_hooks]
+
+
+def _global_module_hooks():
+    return any(_global_module_hook_dicts())

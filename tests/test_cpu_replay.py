@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import efficientvit_kernels as K
 import python_ref as R
@@ -126,8 +128,9 @@ def test_the_check_reads_dict_versions_and_compares_values_where_they_moved(
     """Unchanged dicts cost a look at their versions, no comparison of their values; a value
     changed back is compared and replays again; without dict versions (Python 3.14 on) the
     values are compared at every call, and changes are seen alike."""
-    if not dict_versions:
+    if not dict_versions:  # as on Python 3.14, where the C call has no versions to check either
         monkeypatch.setattr(K.graphs._C, "max_dict_version", lambda dicts: None)
+        monkeypatch.setattr(K.graphs._C, "fast_call_for", lambda *args: None)
     compared = []
     of = K.graphs._Values.of
     monkeypatch.setattr(K.graphs._Values, "of", staticmethod(lambda d: compared.append(1) or of(d)))
@@ -188,6 +191,51 @@ def test_gradient_mode_inference_mode_and_other_inputs(fused):
         assert replayed(fused, x)[0]
     with torch.no_grad():
         assert not replayed(fused, nn.Parameter(X))[0]
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionNames(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def test_modes_global_hooks_and_functorch_run_the_modules(fused):
+    """Once replayed, a call amid a dispatch or torch-function mode, with a global module hook,
+    or on a functorch tensor (the checks of the call's C fast path) runs the modules."""
+    expected = fused(X)
+    fused(X)
+    assert replayed(fused, X)[0]
+    for mode in (_OpNames(), _FunctionNames()):
+        with mode:
+            assert torch.equal(fused(X), expected)
+        assert any("cga" in name for name in mode.names), type(mode).__name__
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        assert torch.equal(fused(X), expected) and "FusedCGA" in seen
+    finally:
+        handle.remove()
+    assert replayed(fused, X)[0]
+    functional = torch.func.functionalize(fused)
+    assert forwards(lambda: functional(X)) > 0
+    assert torch.equal(functional(X), expected)
+    assert replayed(fused, X)[0]
 
 
 def compiled(model, **kwargs):
@@ -293,6 +341,19 @@ def test_a_weight_replaced_by_an_equal_one_is_the_new_one():
     model(x), model(x)
     model.scale.mul_(3)
     assert torch.equal(model(x), torch.full((3,), 6.0))
+
+
+@torch.no_grad()
+def test_a_program_per_input_shape_strides_and_dtype():
+    model = K.cpu_replay(_Scale().eval())
+    f64 = torch.float64  # each input differs from the one before in one of the three
+    inputs = [torch.ones(2, 3), torch.ones(3, 2).t(), torch.ones(3, 2, dtype=f64).t(),
+              torch.ones(2, 2, dtype=f64).t()]
+    for captured, x in enumerate(inputs, 1):
+        model(x), model(x)  # seen, captured
+        is_replayed, out = replayed(model, x)
+        assert is_replayed and len(model._compiled_call_impl._programs) == captured
+        assert torch.equal(out, x * 2) and out.dtype == x.dtype
 
 
 class _TwoOutputs(nn.Module):
