@@ -1,8 +1,8 @@
 """What cpu_replay's per-call check costs: a converted model as called (replayed, its state
-checked in Python first), its captured program run directly (no check), cpu_graph's program
-(weights packed at capture, nothing checked), the model module by module, and ONNX Runtime on
-the folded model; batch 1, one thread, each call cold (time_interleaved's cold), one
-interleaved run.
+checked first, in the C call that runs its program), its captured program's method called
+directly (no check), cpu_graph's program (weights packed at capture, nothing checked), the
+model module by module, and ONNX Runtime on the folded model; batch 1, one thread, each call
+cold (time_interleaved's cold), one interleaved run.
 
     python benchmarks/bench_replay.py [--models m0,m4] [--seconds 20] [--out PATH]
 
