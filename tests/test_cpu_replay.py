@@ -3,6 +3,7 @@ module by module, bit for bit; no Python between the ops once captured; and modu
 again wherever the program would differ from the modules: hooks, training mode, gradients,
 tracing, a changed model. Weights changed after capture are used. Under torch.compile, a call
 without gradients is one op that does the same."""
+import concurrent.futures
 import copy
 import os
 import pickle
@@ -236,6 +237,19 @@ def test_modes_global_hooks_and_functorch_run_the_modules(fused):
     assert forwards(lambda: functional(X)) > 0
     assert torch.equal(functional(X), expected)
     assert replayed(fused, X)[0]
+
+
+@torch.no_grad()
+def test_calls_from_several_threads_match(fused):
+    """The replay runs without the GIL: calls from threads at once get the modules' values."""
+    plain = copy.deepcopy(fused)  # module by module
+    inputs = [torch.randn(2, 3, 96, 96) for _ in range(4)]
+    expected = [plain(x) for x in inputs]
+    fused(inputs[0]), fused(inputs[0])
+    assert replayed(fused, inputs[0])[0]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(fused, inputs * 3))
+    assert all(torch.equal(out, expected[i % 4]) for i, out in enumerate(outs))
 
 
 def compiled(model, **kwargs):
