@@ -363,7 +363,7 @@ class _Replay:
     def _fast_call(self, program, x):
         """The FastCall of program for inputs like x in the model's state now (after _program
         found the program for x)."""
-        state, key = self._state, (x.shape, x.stride(), x.dtype)
+        state, key = self._state, _input_key(x)
         fast, version, changes = self._fast_calls.get(key, (None, None, None))
         if fast is None or version != state.version or changes != state.fused_changes:
             fast = _C.fast_call_for(program, x, state.dicts, state.fused_changes,
@@ -385,7 +385,7 @@ class _Replay:
                     self._fast, self._fast_calls = None, {}
                 else:
                     self._state = self._captured
-        key = (x.shape, x.stride(), x.dtype)
+        key = _input_key(x)
         program = self._programs.get(key, _MISSING)
         if program is not _MISSING:
             return program
@@ -416,6 +416,11 @@ class _Replay:
 
 
 _MISSING = object()
+
+
+def _input_key(x):
+    """What a program is captured for (_C.fast_call checks the same)."""
+    return x.shape, x.stride(), x.dtype
 _PLAIN_DISPATCH_KEYS = (torch._C._dispatch_tls_local_include_set(),
                         torch._C._dispatch_tls_local_exclude_set())
 
