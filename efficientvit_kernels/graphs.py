@@ -421,6 +421,8 @@ _MISSING = object()
 def _input_key(x):
     """What a program is captured for (_C.fast_call checks the same)."""
     return x.shape, x.stride(), x.dtype
+
+
 _PLAIN_DISPATCH_KEYS = (torch._C._dispatch_tls_local_include_set(),
                         torch._C._dispatch_tls_local_exclude_set())
 
