@@ -428,10 +428,11 @@ _PLAIN_DISPATCH_KEYS = (torch._C._dispatch_tls_local_include_set(),
 
 
 def _compiled_as_one_op(x):
-    """Whether torch.compile (not export) is tracing a call it may take as one op: a CPU tensor
-    (not the fake one of the op's own fake run), no gradient to record."""
-    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and type(x) is torch.Tensor and x.is_cpu and not torch.is_grad_enabled())
+    """Whether a call traced while compiling (the caller checks that) is torch.compile's, not
+    export's, and may be one op: a CPU tensor (not the fake one of the op's own fake run), no
+    gradient to record."""
+    return (not torch.compiler.is_exporting() and type(x) is torch.Tensor and x.is_cpu
+            and not torch.is_grad_enabled())
 
 
 def _replayable(x):
