@@ -42,13 +42,18 @@ CGA_CASES = {
     # no dimension a multiple of 8: value dim 9, key dim 8 (half a 16-bit k step), 36 channels;
     # 5x5 windows (rows padded to 32 for 16-bit, two windows per block), partial at two edges
     "odd_dims": (36, 4, (3, 5, 3, 1), 5, 1, 7, 6, True, None, 8),
+    # as "padded" (channels last, 16-bit: x and out in 16-byte packs), but x one element past a
+    # 16-byte boundary: element by element
+    "unaligned": (40, 4, (5, 3, 3, 1), 4, 2, 6, 5, "unaligned", None),
 }
 
 
 def run_cga(ops, case, dtype, order=FORWARD, seed=0, residual=True):
     C, heads, kernels, ws, B, H, W, cl, target, *key_dim = case
     params = random_cga_params(C, heads, kernels, ws, *key_dim, dtype=dtype)
-    x = random_input(B, C, H, W, dtype=dtype, channels_last=cl)
+    x = random_input(B, C, H, W, dtype=dtype, channels_last=bool(cl))
+    if cl == "unaligned":
+        x = unaligned_channels_last(x)
     out = ops.cga(x, *cga_args(params), residual, order, seed, target or ops.smem_target())
     assert out.shape == x.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -189,8 +194,7 @@ MUTANTS = {
                                 ("cga padded",)),
     # padding rows of a window past the map's bottom edge read as tokens, past the end of x
     "cga_padding_bound": ("cga.cuh", "if (y < p.H && x < p.W)", "if (y <= p.H && x < p.W)",
-                          "global memory: x[2400] is out of bounds (2400 elements)",
-                          ("cga padded",)),
+                          "is out of bounds (2400 elements)", ("cga padded",)),
     # 16-bit: attention weights written up to N only: P's k padding past 49 (or 25) tokens
     # stays NaN
     "cga_mma_p_padding": ("cga.cuh", "for (int n = lane; n < np; n += 32) {",
@@ -219,6 +223,8 @@ MUTANTS = {
     "ffn_mma_k_past_chunk": ("ffn.cuh", "mma_smem<T>(R, C, (mc + 15) / 16 * 16, H",
                              "mma_smem<T>(R, C, chunk, H", "relative error", ("ffn rows16",)),
     # 16-byte packs planned for an x that is not 16-byte aligned
+    "cga_unaligned_packs": ("cga.cuh", "aligned16(x) && aligned16(out)};", "aligned16(out)};",
+                            "is not 16-byte aligned", ("cga unaligned",)),
     "dwconv_unaligned_packs": ("dwconv.cuh", "C % V == 0 && aligned16(x) &&", "C % V == 0 &&",
                                "is not 16-byte aligned", ("dwconv unaligned",)),
 }

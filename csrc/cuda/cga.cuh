@@ -15,8 +15,9 @@
 //   Q    rows x kd   fp32 q;  Q2, K  rows x kd: q after the dwconv, k;  Vt  d x rows: v^T
 //   S    rows x N    fp32 scores;  P  rows x N: attention weights
 // and for the output projection, in the same space: relu(X) in the input dtype and two
-// 32-row chunks of its weight, the next one's copies flying during a chunk's product.
-// The residual is re-read from x at the end (L2-resident), so X can be overwritten.
+// 32-row chunks of its weight, the next one's copies flying during a chunk's product; the
+// products go to X (no longer needed), then out, with the residual re-read from x (L2-resident).
+// Rows of x and out move in 16-byte packs where they can (16-bit, channels last).
 #pragma once
 
 #include <algorithm>
@@ -80,6 +81,7 @@ struct CgaArgs {
   float scale;
   bool residual;
   bool qkv_packs, proj_packs;  // 16-bit: weight rows in 16-byte packs (cp.async)
+  bool x_packs;                // 16-bit: rows of channels (channels last) of x and out too
 };
 
 // q = dwconv_KxK(q) + bias at token t of a ws x ws window, channel c, zero padding at the
@@ -295,11 +297,11 @@ __device__ __forceinline__ void cga_heads_mma(const CgaArgs<T>& p, const CgaPlan
 }
 
 // y = P relu(concat(out_0 .. out_{h-1})) + p [+ x], fp16/bf16: relu(X) in T, the weight in
-// 32-row chunks, each chunk's product written straight to out (one write per valid token).
+// 32-row chunks, each chunk's product (plus p) into X; then one write per valid token.
 template <class T>
 __device__ __forceinline__ void cga_projection_mma(const CgaArgs<T>& p, const CgaPlan& L,
                                                    unsigned char* smem, const int64_t* rowoff,
-                                                   const float* X) {
+                                                   float* X) {
   T* A = reinterpret_cast<T*>(smem + L.r_at);
   const int R = L.rows, C = p.C, ldx = L.ldx, ldr = L.ldr, c16 = (C + 15) / 16 * 16;
   const int64_t chunk_bytes = align16(32 * ldr * sizeof(T));
@@ -324,16 +326,33 @@ __device__ __forceinline__ void cga_projection_mma(const CgaArgs<T>& p, const Cg
     }
     __syncthreads();
     mma_smem<T>(R, min(32, C - 32 * j), c16, A, ldr, chunk(j), ldr, [&](int m, int n, float v) {
-      const int64_t o = rowoff[m];
-      if (o < 0) return;
       const int c = 32 * j + n;
-      const int64_t at = o + c * p.s.c;
-      v += to_float(p.proj_b[c]);
-      if (p.residual) v += to_float(p.x[at]);
-      p.out[at] = T(v);
+      X[m * ldx + c] = v + to_float(p.proj_b[c]);
     });
     __syncthreads();
   }
+  if (p.x_packs) {
+    constexpr int V = kVec16<T>;
+    const int packs = C / V;
+    for (int e = threadIdx.x; e < R * packs; e += blockDim.x) {
+      const int r = e / packs, c = (e - r * packs) * V;
+      const int64_t o = rowoff[r];
+      if (o < 0) continue;
+      Pack<T, V> x0{}, y;
+      if (p.residual) x0 = load_pack<T, V>(p.x + (o + c));
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        y.v[v] = T(X[r * ldx + c + v] + (p.residual ? to_float(x0.v[v]) : 0.f));
+      store_pack<T, V>(p.out + (o + c), y);
+    }
+    return;
+  }
+  for_tile(R, C, p.s.c, [&](int r, int c) {
+    const int64_t o = rowoff[r];
+    if (o < 0) return;
+    const int64_t at = o + c * p.s.c;
+    p.out[at] = T(X[r * ldx + c] + (p.residual ? to_float(p.x[at]) : 0.f));
+  });
 }
 
 // 2 blocks per multiprocessor, as kSmemTarget plans: ptxas may use up to 128 registers. Its
@@ -361,10 +380,23 @@ __global__ void __launch_bounds__(kThreads, 2) cga_kernel(const CgaArgs<T> p) {
     rowoff[r] = o;
   }
   __syncthreads();
-  for_tile(R, C, p.s.c, [&](int r, int c) {
-    const int64_t o = rowoff[r];
-    X[r * ldx + c] = o < 0 ? 0.f : to_float(p.x[o + c * p.s.c]);
-  });
+  if (p.x_packs) {
+    constexpr int V = kVec16<T>;
+    const int packs = C / V;
+    for (int e = threadIdx.x; e < R * packs; e += blockDim.x) {
+      const int r = e / packs, c = (e - r * packs) * V;
+      const int64_t o = rowoff[r];
+      Pack<T, V> v{};
+      if (o >= 0) v = load_pack<T, V>(p.x + (o + c));
+#pragma unroll
+      for (int i = 0; i < V; ++i) X[r * ldx + c + i] = o < 0 ? 0.f : to_float(v.v[i]);
+    }
+  } else {
+    for_tile(R, C, p.s.c, [&](int r, int c) {
+      const int64_t o = rowoff[r];
+      X[r * ldx + c] = o < 0 ? 0.f : to_float(p.x[o + c * p.s.c]);
+    });
+  }
   __syncthreads();
   if constexpr (std::is_same_v<T, float>) {
     cga_heads_fma<T>(p, L, smem, X);
@@ -432,7 +464,9 @@ CgaArgs<T> cga_args(const CgaDims& dims, const CgaLaunch& l, const at::Tensor& x
           static_cast<float>(scale),
           residual,
           l.smem.mma && dims.value_dim % 8 == 0 && aligned16(params[0]),
-          l.smem.mma && dims.channels % 8 == 0 && aligned16(params[5])};
+          l.smem.mma && dims.channels % 8 == 0 && aligned16(params[5]),
+          l.smem.mma && format == at::MemoryFormat::ChannelsLast && dims.channels % 8 == 0 &&
+              aligned16(x) && aligned16(out)};
 }
 
 }  // namespace
