@@ -333,18 +333,16 @@ __device__ __forceinline__ void cga_projection_mma(const CgaArgs<T>& p, const Cg
   }
   if (p.x_packs) {
     constexpr int V = kVec16<T>;
-    const int packs = C / V;
-    for (int e = threadIdx.x; e < R * packs; e += blockDim.x) {
-      const int r = e / packs, c = (e - r * packs) * V;
+    for_packs<V>(R, C, [&](int r, int c) {
       const int64_t o = rowoff[r];
-      if (o < 0) continue;
+      if (o < 0) return;
       Pack<T, V> x0{}, y;
       if (p.residual) x0 = load_pack<T, V>(p.x + (o + c));
 #pragma unroll
       for (int v = 0; v < V; ++v)
         y.v[v] = T(X[r * ldx + c + v] + (p.residual ? to_float(x0.v[v]) : 0.f));
       store_pack<T, V>(p.out + (o + c), y);
-    }
+    });
     return;
   }
   for_tile(R, C, p.s.c, [&](int r, int c) {
@@ -382,15 +380,13 @@ __global__ void __launch_bounds__(kThreads, 2) cga_kernel(const CgaArgs<T> p) {
   __syncthreads();
   if (p.x_packs) {
     constexpr int V = kVec16<T>;
-    const int packs = C / V;
-    for (int e = threadIdx.x; e < R * packs; e += blockDim.x) {
-      const int r = e / packs, c = (e - r * packs) * V;
+    for_packs<V>(R, C, [&](int r, int c) {
       const int64_t o = rowoff[r];
       Pack<T, V> v{};
       if (o >= 0) v = load_pack<T, V>(p.x + (o + c));
 #pragma unroll
       for (int i = 0; i < V; ++i) X[r * ldx + c + i] = o < 0 ? 0.f : to_float(v.v[i]);
-    }
+    });
   } else {
     for_tile(R, C, p.s.c, [&](int r, int c) {
       const int64_t o = rowoff[r];

@@ -415,5 +415,17 @@ __device__ __forceinline__ void for_tile(int rows, int cols, int64_t cstride, F 
   }
 }
 
+// Calls f(r, c) for every pack of V channels (c a multiple of V) of a rows x cols tile, cols a
+// multiple of V, spread over the block channels fastest: on a channels-last tensor, one access
+// of V elements a call (16 bytes for V = kVec16<T>).
+template <int V, class F>
+__device__ __forceinline__ void for_packs(int rows, int cols, F f) {
+  const int packs = cols / V;
+  for (int e = threadIdx.x; e < rows * packs; e += blockDim.x) {
+    const int r = e / packs;
+    f(r, (e - r * packs) * V);
+  }
+}
+
 }  // namespace gpu
 }  // namespace efficientvit

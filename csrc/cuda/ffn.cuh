@@ -172,15 +172,13 @@ __global__ void __launch_bounds__(kThreads, 2) ffn_kernel(const FfnArgs<T> p) {
   };
   if (kMma && p.x_packs) {  // channels last: 16-byte stores
     constexpr int V = kVec16<T>;
-    const int packs = C / V;
-    for (int e = threadIdx.x; e < R * packs; e += blockDim.x) {
-      const int r = e / packs, c = (e - r * packs) * V;
-      if (rowoff[r] < 0) continue;
+    for_packs<V>(R, C, [&](int r, int c) {
+      if (rowoff[r] < 0) return;
       Pack<T, V> y;
 #pragma unroll
       for (int v = 0; v < V; ++v) y.v[v] = result(r, c + v);
       store_pack<T, V>(p.out + (rowoff[r] + c), y);
-    }
+    });
     return;
   }
   for_tile(R, C, p.s.c, [&](int r, int c) {
