@@ -24,7 +24,6 @@ And for ``torch.compile``:
 Writes <out>.json (device, versions, date) and <out>.md.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -36,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 import efficientvit_kernels as K  # noqa: E402
 import python_ref as R  # noqa: E402
-from efficientvit_kernels.timing import run_metadata, time_interleaved  # noqa: E402
+from efficientvit_kernels.timing import run_metadata, time_interleaved, write_results  # noqa: E402
 
 FORMS = ("converted", "exported .module()", ".module().forward", "graph from Python", "cpu_graph",
          "torch.compile", "torch.compile, eager", "frame not compiled", "the op")
@@ -117,11 +116,7 @@ def main():
         ms = r["ms"]
         lines.append(f"| {r['model'].upper()} | " + " | ".join(
             f"{ms[f]:.2f} ({ms[f] / ms['converted']:.2f})" for f in FORMS) + " |")
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, dict(meta=meta, rows=rows), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes <out>.json (device, versions, build, date; every timing's 10th/50th/90th 
 and <out>.md (medians with the 10-90% spread; ratios against ONNX Runtime).
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import efficientvit_kernels as K  # noqa: E402
 import python_ref as R  # noqa: E402
 from bench_cpu import onnx_session  # noqa: E402
 from efficientvit_kernels.testing import assert_close  # noqa: E402
-from efficientvit_kernels.timing import run_metadata, time_interleaved  # noqa: E402
+from efficientvit_kernels.timing import run_metadata, time_interleaved, write_results  # noqa: E402
 from timm_stub import import_timm  # noqa: E402
 
 
@@ -115,11 +114,7 @@ def main(argv=None):
     meta = dict(run_metadata("cpu"), seconds_per_row=args.seconds, cold=args.cold,
                 models="timm" if args.timm else "python_ref",
                 command="python benchmarks/bench_latency.py " + " ".join(argv or sys.argv[1:]))
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_results(args.out, dict(meta=meta, rows=rows), markdown(meta, rows))
 
 
 # The fused model's deployed forms, each held to the fused model's speed.

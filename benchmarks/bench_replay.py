@@ -9,7 +9,6 @@ cold (time_interleaved's cold), one interleaved run.
 Writes <out>.json (device, versions, date) and <out>.md.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import efficientvit_kernels as K  # noqa: E402
 import python_ref as R  # noqa: E402
 from bench_cpu import onnx_session  # noqa: E402
-from efficientvit_kernels.timing import run_metadata, time_interleaved  # noqa: E402
+from efficientvit_kernels.timing import run_metadata, time_interleaved, write_results  # noqa: E402
 
 FORMS = ("onnxruntime", "as called", "its program", "cpu_graph", "module by module")
 
@@ -70,11 +69,7 @@ def main():
         lines.append(f"| {r['model'].upper()} | " + " | ".join(
             f"{ms[f]:.2f}" for f in FORMS if f in ms)
             + f" | {ms['as called'] - ms['its program']:.2f} |")
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, dict(meta=meta, rows=rows), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ rounds (CPU: wall clock; CUDA: events per call); ``time_gpu`` times one CUDA cal
 ``triton.testing.do_bench`` (L2 cleared before each call). Both return ``Timing``: quantiles,
 not only the median, so the spread of a run is reported with it."""
 import datetime
+import json
 import os
 import platform
 import random
@@ -14,7 +15,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Timing", "device_name", "run_metadata", "time_interleaved", "time_gpu"]
+__all__ = ["Timing", "device_name", "run_metadata", "time_interleaved", "time_gpu",
+           "write_results"]
 
 
 class Timing(NamedTuple):
@@ -144,3 +146,14 @@ def run_metadata(device):
                 built_isas=ops.built_isas(), cpu_isa=ops.cpu_isa(), torch=torch.__version__,
                 python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def write_results(out, data, text):
+    """A run's results file pair: ``data`` (with run_metadata's record in it) as <out>.json,
+    ``text`` (its markdown) as <out>.md; the text is printed too."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(data, f, indent=2)
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    print(text, end="")
