@@ -32,10 +32,12 @@ from torch.export.graph_signature import InputKind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import efficientvit_kernels as K  # noqa: E402
 import python_ref as R  # noqa: E402
-from efficientvit_kernels.timing import run_metadata, time_interleaved, write_results  # noqa: E402
+from bench_replay import batch1_rows, header  # noqa: E402
+from efficientvit_kernels.timing import run_metadata, write_results  # noqa: E402
 
 FORMS = ("converted", "exported .module()", ".module().forward", "graph from Python", "cpu_graph",
          "torch.compile", "torch.compile, eager", "frame not compiled", "the op")
@@ -92,26 +94,15 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                  "cpu_deployed_overhead"))
     args = p.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    with torch.no_grad():
-        for name in args.models.split(","):
-            inputs = [torch.randn(1, 3, 224, 224) for _ in range(2)]
-            t = time_interleaved(runners(name, inputs[0]), inputs, warmup=5,
-                                 budget_s=args.seconds, max_rounds=5000, cold=args.cold)
-            rows.append(dict(model=name, ms={k: v.median * 1e3 for k, v in t.items()},
-                             rounds=t["converted"].samples))
+    rows = batch1_rows(runners, args.models.split(","), args.seconds, args.cold)
     meta = dict(run_metadata("cpu"), command="python benchmarks/bench_deployed_overhead.py "
                 + " ".join(sys.argv[1:]))
-    lines = [f"# Deployed forms taken apart, {meta['date'][:10]}", "",
-             f"{meta['device']}; CPU kernels {meta['cpu_isa']}; torch {meta['torch']}; fp32; "
-             f"224x224; batch 1; one thread; commit {(meta['commit'] or '?')[:10]}; "
-             f"`{meta['command']}`.", "",
-             "Median forward, ms, and over the converted model's, "
-             + ("each call cold" if args.cold else "each call finding the caches as the call "
-                "before it left them") + "; rounds in shuffled order. Each form is the one "
-             "before it less one layer (the script's docstring).", "",
-             "| model | " + " | ".join(FORMS) + " |", "|---|" + "---|" * len(FORMS)]
+    lines = header(meta, "Deployed forms taken apart") + [
+        "Median forward, ms, and over the converted model's, "
+        + ("each call cold" if args.cold else "each call finding the caches as the call "
+           "before it left them") + "; rounds in shuffled order. Each form is the one before "
+        "it less one layer (the script's docstring).", "",
+        "| model | " + " | ".join(FORMS) + " |", "|---|" + "---|" * len(FORMS)]
     for r in rows:
         ms = r["ms"]
         lines.append(f"| {r['model'].upper()} | " + " | ".join(

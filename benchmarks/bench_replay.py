@@ -26,9 +26,8 @@ from efficientvit_kernels.timing import run_metadata, time_interleaved, write_re
 FORMS = ("onnxruntime", "as called", "its program", "cpu_graph", "module by module")
 
 
-def runners(name):
+def runners(name, x):
     model = R.randomize_(R.build(name)).eval()
-    x = torch.randn(1, 3, 224, 224)
     fused = K.convert(model)
     fused(x), fused(x)  # the second call captures
     (program,) = fused._compiled_call_impl._programs.values()
@@ -40,30 +39,43 @@ def runners(name):
     return out
 
 
+def batch1_rows(make_runners, models, seconds, cold):
+    """Each model's forms ({form: forward} = make_runners(name, x)) at batch 1, one thread,
+    timed in one process in interleaved rounds: a row per model, its forms' median ms."""
+    torch.set_num_threads(1)
+    rows = []
+    with torch.no_grad():
+        for name in models:
+            inputs = [torch.randn(1, 3, 224, 224) for _ in range(2)]
+            t = time_interleaved(make_runners(name, inputs[0]), inputs, warmup=5,
+                                 budget_s=seconds, max_rounds=5000, cold=cold)
+            rows.append(dict(model=name, ms={k: v.median * 1e3 for k, v in t.items()},
+                             rounds=next(iter(t.values())).samples))
+    return rows
+
+
+def header(meta, title):
+    """A batch-1 results file's first lines: its title, then the run's device, versions and
+    command."""
+    return [f"# {title}, {meta['date'][:10]}", "",
+            f"{meta['device']}; CPU kernels {meta['cpu_isa']}; torch {meta['torch']}; fp32; "
+            f"224x224; batch 1; one thread; commit {(meta['commit'] or '?')[:10]}; "
+            f"`{meta['command']}`.", ""]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="m0,m4")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_replay"))
     args = p.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    with torch.no_grad():
-        for name in args.models.split(","):
-            inputs = [torch.randn(1, 3, 224, 224) for _ in range(2)]
-            t = time_interleaved(runners(name), inputs, warmup=5, budget_s=args.seconds,
-                                 max_rounds=5000, cold=True)
-            rows.append(dict(model=name, ms={k: v.median * 1e3 for k, v in t.items()},
-                             rounds=t["as called"].samples))
+    rows = batch1_rows(runners, args.models.split(","), args.seconds, cold=True)
     meta = dict(run_metadata("cpu"), command="python benchmarks/bench_replay.py "
                 + " ".join(sys.argv[1:]))
-    lines = [f"# cpu_replay's check, {meta['date'][:10]}", "",
-             f"{meta['device']}; CPU kernels {meta['cpu_isa']}; torch {meta['torch']}; fp32; "
-             f"224x224; batch 1; one thread; commit {(meta['commit'] or '?')[:10]}; "
-             f"`{meta['command']}`.", "",
-             "Median forward, ms, each call cold, rounds in shuffled order.", "",
-             "| model | " + " | ".join(f for f in FORMS if f in rows[0]["ms"]) + " | check |",
-             "|---|" + "---|" * (len(rows[0]["ms"]) + 1)]
+    lines = header(meta, "cpu_replay's check") + [
+        "Median forward, ms, each call cold, rounds in shuffled order.", "",
+        "| model | " + " | ".join(f for f in FORMS if f in rows[0]["ms"]) + " | check |",
+        "|---|" + "---|" * (len(rows[0]["ms"]) + 1)]
     for r in rows:
         ms = r["ms"]
         lines.append(f"| {r['model'].upper()} | " + " | ".join(
