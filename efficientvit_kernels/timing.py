@@ -2,7 +2,8 @@
 measured). ``time_interleaved`` times several runners against each other in interleaved
 rounds (CPU: wall clock; CUDA: events per call); ``time_gpu`` times one CUDA callable with
 ``triton.testing.do_bench`` (L2 cleared before each call). Both return ``Timing``: quantiles,
-not only the median, so the spread of a run is reported with it."""
+not only the median, so the spread of a run is reported with it. ``run_metadata`` and
+``write_results`` make a run's results files."""
 import datetime
 import json
 import os
