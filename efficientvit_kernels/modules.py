@@ -84,9 +84,13 @@ class _Fused(nn.Module):
         super().__setattr__(name, value)
         _Fused.changes += 1
 
+    # The memory format of the module's 4-D weights (its others are contiguous).
+    _weight_format = torch.contiguous_format
+
     def _set_weights(self, **weights):
         for name, t in weights.items():
-            self.register_buffer(name, t.detach().clone().contiguous())
+            fmt = self._weight_format if t.dim() == 4 else torch.contiguous_format
+            self.register_buffer(name, t.detach().clone(memory_format=fmt))
 
     def _weights(self):
         return tuple(map(self._buffers.__getitem__, self._weight_names))
@@ -259,6 +263,8 @@ class FusedPatchEmbed(_Fused):
     (the last only with ``final_relu``), in one op (``patch_embed``; channels-last output)."""
 
     _op = "patch_embed"
+    # each tap's input channels adjacent: the Triton kernel loads them as vectors
+    _weight_format = torch.channels_last
 
     def __init__(self, weights, biases, final_relu, backend="auto"):
         super().__init__(backend)

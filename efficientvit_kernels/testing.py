@@ -16,7 +16,7 @@ from python_ref import MODEL_CONFIGS, functional
 
 __all__ = ["DTYPES", "TOLERANCE", "MAX_ERROR_FACTOR", "tolerance", "errors", "relative_error",
            "assert_close", "assert_layout", "call_poisoned", "layer_shapes", "stage_shapes", "random_cga_params", "random_dwconv_params",
-           "random_ffn_params", "random_patch_embed_params", "random_input", "LAYOUTS", "cga_args", "cast", "reference_cga", "KEY_DIM",
+           "random_ffn_params", "random_patch_embed_params", "random_input", "in_layout", "LAYOUTS", "cga_args", "cast", "reference_cga", "KEY_DIM",
            "CGA_ARGS", "packings", "profiled_calls"]
 
 # The dtypes the tests run, by the names their ids use.
@@ -192,19 +192,24 @@ def random_input(B, C, H, W, seed=1, dtype=torch.float64, channels_last=False, l
     short for that layout), the same values whatever the layout."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    layout = layout or ("channels_last" if channels_last else "contiguous")
+    return in_layout(x, layout or ("channels_last" if channels_last else "contiguous"))
+
+
+def in_layout(x, layout):
+    """The values of the 4-D ``x`` in ``layout``, one of LAYOUTS."""
     if layout == "contiguous":
-        return x
+        return x.contiguous()
     if layout == "channels_last":
-        return x.to(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
     if layout == "permuted":  # dense, with strides ordered (B, H, C, W)
         return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    B, C, H, W = x.shape
     if layout == "strided":  # every other column of a wider tensor
-        wide = torch.zeros(B, C, H, 2 * W, dtype=dtype, device=device)
+        wide = torch.zeros(B, C, H, 2 * W, dtype=x.dtype, device=x.device)
         wide[..., ::2] = x
         return wide[..., ::2]
     if layout == "channels_last_slice":  # the first C channels of a channels-last tensor
-        wide = torch.zeros(B, C + 3, H, W, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+        wide = torch.zeros(B, C + 3, H, W, dtype=x.dtype, device=x.device).to(memory_format=torch.channels_last)
         wide[:, :C] = x
         return wide[:, :C]
     raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")

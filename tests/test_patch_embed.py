@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import efficientvit_kernels as K
-from efficientvit_kernels.testing import (DTYPES, LAYOUTS, assert_close, packings, random_input,
-                                          random_patch_embed_params)
+from efficientvit_kernels.testing import (DTYPES, LAYOUTS, assert_close, in_layout, packings,
+                                          random_input, random_patch_embed_params)
 from python_ref import functional
 
 ops = torch.ops.efficientvit
@@ -204,33 +204,44 @@ def test_cuda_definition():
 # it runs: name: (channels, B, H, W, final_relu, layout, small). M4's stem at the model's
 # image size; a chain whose widths are not whole tiles (12 -> 20 -> 36) on odd sizes (each next
 # convolution's last taps read padding); one convolution from more channels than one reduction
-# step holds (40 -> 72: 360 products a pixel); 1x1; an empty batch; the Triton kernel's pairs of
+# step holds (136 -> 24: a tap in two steps in the interpreter, three on a GPU); 1x1; an empty batch; the Triton kernel's pairs of
 # convolutions over several tiles of outputs, whole and cut at the right and bottom (a pair, then
-# convolutions alone; from 20 channels, more than the pair kernel reduces in one step).
+# convolutions alone; from 20 channels, more than the pair kernel reduces in one step); M5's
+# first two convolutions (24 channels: too wide to pair); a convolution from fewer than 16
+# channels, whose (tap, channel) pairs take two of the interpreter's steps (135 > 128).
 BACKEND_CASES = {
     "m4_stem": (STEM, 2, 224, 224, False, "contiguous", False),
     "odd_chain": ([3, 12, 20, 36], 2, 17, 9, False, "permuted", True),
     "relu_chain": ([3, 16, 32], 1, 10, 31, True, "channels_last", True),
-    "wide_reduction": ([40, 72], 2, 6, 13, False, "strided", True),
+    "wide_reduction": ([136, 24], 2, 6, 13, False, "strided", True),
     "one_pixel": ([3, 8, 16], 1, 1, 1, False, "contiguous", True),
     "batch0": ([3, 8], 0, 5, 5, False, "contiguous", True),
     "pair_tiles": ([3, 12, 40, 20], 2, 61, 33, False, "contiguous", True),
     "m0_stem": ([3, 8, 16, 32, 64], 1, 45, 58, True, "channels_last", True),
     "pair_wide_input": ([20, 12, 16], 1, 19, 23, False, "strided", True),
+    "unpaired_image": ([3, 24, 48], 1, 13, 11, True, "channels_last", True),
+    "pairs_over_steps": ([15, 20], 2, 9, 7, False, "strided", True),
 }
 
 
+# The weights as users pass them, as FusedPatchEmbed holds them (channels-last: the Triton
+# kernel's unit-stride reads) and dense in neither format.
+WEIGHT_LAYOUTS = ("contiguous", "channels_last", "permuted")
+
+
+@pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(BACKEND_CASES))
-def test_patch_embed_backend(patch_ops_backend, case, dtype):
+def test_patch_embed_backend(patch_ops_backend, case, dtype, weight_layout):
     channels, B, H, W, final_relu, layout, small = BACKEND_CASES[case]
     backend, dtype = patch_ops_backend, DTYPES[dtype]
     backend.skip_unless_small(small)
     weights, biases = random_patch_embed_params(channels, seed=len(channels))
     x = random_input(B, channels[0], H, W, seed=H + W, dtype=dtype, layout=layout,
                      device=backend.device)
-    out = backend.ops.patch_embed(x, [w.to(backend.device, dtype) for w in weights],
-                                  [b.to(backend.device, dtype) for b in biases], final_relu)
+    out = backend.ops.patch_embed(
+        x, [in_layout(w.to(backend.device, dtype), weight_layout) for w in weights],
+        [b.to(backend.device, dtype) for b in biases], final_relu)
     ref = functional.patch_embed(x.cpu().double(), weights, biases, final_relu)
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.is_contiguous(memory_format=torch.channels_last)

@@ -2,8 +2,10 @@
 Triton kernel launched per convolution.
 
 Each launch is an implicit matrix product: a (output pixels x output channels) tile of one
-image, reduced over (tap, input channel) pairs, BK at a time, gathered from the input with the
-taps' zero padding as masks. The outputs between launches go through memory (channels-last),
+image, reduced tap by tap over BK input channels a step, gathered from the input with the
+taps' zero padding as masks. The weights may come in any layout; channels-last ones (as
+FusedPatchEmbed holds them) have a tap's input channels adjacent, like a channels-last
+input's, so both load as vectors. The outputs between launches go through memory (channels-last),
 unlike the CPU kernel's, which keeps them in cache; but a narrow convolution and the one
 after it run as one launch (the pair kernel), so the chain's largest activation, the first
 convolution's output (M4: 16 channels at 112x112, half of the stem's traffic between
@@ -18,33 +20,70 @@ from ._common import (check_device_dtype, interpreted, launch_kwargs, mm, output
                       pixel_offsets, relu)
 
 
+# Fewer input channels than this (an image's 3): _conv3x3_taps reduces over (tap, channel)
+# pairs, BK a step, rather than tap by tap, where each tap's few channels would fill a step of
+# at least 16 (tl.dot's least) with padding: 27 products of 32 rather than 27 of 144.
+SMALL_CI = tl.constexpr(16)
+
+
+def _reduction_step(CI, most):
+    """BK of _conv3x3_taps for CI input channels: what a step reduces over, (tap, channel) pairs
+    or channels, as a power of two of at least 16 and at most ``most``."""
+    return min(padded(9 * CI if CI < SMALL_CI.value else CI), most)
+
+
+@triton.jit
+def _conv3x3_taps(acc, x_img, top, left, rows_ok, H, W, sxc, sxh, sxw, w_cols, cmask, swi,
+                  swh, sww, CI: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
+    """acc plus a 3x3 convolution, zero padding, for rows whose tap (0, 0) reads input (top,
+    left) (rows_ok: the rows computed) into the output channels whose weights w_cols point at
+    (cmask: those that exist). CI is a constant (a compilation per width; the models have a
+    few), so a step's taps come from constant divisions, none where one step holds all CI."""
+    if CI < SMALL_CI:
+        # (tap, channel) pairs k = tap * CI + channel, BK a step
+        for k0 in range(0, 9 * CI, BK):
+            k = k0 + tl.arange(0, BK)
+            t = k // CI
+            ci = k - t * CI
+            iy = top[:, None] + (t // 3)[None, :]
+            ix = left[:, None] + (t % 3)[None, :]
+            ok = (rows_ok[:, None] & (k < 9 * CI)[None, :] & (iy >= 0) & (iy < H) & (ix >= 0)
+                  & (ix < W))
+            xk = tl.load(x_img + iy * sxh + ix * sxw + ci[None, :] * sxc, mask=ok, other=0.0)
+            wk = tl.load(w_cols[None, :] + ((t // 3) * swh + (t % 3) * sww + ci * swi)[:, None],
+                         mask=(k < 9 * CI)[:, None] & cmask[None, :], other=0.0)
+            acc += mm(xk, wk, DT)
+    else:
+        # Tap by tap, BK channels a step, in one loop (which the compiler pipelines): a row's
+        # position and mask change once a step, not per element, and its channels, unit-stride
+        # in channels-last x and weights, load as vectors.
+        steps: tl.constexpr = (CI + BK - 1) // BK  # steps a tap
+        for s in range(9 * steps):
+            t = s // steps
+            ci = (s - t * steps) * BK + tl.arange(0, BK)
+            iy = top + t // 3
+            ix = left + t % 3
+            ok = rows_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            xk = tl.load((x_img + iy * sxh + ix * sxw)[:, None] + ci[None, :] * sxc,
+                         mask=ok[:, None] & (ci < CI)[None, :], other=0.0)
+            wk = tl.load(w_cols[None, :] + (t // 3) * swh + (t % 3) * sww + ci[:, None] * swi,
+                         mask=(ci < CI)[:, None] & cmask[None, :], other=0.0)
+            acc += mm(xk, wk, DT)
+    return acc
+
+
 # Map sizes vary with the input and gain nothing from specialization: one compiled kernel
 # serves every batch and image size of a convolution.
 @triton.jit(do_not_specialize=["H", "W", "OW", "OHW", "pixel_tiles"])
-def _conv3x3_stride2_kernel(x_ptr, w_ptr, b_ptr, out_ptr, CI, CO, H, W, OW, OHW, pixel_tiles,
-                            sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-                            BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            RELU: tl.constexpr):
+def _conv3x3_stride2_kernel(x_ptr, w_ptr, b_ptr, out_ptr, CO, H, W, OW, OHW, pixel_tiles,
+                            sxb, sxc, sxh, sxw, swo, swi, swh, sww, sob, soc, soh, sow,
+                            CI: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, RELU: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b, p, n, pmask, nmask = output_tile(pixel_tiles, OHW, CO, BP, BN)  # p: output pixels
-    top = 2 * (p // OW) - 1  # the input row and column of tap (0, 0)
-    left = 2 * (p % OW) - 1
-    x_img = x_ptr + b * sxb
-    acc = tl.zeros([BP, BN], dtype=tl.float32)
-    # k = tap * CI + input channel: in channels-last inputs a run of k is a run of channels
-    for k0 in range(0, 9 * CI, BK):
-        k = k0 + tl.arange(0, BK)
-        tap = k // CI
-        ci = k - tap * CI
-        iy = top[:, None] + (tap // 3)[None, :]
-        ix = left[:, None] + (tap % 3)[None, :]
-        ok = (pmask[:, None] & (k < 9 * CI)[None, :] & (iy >= 0) & (iy < H)
-              & (ix >= 0) & (ix < W))
-        xk = tl.load(x_img + iy * sxh + ix * sxw + ci[None, :] * sxc, mask=ok, other=0.0)
-        # weight (CO, CI, 3, 3): element (n, ci, tap)
-        wk = tl.load(w_ptr + n[None, :] * (9 * CI) + (ci * 9 + tap)[:, None],
-                     mask=(k < 9 * CI)[:, None] & nmask[None, :], other=0.0)
-        acc += mm(xk, wk, DT)
+    acc = _conv3x3_taps(tl.zeros([BP, BN], dtype=tl.float32), x_ptr + b * sxb,
+                        2 * (p // OW) - 1, 2 * (p % OW) - 1, pmask, H, W, sxc, sxh, sxw,
+                        w_ptr + n * swo, nmask, swi, swh, sww, CI, BK, DT)
     acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = relu(acc)
@@ -65,9 +104,9 @@ PAIR_MAX_OUT = 64
 
 
 @triton.jit
-def _region_conv(x_img, w1_ptr, b1_ptr, CI, C1, H, W, H1, W1, sxc, sxh, sxw, oy0, ox0, r0,
-                 SIDE: tl.constexpr, HALF: tl.constexpr, BK: tl.constexpr, C1P: tl.constexpr,
-                 DT: tl.constexpr):
+def _region_conv(x_img, w1_ptr, b1_ptr, C1, H, W, H1, W1, sxc, sxh, sxw, sw1o, sw1i, sw1h, sw1w,
+                 oy0, ox0, r0, CI: tl.constexpr, SIDE: tl.constexpr, HALF: tl.constexpr,
+                 BK: tl.constexpr, C1P: tl.constexpr, DT: tl.constexpr):
     """relu(conv1(x) + b1) on region rows r0 .. r0 + HALF: conv1 outputs (2 oy0 - 1 + r //
     SIDE, 2 ox0 - 1 + r % SIDE), rounded to DT as the unfused chain stores them; zero outside
     conv1's map (conv2's padding) and in the padded channels (where an infinite input would
@@ -77,29 +116,18 @@ def _region_conv(x_img, w1_ptr, b1_ptr, CI, C1, H, W, H1, W1, sxc, sxh, sxw, oy0
     x1 = 2 * ox0 - 1 + r % SIDE
     inside = (r < SIDE * SIDE) & (y1 >= 0) & (y1 < H1) & (x1 >= 0) & (x1 < W1)
     m = tl.arange(0, C1P)
-    acc = tl.zeros([HALF, C1P], dtype=tl.float32)
-    # Tap by tap, BK input channels at a time: the positions and masks are per region row, so
-    # the (HALF x BK) tiles hold only the loaded values.
-    for t in range(9):
-        iy = 2 * y1 - 1 + t // 3
-        ix = 2 * x1 - 1 + t % 3
-        ok = inside & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        row = x_img + iy * sxh + ix * sxw
-        for c0 in range(0, CI, BK):
-            ci = c0 + tl.arange(0, BK)
-            xk = tl.load(row[:, None] + ci[None, :] * sxc, mask=ok[:, None] & (ci < CI)[None, :],
-                         other=0.0)
-            wk = tl.load(w1_ptr + m[None, :] * (9 * CI) + (ci * 9 + t)[:, None],
-                         mask=(ci < CI)[:, None] & (m < C1)[None, :], other=0.0)
-            acc += mm(xk, wk, DT)
+    acc = _conv3x3_taps(tl.zeros([HALF, C1P], dtype=tl.float32), x_img, 2 * y1 - 1, 2 * x1 - 1,
+                        inside, H, W, sxc, sxh, sxw, w1_ptr + m * sw1o, m < C1, sw1i, sw1h, sw1w,
+                        CI, BK, DT)
     acc += tl.load(b1_ptr + m, mask=m < C1, other=0.0).to(tl.float32)[None, :]
     return tl.where(inside[:, None] & (m < C1)[None, :], relu(acc), 0.0).to(DT)
 
 
 @triton.jit(do_not_specialize=["H", "W", "H1", "W1", "OH", "OW", "tiles_w", "tiles"])
-def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, CI, C1, CO,
+def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, C1, CO,
                                  H, W, H1, W1, OH, OW, tiles_w, tiles,
-                                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                                 sxb, sxc, sxh, sxw, sw1o, sw1i, sw1h, sw1w,
+                                 sw2o, sw2i, sw2h, sw2w, sob, soc, soh, sow, CI: tl.constexpr,
                                  TILE: tl.constexpr, REGION: tl.constexpr, BP: tl.constexpr,
                                  BK: tl.constexpr, C1P: tl.constexpr, BN: tl.constexpr,
                                  RELU: tl.constexpr):
@@ -114,10 +142,10 @@ def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
     ox0 = (pid % tiles) % tiles_w * TILE
     # The region in two halves, each computed alone: half the registers of its input tiles.
     x_img = x_ptr + b * sxb
-    low = _region_conv(x_img, w1_ptr, b1_ptr, CI, C1, H, W, H1, W1, sxc, sxh, sxw, oy0, ox0, 0,
-                       SIDE, HALF, BK, C1P, DT)
-    high = _region_conv(x_img, w1_ptr, b1_ptr, CI, C1, H, W, H1, W1, sxc, sxh, sxw, oy0, ox0,
-                        HALF, SIDE, HALF, BK, C1P, DT)
+    low = _region_conv(x_img, w1_ptr, b1_ptr, C1, H, W, H1, W1, sxc, sxh, sxw, sw1o, sw1i, sw1h,
+                       sw1w, oy0, ox0, 0, CI, SIDE, HALF, BK, C1P, DT)
+    high = _region_conv(x_img, w1_ptr, b1_ptr, C1, H, W, H1, W1, sxc, sxh, sxw, sw1o, sw1i, sw1h,
+                        sw1w, oy0, ox0, HALF, CI, SIDE, HALF, BK, C1P, DT)
 
     p = tl.arange(0, BP)
     py = p // TILE
@@ -137,8 +165,8 @@ def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                                                     (BP, C1P)), 0),
                      tl.gather(high, tl.broadcast_to(tl.where(src < HALF, 0, src - HALF)[:, None],
                                                      (BP, C1P)), 0))
-        wt = tl.load(w2_ptr + n[None, :] * (9 * C1) + (m * 9 + t)[:, None],
-                     mask=(m < C1)[:, None] & nmask[None, :], other=0.0)
+        wt = tl.load(w2_ptr + n[None, :] * sw2o + m[:, None] * sw2i + (t // 3) * sw2h
+                     + (t % 3) * sw2w, mask=(m < C1)[:, None] & nmask[None, :], other=0.0)
         acc += mm(a, wt, DT)
     acc += tl.load(b2_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -151,12 +179,12 @@ def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
 def _blocks(dtype, CI, CO, OHW):
     """(output pixels, output channels, reduction) per step, and num_warps."""
     if interpreted(_conv3x3_stride2_kernel):  # few, large programs: the interpreter pays per op
-        return min(padded(OHW), 128), min(padded(CO), 128), min(padded(9 * CI), 128), 1
-    # from an image's 3 channels, all 27 products in one step; fp32 products (on FMAs, operands
-    # in registers) on 32 output channels: at 64, 200 bytes a thread spill on sm_80
+        return min(padded(OHW), 128), min(padded(CO), 128), _reduction_step(CI, 128), 1
+    # fp32 products (on FMAs, operands in registers) on 32 output channels: at 64, 200 bytes a
+    # thread spill on sm_80
     if dtype == torch.float32:
-        return 64, min(padded(CO), 32), 32, 4
-    return 64, min(padded(CO), 64), 32 if CI < 4 else 64, 4
+        return 64, min(padded(CO), 32), _reduction_step(CI, 32), 4
+    return 64, min(padded(CO), 64), _reduction_step(CI, 64), 4
 
 
 def _conv3x3_stride2(x, weight, bias, relu, out):
@@ -165,8 +193,9 @@ def _conv3x3_stride2(x, weight, bias, relu, out):
     BP, BN, BK, num_warps = _blocks(x.dtype, CI, CO, OH * OW)
     pixel_tiles = triton.cdiv(OH * OW, BP)
     _conv3x3_stride2_kernel[(B * pixel_tiles, triton.cdiv(CO, BN))](
-        x, weight.contiguous(), bias.contiguous(), out, CI, CO, H, W, OW, OH * OW, pixel_tiles,
-        *x.stride(), *out.stride(), BP=BP, BN=BN, BK=BK, RELU=bool(relu), num_warps=num_warps)
+        x, weight, bias.contiguous(), out, CO, H, W, OW, OH * OW, pixel_tiles, *x.stride(),
+        *weight.stride(), *out.stride(), CI=CI, BP=BP, BN=BN, BK=BK, RELU=bool(relu),
+        num_warps=num_warps)
 
 
 def _conv3x3_stride2_pair(x, weights, biases, relu, out):
@@ -174,11 +203,13 @@ def _conv3x3_stride2_pair(x, weights, biases, relu, out):
     C1, CO = weights[0].shape[0], weights[1].shape[0]
     tiles_w = triton.cdiv(out.shape[3], PAIR_TILE)
     tiles = triton.cdiv(out.shape[2], PAIR_TILE) * tiles_w
-    args = (x, weights[0].contiguous(), biases[0].contiguous(), weights[1].contiguous(),
-            biases[1].contiguous(), out, CI, C1, CO, H, W, (H + 1) // 2, (W + 1) // 2,
-            *out.shape[2:], tiles_w, tiles, *x.stride(), *out.stride())
-    kwargs = dict(TILE=PAIR_TILE, REGION=PAIR_REGION, BP=padded(PAIR_TILE * PAIR_TILE), BK=16,
-                  C1P=padded(C1), BN=padded(CO), RELU=bool(relu), num_warps=8)
+    args = (x, weights[0], biases[0].contiguous(), weights[1], biases[1].contiguous(), out, C1,
+            CO, H, W, (H + 1) // 2, (W + 1) // 2, *out.shape[2:], tiles_w, tiles, *x.stride(),
+            *weights[0].stride(), *weights[1].stride(), *out.stride())
+    # fp32 reduces 16 a step: 32 (FMA operands in registers) spills on sm_80
+    BK = _reduction_step(CI, 16 if x.dtype == torch.float32 else 32)
+    kwargs = dict(CI=CI, TILE=PAIR_TILE, REGION=PAIR_REGION, BP=padded(PAIR_TILE * PAIR_TILE),
+                  BK=BK, C1P=padded(C1), BN=padded(CO), RELU=bool(relu), num_warps=8)
     _conv3x3_stride2_pair_kernel[(B * tiles,)](
         *args, **launch_kwargs(_conv3x3_stride2_pair_kernel, args, kwargs))
 
