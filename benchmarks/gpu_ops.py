@@ -15,10 +15,16 @@ Per kind, over one forward at the measured batch:
   reference op;
 - predicted (the CUDA backend's fused kinds: dwconv, ffn, attention; every kind of the Triton
   backend but the head): the larger of
-    FLOPs / (matmul rate x MMA_SYNC_SHARE)          tensor-core time (fp16 / bf16)
+    FLOPs / (matmul rate x its MMA's share)         tensor-core time (fp16 / bf16)
     (bytes + restaged weight bytes / L2_OVER_DRAM) / copy bandwidth
   divided by min(1, resident warps per multiprocessor / WARPS_TO_HIDE_LATENCY), resident warps
-  from the kernel's fp16 sm_90 row of the static profile. Restaged weights: each block reads
+  from the kernel's fp16 sm_90 row of the static profile. The MMA's share of the matmul rate:
+  WGMMA_SHARE where the row's tensor-core instructions include Hopper's wgmma (HGMMA, which
+  Triton emits for tiles of 64 rows and more; where a kernel has both, its wgmma, 64 rows an
+  instruction against mma.sync's 16, do the bulk of the products), else MMA_SYNC_SHARE
+  (mma.sync: the CUDA kernels, and Triton's smaller tiles); a kind of several launches takes the least share among those with
+  tensor-core instructions (MMA_SYNC_SHARE where none has any).
+  Restaged weights: each block reads
   the weights it needs once.
   CUDA: the op's weights, a block each (ffn: 64 pixel rows a block from 256 channels up, else
   128; attention: 64 token rows a block, one 7x7 window or four 4x4), as the planners' design
@@ -35,7 +41,7 @@ Per kind, over one forward at the measured batch:
   those of its launch with the fewest; where autotuning chooses among configs, the prediction
   takes the config with the least restaged traffic per busy share, the one it should pick.
 The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
-the library's matrix product (wgmma on Hopper), L2 serving restaged weights at 2.5x the copy
+the library's matrix product (wgmma on Hopper) and wgmma all of it, L2 serving restaged weights at 2.5x the copy
 bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's latencies.
 """
 import collections
@@ -58,6 +64,7 @@ STATIC = os.path.join(ROOT, "benchmarks", "results", "gpu_static.json")
 
 KINDS = ("stem", "dwconv", "ffn", "attention", "patch merging", "head")
 MMA_SYNC_SHARE = 0.5
+WGMMA_SHARE = 1.0
 L2_OVER_DRAM = 2.5
 WARPS_TO_HIDE_LATENCY = 16
 # The CUDA kernel of each fused kind, as the static profile names its fp16 variant
@@ -230,12 +237,12 @@ def restaged_bytes(fused, x):
     return out
 
 
-def predict_ms(bytes_, flops, restaged, warps, bandwidth, matmul_rate):
+def predict_ms(bytes_, flops, restaged, warps, bandwidth, matmul_rate, share=MMA_SYNC_SHARE):
     """Predicted milliseconds of a fused kind (the module docstring's model): ``warps``
-    resident a multiprocessor, ``restaged`` weight bytes read beyond ``bytes_``."""
+    resident a multiprocessor, ``restaged`` weight bytes read beyond ``bytes_``, its MMA at
+    ``share`` of the matmul rate."""
     busy = min(1.0, warps / WARPS_TO_HIDE_LATENCY)
-    seconds = max(flops / (matmul_rate * MMA_SYNC_SHARE),
-                  (bytes_ + restaged / L2_OVER_DRAM) / bandwidth)
+    seconds = max(flops / (matmul_rate * share), (bytes_ + restaged / L2_OVER_DRAM) / bandwidth)
     return seconds / busy * 1e3
 
 
@@ -246,13 +253,23 @@ def resident_warps(row):
     return row["blocks_per_sm"] * row["threads"] // 32
 
 
+def mma_share(row):
+    """The share of the matmul rate a static-profile row's tensor-core instructions reach
+    (None for a kernel without any)."""
+    if not row.get("tensor_core_instructions"):
+        return None
+    return WGMMA_SHARE if row.get("warpgroup_mma_instructions") else MMA_SYNC_SHARE
+
+
 def cuda_predictions(work, restaged, bandwidth, matmul_rate, static):
     """{kind: predicted ms on the CUDA backend, None where it runs no kernel of ours}."""
     out = {}
     for kind, (bytes_, flops) in work.items():
-        warps = resident_warps(static.get(KERNELS.get(kind)))
+        row = static.get(KERNELS.get(kind))
+        warps = resident_warps(row)
         out[kind] = warps and predict_ms(bytes_, flops, restaged.get(kind, 0), warps,
-                                         bandwidth, matmul_rate)
+                                         bandwidth, matmul_rate,
+                                         mma_share(row) or MMA_SYNC_SHARE)
     return out
 
 
@@ -351,7 +368,7 @@ def triton_predictions(launches, work, bandwidth, matmul_rate, static):
         if kind not in launches:
             out[kind] = 0.0
             continue
-        restaged, products, warps = 0, 0, []
+        restaged, products, warps, shares = 0, 0, [], []
         for alternatives in (a for call in launches.get(kind, []) for a in call):
             options = []
             for launch, weight_bytes in alternatives:
@@ -359,15 +376,18 @@ def triton_predictions(launches, work, bandwidth, matmul_rate, static):
                 w = resident_warps(row)
                 if w:
                     options.append((triton_restaged(launch, weight_bytes), w,
-                                    triton_product_flops(launch)))
+                                    triton_product_flops(launch), mma_share(row)))
             if not options:
                 warps = None
                 break
-            r, w, f = min(options, key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
+            r, w, f, share = min(options,
+                                 key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
             restaged += r
             products += f
             warps.append(w)
+            shares.append(share)
         moved = bytes_ + sum(map(triton_intermediate_bytes, launches.get(kind, [])))
+        share = min((s for s in shares if s), default=MMA_SYNC_SHARE)
         out[kind] = (predict_ms(moved, max(flops, products), restaged, min(warps), bandwidth,
-                                matmul_rate) if warps else None)
+                                matmul_rate, share) if warps else None)
     return out

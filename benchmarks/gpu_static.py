@@ -27,7 +27,7 @@ from efficientvit_kernels import cuda_static  # noqa: E402
 COLUMNS = (("registers", "regs"), ("stack_bytes", "local B"), ("static_shared_bytes", "smem B"),
            ("dynamic_shared_bytes", "dyn smem B"), ("threads", "threads"),
            ("blocks_per_sm", "blocks/SM"), ("tensor_core_instructions", "tensor-core"),
-           ("sass_instructions", "SASS"), ("mma_loop_density", "instr/MMA loop"),
+           ("warpgroup_mma_instructions", "of them wgmma"), ("sass_instructions", "SASS"), ("mma_loop_density", "instr/MMA loop"),
            ("cp_async", "cp.async"), ("ldmatrix", "ldmatrix"),
            ("widest_global_load_bits", "widest load"), ("widest_global_store_bits", "widest store"))
 
@@ -54,7 +54,9 @@ def markdown(result):
              "kernels have no local arrays; 0 everywhere is the rule); `smem B`/`dyn smem B`: static / dynamic "
              "shared memory per block (CUDA: the planner's target, set at launch); "
              "`blocks/SM`: resident blocks those allow; `tensor-core`: HMMA/HGMMA "
-             "instructions; `instr/MMA loop`: SASS instructions per tensor-core instruction in "
+             "instructions; `of them wgmma`: the HGMMA ones (Hopper's warpgroup MMA, a "
+             "64-row product each, against HMMA's 16); `instr/MMA loop`: SASS instructions "
+             "per tensor-core instruction in "
              "the worst innermost loop holding them (a GEMM main loop's overhead); `cp.async`, "
              "`ldmatrix`: LDGSTS and LDSM instructions; `widest load`/`widest store`: bits per "
              "thread of the widest global load and store.", ""]

@@ -221,6 +221,7 @@ _INSTRUCTION = re.compile(
 _BRANCH_TARGET = re.compile(r"0x([0-9a-fA-F]+)\s*$")
 # mma.sync (HMMA, IMMA, ...), Hopper's wgmma (HGMMA, QGMMA, ...), Blackwell's tcgen05 (UTC*MMA)
 _TENSOR_CORE = re.compile(r"^(?:[HIDBQO]MMA|[HIQB]GMMA|UTC\w*MMA)$")
+_WARPGROUP_MMA = re.compile(r"^[HIQB]GMMA$")
 _WIDTHS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "16": 16, "64": 64, "128": 128, "256": 256}
 
 
@@ -252,10 +253,11 @@ def mma_loop_density(code):
 def sass_stats(sass_text):
     """Per-function instruction mix of one architecture's ``cuobjdump -sass`` listing.
 
-    {mangled name: {"instructions" (NOP padding not counted), "tensor_core", "local_memory"
-    (LDL/STL), "widest_global_load_bits", "widest_global_store_bits" (0 if none; LDG, LDGSTS
-    and STG, generic LD/ST not counted), "cp_async" (LDGSTS), "ldmatrix" (LDSM),
-    "mma_loop_density" (``mma_loop_density``)}}.
+    {mangled name: {"instructions" (NOP padding not counted), "tensor_core", "warpgroup_mma"
+    (those of them that are Hopper's wgmma: HGMMA, ...), "local_memory" (LDL/STL),
+    "widest_global_load_bits", "widest_global_store_bits" (0 if none; LDG, LDGSTS and STG,
+    generic LD/ST not counted), "cp_async" (LDGSTS), "ldmatrix" (LDSM), "mma_loop_density"
+    (``mma_loop_density``)}}.
     """
     stats, code, current = {}, {}, None
     for line in sass_text.splitlines():
@@ -263,7 +265,7 @@ def sass_stats(sass_text):
             if m.group(1) in stats:
                 raise ValueError(f"{m.group(1)} listed twice: give one architecture's SASS")
             current = stats[m.group(1)] = {
-                "instructions": 0, "tensor_core": 0, "local_memory": 0,
+                "instructions": 0, "tensor_core": 0, "warpgroup_mma": 0, "local_memory": 0,
                 "widest_global_load_bits": 0, "widest_global_store_bits": 0, "cp_async": 0,
                 "ldmatrix": 0}
             code[m.group(1)] = []
@@ -279,6 +281,7 @@ def sass_stats(sass_text):
         current["instructions"] += 1
         if _TENSOR_CORE.match(base):
             current["tensor_core"] += 1
+            current["warpgroup_mma"] += bool(_WARPGROUP_MMA.match(base))
         elif base in ("LDL", "STL"):
             current["local_memory"] += 1
         elif base == "LDG":
@@ -396,6 +399,7 @@ def source_profiles(source, ptxas_output, sass_by_arch=None):
                               if threads and rec["arch"] in DEVICE_LIMITS else None),
             "sass_instructions": instr.get("instructions"),
             "tensor_core_instructions": instr.get("tensor_core"),
+            "warpgroup_mma_instructions": instr.get("warpgroup_mma"),
             "local_memory_instructions": instr.get("local_memory"),
             "widest_global_load_bits": instr.get("widest_global_load_bits"),
             "widest_global_store_bits": instr.get("widest_global_store_bits"),
@@ -466,6 +470,7 @@ _COLUMNS = (("kernel", "kernel"), ("arch", "sm"), ("registers", "regs"), ("stack
             ("static_shared_bytes", "smem"), ("dynamic_shared_bytes", "dyn smem"),
             ("threads", "threads"), ("blocks_per_sm", "blocks/SM"),
             ("sass_instructions", "instrs"), ("tensor_core_instructions", "tensor"),
+            ("warpgroup_mma_instructions", "wgmma"),
             ("local_memory_instructions", "LDL/STL"), ("widest_global_load_bits", "ld bits"),
             ("widest_global_store_bits", "st bits"), ("cp_async", "LDGSTS"), ("ldmatrix", "LDSM"),
             ("mma_loop_density", "instr/MMA"))

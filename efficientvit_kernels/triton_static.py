@@ -256,6 +256,7 @@ def profile(launch, arch):
         "blocks_per_sm": occupancy(registers, threads, max(shared, static_shared), arch),
         "sass_instructions": stats["instructions"],
         "tensor_core_instructions": stats["tensor_core"],
+        "warpgroup_mma_instructions": stats["warpgroup_mma"],
         "local_memory_instructions": stats["local_memory"],
         "widest_global_load_bits": stats["widest_global_load_bits"],
         "widest_global_store_bits": stats["widest_global_store_bits"],

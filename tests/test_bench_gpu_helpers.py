@@ -135,6 +135,19 @@ def test_prediction_is_the_slower_ceiling_over_the_busy_share():
         {"ffn": 2.0 * 1.5, "attention": 4.0, "stem": None})
 
 
+def test_prediction_charges_each_mma_its_share():
+    # wgmma (HGMMA in the row) at the whole matmul rate: 1e12 FLOPs at 1e15, not at half of it
+    wgmma = dict(blocks_per_sm=2, threads=256, tensor_core_instructions=4,
+                 warpgroup_mma_instructions=4)
+    assert G.mma_share(wgmma) == G.WGMMA_SHARE == 1.0
+    assert G.mma_share(dict(wgmma, warpgroup_mma_instructions=0)) == G.MMA_SYNC_SHARE == 0.5
+    assert G.mma_share(dict(wgmma, tensor_core_instructions=0)) is None
+    assert G.predict_ms(1e9, 1e12, 0, 16, 1e12, 1e15, G.mma_share(wgmma)) == pytest.approx(1.0)
+    work = {"ffn": (1e9, 1e12)}
+    assert G.cuda_predictions(work, {}, 1e12, 1e15, {G.KERNELS["ffn"]: wgmma}) == pytest.approx(
+        {"ffn": 1.0})
+
+
 def test_triton_restaged_weights_per_program():
     def kernel(name):
         return SimpleNamespace(fn=SimpleNamespace(__name__=name))
