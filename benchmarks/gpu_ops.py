@@ -22,10 +22,9 @@ Per kind, over one forward at the measured batch:
   WGMMA_SHARE where the row's tensor-core instructions include Hopper's wgmma (HGMMA, which
   Triton emits for tiles of 64 rows and more; where a kernel has both, its wgmma, 64 rows an
   instruction against mma.sync's 16, do the bulk of the products), else MMA_SYNC_SHARE
-  (mma.sync: the CUDA kernels, and Triton's smaller tiles); a kind of several launches takes the least share among those with
-  tensor-core instructions (MMA_SYNC_SHARE where none has any).
-  Restaged weights: each block reads
-  the weights it needs once.
+  (mma.sync: the CUDA kernels, and Triton's smaller tiles); a kind of several launches takes
+  the least share among those with tensor-core instructions (MMA_SYNC_SHARE where none has
+  any). Restaged weights: each block reads the weights it needs once.
   CUDA: the op's weights, a block each (ffn: 64 pixel rows a block from 256 channels up, else
   128; attention: 64 token rows a block, one 7x7 window or four 4x4), as the planners' design
   point has it.
@@ -41,8 +40,9 @@ Per kind, over one forward at the measured batch:
   those of its launch with the fewest; where autotuning chooses among configs, the prediction
   takes the config with the least restaged traffic per busy share, the one it should pick.
 The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
-the library's matrix product (wgmma on Hopper) and wgmma all of it, L2 serving restaged weights at 2.5x the copy
-bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's latencies.
+the library's matrix product (wgmma on Hopper) and wgmma all of it, L2 serving restaged
+weights at 2.5x the copy bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's
+latencies.
 """
 import collections
 import copy

@@ -27,7 +27,8 @@ from efficientvit_kernels import cuda_static  # noqa: E402
 COLUMNS = (("registers", "regs"), ("stack_bytes", "local B"), ("static_shared_bytes", "smem B"),
            ("dynamic_shared_bytes", "dyn smem B"), ("threads", "threads"),
            ("blocks_per_sm", "blocks/SM"), ("tensor_core_instructions", "tensor-core"),
-           ("warpgroup_mma_instructions", "of them wgmma"), ("sass_instructions", "SASS"), ("mma_loop_density", "instr/MMA loop"),
+           ("warpgroup_mma_instructions", "of them wgmma"), ("sass_instructions", "SASS"),
+           ("mma_loop_density", "instr/MMA loop"),
            ("cp_async", "cp.async"), ("ldmatrix", "ldmatrix"),
            ("widest_global_load_bits", "widest load"), ("widest_global_store_bits", "widest store"))
 

@@ -269,8 +269,8 @@ def patch_embed(x, weights, biases, final_relu=False):
 
     x (B, Ci, H, W) in any layout (read as contiguous NCHW: an image); weights[l]
     (C_l, C_{l-1}, 3, 3) with C_{-1} = Ci, in any layout (the Triton kernel reads channels-last
-    ones, as ``FusedPatchEmbed`` holds them, as vectors), biases[l] (C_l,). Returns the last convolution's
-    output, (B, C_last, H', W') with each convolution halving H and W (rounding up),
+    ones, as ``FusedPatchEmbed`` holds them, as vectors), biases[l] (C_l,). Returns the last
+    convolution's output, (B, C_last, H', W') with each convolution halving H and W (rounding up),
     channels-last. On CPU the first convolution is made for a few input channels (Ci = 3), where it is
     several times faster than oneDNN's; the others are implicit GEMMs on rows of the one before,
     computed a few rows at a time in cache: no output but the last reaches memory. On CUDA: its

@@ -97,12 +97,14 @@ def test_sass_stats():
     # two loops hold the HMMA, 0x40-0xa0 (7 instructions) inside 0x20-0xb0; the innermost
     # counts. BRA 0xd0 loops on itself, with no tensor-core instruction.
     assert stats["_Z5spillPf"] == {
-        "instructions": 14, "tensor_core": 1, "warpgroup_mma": 0, "local_memory": 2, "widest_global_load_bits": 128,
-        "widest_global_store_bits": 64, "cp_async": 1, "ldmatrix": 1, "mma_loop_density": 7.0}
+        "instructions": 14, "tensor_core": 1, "warpgroup_mma": 0, "local_memory": 2,
+        "widest_global_load_bits": 128, "widest_global_store_bits": 64, "cp_async": 1,
+        "ldmatrix": 1, "mma_loop_density": 7.0}
     # LTC128B is a cache hint, not a 128-bit access; HGMMA is Hopper's wgmma, outside any loop
     assert stats["_Z5cleanPf"] == {
-        "instructions": 4, "tensor_core": 1, "warpgroup_mma": 1, "local_memory": 0, "widest_global_load_bits": 32,
-        "widest_global_store_bits": 8, "cp_async": 0, "ldmatrix": 0, "mma_loop_density": None}
+        "instructions": 4, "tensor_core": 1, "warpgroup_mma": 1, "local_memory": 0,
+        "widest_global_load_bits": 32, "widest_global_store_bits": 8, "cp_async": 0,
+        "ldmatrix": 0, "mma_loop_density": None}
     with pytest.raises(ValueError):
         cuda_static.sass_stats(SASS + SASS)
 

@@ -204,11 +204,12 @@ def test_cuda_definition():
 # it runs: name: (channels, B, H, W, final_relu, layout, small). M4's stem at the model's
 # image size; a chain whose widths are not whole tiles (12 -> 20 -> 36) on odd sizes (each next
 # convolution's last taps read padding); one convolution from more channels than one reduction
-# step holds (136 -> 24: a tap in two steps in the interpreter, three on a GPU); 1x1; an empty batch; the Triton kernel's pairs of
-# convolutions over several tiles of outputs, whole and cut at the right and bottom (a pair, then
-# convolutions alone; from 20 channels, more than the pair kernel reduces in one step); M5's
-# first two convolutions (24 channels: too wide to pair); a convolution from fewer than 16
-# channels, whose (tap, channel) pairs take two of the interpreter's steps (135 > 128).
+# step holds (136 -> 24: a tap in two steps in the interpreter, three on a GPU); 1x1; an empty
+# batch; the Triton kernel's pairs of convolutions over several tiles of outputs, whole and cut
+# at the right and bottom (a pair, then convolutions alone; from 20 channels, more than the
+# pair kernel reduces in one step); M5's first two convolutions (24 channels: too wide to
+# pair); a convolution from fewer than 16 channels, whose (tap, channel) pairs take two of the
+# interpreter's steps (135 > 128).
 BACKEND_CASES = {
     "m4_stem": (STEM, 2, 224, 224, False, "contiguous", False),
     "odd_chain": ([3, 12, 20, 36], 2, 17, 9, False, "permuted", True),
