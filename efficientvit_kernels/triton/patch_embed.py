@@ -2,10 +2,11 @@
 Triton kernel launched per convolution.
 
 Each launch is an implicit matrix product: a (output pixels x output channels) tile of one
-image, reduced tap by tap over BK input channels a step, gathered from the input with the
-taps' zero padding as masks. The weights may come in any layout; channels-last ones (as
-FusedPatchEmbed holds them) have a tap's input channels adjacent, like a channels-last
-input's, so both load as vectors. The outputs between launches go through memory (channels-last),
+image, reduced over taps and input channels (_conv3x3_taps: tap by tap, or over (tap,
+channel) pairs from the image's few channels), gathered from the input with the taps' zero
+padding as masks. The weights may come in any layout; channels-last ones (as FusedPatchEmbed
+holds them) have a tap's input channels adjacent, like a channels-last input's, so both load
+as vectors. The outputs between launches go through memory (channels-last),
 unlike the CPU kernel's, which keeps them in cache; but a narrow convolution and the one
 after it run as one launch (the pair kernel), so the chain's largest activation, the first
 convolution's output (M4: 16 channels at 112x112, half of the stem's traffic between
