@@ -217,7 +217,8 @@ if run env TERM "$(time_left env)" bash -c env_facts; then
         TRITON_CACHE_AUTOTUNING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
         --kernel-name kns=efficientvit --kernel-name kns=_cga_kernel \
         --kernel-name kns=_dwconv_kernel --kernel-name kns=_ffn_kernel \
-        --kernel-name kns=_conv3x3_stride2_kernel --kernel-name kns=_conv3x3_stride2_pair_kernel \
+        --kernel-name kns=_ffn_staged_kernel --kernel-name kns=_conv3x3_stride2_kernel \
+        --kernel-name kns=_conv3x3_stride2_pair_kernel \
         --kernel-name kns=_conv1x1_kernel --kernel-name kns=_squeeze_excite_gate_kernel \
         --kernel-name kns=_channel_mean_kernel --kernel-name kns=_channel_scale_kernel \
         "$PY" benchmarks/bench_gpu.py --smoke

@@ -31,7 +31,9 @@ Per kind, over one forward at the measured batch:
   Triton: from the launches the kind makes at this input (recorded on meta tensors, as the
   static profile records them, so no GPU is needed; each finds its row by the compilation it
   makes, triton_static.launch_key): each program reads the weights among its
-  arguments, the convolutions' programs only their tile of output channels; a kind of several
+  arguments, the convolutions' programs only their tile of output channels, and the staged
+  FFN's its hidden activation, written to scratch and read back per tile of output columns,
+  counts as restaged (L2) bytes too; a kind of several
   launches (the stem's convolutions, PatchMerging's five) also writes each launch's output
   and reads it back in each launch that reads it, bytes added to its own; each dwconv runs inside
   the FFN launch after it (dwconv_ffn), so the dwconv kind predicts 0. FLOPs: the
@@ -315,11 +317,19 @@ def triton_launches(fused, x):
 
 
 def triton_restaged(launch, weight_bytes):
-    """Weight bytes a Triton launch's programs read in all (the module docstring's model)."""
+    """Bytes a Triton launch's programs move through L2 beyond its inputs and output once (the
+    module docstring's model): the weights each program reads, and the staged FFN's hidden
+    activation, written to its scratch and read back once per tile of output columns."""
     programs = math.prod(launch.grid)
-    if launch.kernel.fn.__name__ in CHANNEL_TILED:
+    name = launch.kernel.fn.__name__
+    if name in CHANNEL_TILED:
         programs //= launch.grid[1]
-    return programs * weight_bytes
+    staged = 0
+    if name == "_ffn_staged_kernel":
+        kw = launch.kwargs
+        rows = kw["BT"] * kw["MP"] * _argument(launch, "x_ptr").element_size()
+        staged = programs * rows * (1 + math.ceil(kw["C"] / kw["BN"]))
+    return programs * weight_bytes + staged
 
 
 def _argument(launch, name):
@@ -343,16 +353,23 @@ def triton_product_flops(launch):
     """FLOPs of the matrix products a Triton launch's programs compute, their tiles' padding
     and recomputation included: conv1x1 reduces over whole BK steps and, with the depthwise
     convolution, computes y at each of the nine taps of an output; ffn's output columns are
-    two tiles of powers of two (CA + CB) and its hidden width whole BM chunks. 0 for the
-    kernels not modelled here (a kind's reference FLOPs stand for them)."""
+    one tile of a power of two (CP) and its hidden width whole BM chunks; the staged ffn's
+    hidden width is MP, its reduction over the channels whole BK steps and its output columns
+    whole BN tiles. 0 for the kernels not modelled here (a kind's reference FLOPs stand for
+    them)."""
     kw, programs = launch.kwargs, math.prod(launch.grid)
     name = launch.kernel.fn.__name__
+
+    def whole(n, step):
+        return math.ceil(n / step) * step
     if name == "_conv1x1_kernel":
-        reduced = math.ceil(_argument(launch, "C") / kw["BK"]) * kw["BK"]
+        reduced = whole(_argument(launch, "C"), kw["BK"])
         return programs * 2 * kw["BP"] * kw["BN"] * reduced * (9 if kw["DEPTHWISE"] else 1)
     if name == "_ffn_kernel":  # two products over the hidden width
-        columns = kw["CA"] + kw["CB"]
-        return programs * 4 * kw["BT"] * columns * math.ceil(kw["M"] / kw["BM"]) * kw["BM"]
+        return programs * 4 * kw["BT"] * kw["CP"] * whole(kw["M"], kw["BM"])
+    if name == "_ffn_staged_kernel":
+        columns = whole(kw["C"], kw["BK"]) + whole(kw["C"], kw["BN"])
+        return programs * 2 * kw["BT"] * kw["MP"] * columns
     return 0
 
 

@@ -155,6 +155,13 @@ def test_triton_restaged_weights_per_program():
     conv = Launch(kernel("_conv1x1_kernel"), (), {}, (100, 4))
     assert G.triton_restaged(ffn, 1000) == 8 * 13 * 1000  # every program reads them all
     assert G.triton_restaged(conv, 1000) == 100 * 1000  # each channel tile reads its share
+    def _ffn_staged_kernel(x_ptr, w1_ptr):
+        pass
+    x = torch.empty(1, device="meta", dtype=torch.float16)
+    staged = Launch(SimpleNamespace(fn=_ffn_staged_kernel), (x, None),
+                    dict(BT=64, MP=512, C=240, BN=128), (6,))
+    # the weights, and the hidden rows written once and read by each of 2 column tiles
+    assert G.triton_restaged(staged, 1000) == 6 * 1000 + 6 * 64 * 512 * 2 * 3
 
 
 def test_triton_product_flops_count_padding_and_taps():
@@ -168,8 +175,12 @@ def test_triton_product_flops_count_padding_and_taps():
     launch = launch._replace(kwargs=dict(conv, DEPTHWISE=True))
     assert G.triton_product_flops(launch) == 9 * 20 * 2 * 64 * 64 * 128  # y at every tap
     ffn = Launch(SimpleNamespace(fn=SimpleNamespace(__name__="_ffn_kernel")), (),
-                 dict(BT=32, CA=256, CB=128, M=768, BM=64), (1, 7))
-    assert G.triton_product_flops(ffn) == 7 * 4 * 32 * 384 * 768
+                 dict(BT=32, CP=512, M=720, BM=64), (1, 7))
+    assert G.triton_product_flops(ffn) == 7 * 4 * 32 * 512 * 768  # hidden: whole chunks
+    staged = Launch(SimpleNamespace(fn=SimpleNamespace(__name__="_ffn_staged_kernel")), (),
+                    dict(BT=64, C=240, MP=512, BK=64, BN=128), (5,))
+    # first product over 4 steps of 64 channels, second over 2 tiles of 128 columns
+    assert G.triton_product_flops(staged) == 5 * 2 * 64 * 512 * (256 + 256)
     assert G.triton_product_flops(Launch(SimpleNamespace(fn=_dwconv_kernel), (), {}, (4,))) == 0
 
 

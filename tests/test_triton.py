@@ -43,12 +43,6 @@ def test_fp16_in_interpreter():
     ffn = [to_device(t, dtype) for t in random_ffn_params(40, 88)]
     ref = functional.ffn(*(t.double() for t in (x, *ffn)), False)
     assert_close(kernels.ffn(x, *ffn, False), ref)
-    # 384 channels: the FFN's output columns as two tiles (256 + 128), its reduction in steps
-    # of 128
-    wide = to_device(random_input(1, 384, 3, 5, channels_last=True), dtype)
-    wide_ffn = [to_device(t, dtype) for t in random_ffn_params(384, 40)]
-    ref = functional.ffn(*(t.double() for t in (wide, *wide_ffn)), True)
-    assert_close(kernels.ffn(wide, *wide_ffn, True), ref)
     # the stem's and PatchMerging's ops (ffn's parameters serve squeeze-excite and conv1x1)
     ref = functional.squeeze_excite(*(t.double() for t in (x, *ffn)))
     assert_close(kernels.squeeze_excite(x, *ffn), ref)
@@ -59,6 +53,32 @@ def test_fp16_in_interpreter():
     x = to_device(random_input(1, 3, 13, 10), dtype)
     ref = functional.patch_embed(x.double(), [w.double() for w in weights], [b.double() for b in biases], False)
     assert_close(kernels.patch_embed(x, weights, biases, False), ref)
+
+
+# The staged FFN kernel (fp16/bf16 past 256 channels): (C, hidden, K of the dwconv before it,
+# B, H, W, layout, residual). Hidden widths within one chunk and past several (a last one
+# masked); output columns in tiles of 128, a last one masked; a token tile spanning images,
+# and images of several tiles, so that a program loops over tiles (the interpreter runs two
+# programs) and reuses its scratch.
+STAGED_FFN_CASES = {
+    "c272_m40_span_images": (272, 40, 3, 2, 5, 6, "channels_last", True),
+    "c320_m640": (320, 640, 5, 1, 3, 5, "contiguous", False),
+    "c384_m768": (384, 768, 3, 1, 4, 4, "channels_last", True),
+    "c288_m80_tiles_per_image": (288, 80, 3, 2, 9, 9, "strided", True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if GPU else [torch.float16])
+@pytest.mark.parametrize("case", list(STAGED_FFN_CASES))
+def test_staged_ffn(case, dtype):
+    C, M, K, B, H, W, layout, residual = STAGED_FFN_CASES[case]
+    x = to_device(random_input(B, C, H, W, layout=layout), dtype)
+    ffn = [to_device(t, dtype) for t in random_ffn_params(C, M, seed=C + M)]
+    dw = [to_device(t, dtype) for t in random_dwconv_params(C, K, seed=K)]
+    ref = functional.ffn(*(t.double() for t in (x, *ffn)), residual)
+    assert_close(kernels.ffn(x, *ffn, residual), ref, dtype, f"staged ffn {case}")
+    ref = functional.dwconv_ffn(*(t.double() for t in (x, *dw, *ffn)))
+    assert_close(kernels.dwconv_ffn(x, *dw, *ffn), ref, dtype, f"staged dwconv_ffn {case}")
 
 
 def test_bad_input():

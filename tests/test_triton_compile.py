@@ -14,6 +14,7 @@ holds when it was made from these sources and this Triton (triton_static.sources
 rows are gated as they are, and only variants it lacks compile. A profile not regenerated after
 a kernel or launcher changed fails test_committed_profile_is_current.
 """
+import collections
 import json
 import os
 import re
@@ -64,9 +65,9 @@ def test_committed_profile_is_current(profile):
 
 
 # Every Triton kernel of the package.
-KERNELS = {"_cga_kernel", "_dwconv_kernel", "_ffn_kernel", "_conv3x3_stride2_kernel",
-           "_conv3x3_stride2_pair_kernel", "_conv1x1_kernel", "_channel_mean_kernel",
-           "_squeeze_excite_gate_kernel", "_channel_scale_kernel"}
+KERNELS = {"_cga_kernel", "_dwconv_kernel", "_ffn_kernel", "_ffn_staged_kernel",
+           "_conv3x3_stride2_kernel", "_conv3x3_stride2_pair_kernel", "_conv1x1_kernel",
+           "_channel_mean_kernel", "_squeeze_excite_gate_kernel", "_channel_scale_kernel"}
 
 
 def test_sanitizer_checks_every_kernel():
@@ -92,18 +93,53 @@ def test_resource_gate(rows):
     assert not found, "\n".join(found)
 
 
-def test_attention_holds_two_blocks_per_multiprocessor(rows):
-    """On sm_90 (the GPUs of the speed targets), in fp16 and bf16 (their dtypes), every
-    attention launch leaves room for a second block on each multiprocessor (the launcher caps
-    registers at 128 where that costs no spill), so one block's barriers and memory waits
-    overlap another's work. (On sm_80 12 of the 28 take 166-255 registers and spill when
-    capped: one block there.)"""
-    half = [r for r in rows if r["kernel"] == "_cga_kernel" and "error" not in r and r["arch"] == 90
-            and r["variant"].split()[0] in ("float16", "bfloat16")]
-    assert half
-    one_block = [f"{r['variant']} sm_{r['arch']}: {r['registers']} registers, {r['threads']} threads"
-                 for r in half if r["blocks_per_sm"] < 2]
+def _sm90_16_bit(rows, kernel):
+    """The fp16 and bf16 variants of ``kernel`` on sm_90 (the GPUs and dtypes of the speed
+    targets)."""
+    found = [r for r in rows if r["kernel"] == kernel and "error" not in r and r["arch"] == 90
+             and r["variant"].split()[0] in ("float16", "bfloat16")]
+    assert found
+    return found
+
+
+def _one_block(rows):
+    return [f"{r['variant']} sm_{r['arch']}: {r['registers']} registers, {r['threads']} threads"
+            for r in rows if r["blocks_per_sm"] < 2]
+
+
+@pytest.mark.parametrize("kernel", ["_cga_kernel", "_ffn_staged_kernel"])
+def test_two_blocks_per_multiprocessor(rows, kernel):
+    """Every fp16 and bf16 attention and staged-FFN launch on sm_90 leaves room for a second
+    block on each multiprocessor (the launchers cap registers at 128 where that costs no
+    spill), so one block's barriers and memory waits overlap another's work. (On sm_80 some
+    attention variants take 166-255 registers and spill when capped: one block there.)"""
+    one_block = _one_block(_sm90_16_bit(rows, kernel))
     assert not one_block, "\n".join(one_block)
+
+
+def test_ffn_offers_two_blocks_per_multiprocessor(rows):
+    """The register-tile FFN's autotuner chooses among 8-warp configs, each at two or more
+    blocks a multiprocessor on sm_90, and 16-warp ones (one block of as many warps as two):
+    every shape it tunes has the former."""
+    def shape(variant):  # the variant without its config
+        return re.sub(r" (BT|BM|num_warps|num_stages|maxnreg)=\d+", "", variant)
+    shapes = collections.defaultdict(list)
+    for r in _sm90_16_bit(rows, "_ffn_kernel"):
+        shapes[shape(r["variant"])].append(r)
+    without = [s for s, configs in shapes.items()
+               if not any(r["threads"] == 256 and r["blocks_per_sm"] >= 2 for r in configs)]
+    assert not without, "\n".join(without)
+    assert not _one_block([r for c in shapes.values() for r in c if r["threads"] == 256])
+
+
+def test_staged_ffn_runs_on_wgmma(rows):
+    """On sm_90 the staged FFN's 64-token tiles take Hopper's warpgroup MMA (wgmma), in every
+    fp16 and bf16 variant."""
+    staged = [r for r in rows if r["kernel"] == "_ffn_staged_kernel" and "error" not in r
+              and r["arch"] == 90]
+    assert staged
+    without = [r["variant"] for r in staged if not r["warpgroup_mma_instructions"]]
+    assert not without, "\n".join(without)
 
 
 # Runs where TRITON_INTERPRET is unset: compiles the launches a channels-last dwconv makes.

@@ -111,7 +111,7 @@ MAX_REGISTERS = 255
 # The kernels whose launchers pass their launch arguments through launch_kwargs (the static
 # profile, efficientvit_kernels/triton_static.py, makes the same choice for them).
 REGISTER_CAPPED = frozenset({"_cga_kernel", "_conv1x1_kernel", "_conv3x3_stride2_pair_kernel",
-                             "_squeeze_excite_gate_kernel"})
+                             "_ffn_staged_kernel", "_squeeze_excite_gate_kernel"})
 
 
 def block_limits(threads):
@@ -195,23 +195,33 @@ def launch_kwargs(kernel, args, kwargs):
 _RESIDENT = {}
 
 
-def persistent_grid(kernel, n_items, args, **kwargs):
+def persistent_grid(kernel, n_items, args, scratch=0, **kwargs):
     """Programs for a persistent launch of ``kernel[grid](*args, **kwargs)``: as many as the
     GPU holds at once (limited by the compiled kernel's registers, shared memory and
-    threads, as in Triton's fused-softmax tutorial), at most ``n_items``. Each program loops
-    over items, so per-program scratch stays small and hot in cache. The interpreter runs
-    programs one by one: one item each."""
-    if interpreted(kernel) or recorder is not None:
+    threads, as in Triton's fused-softmax tutorial), at most ``n_items``; with ``scratch``
+    bytes a program, no more than keep all of it within half the L2 cache, but one a
+    multiprocessor at least. Each program loops over items, so per-program scratch stays
+    small and hot in cache. The interpreter runs two (one by one), so that the loop over
+    items, and the reuse of the scratch, are tested there too; the static recorder one an
+    item (as a GPU that holds them all would)."""
+    if recorder is not None:
         return n_items
+    if interpreted(kernel):
+        return min(n_items, 2)
     device = args[0].device
-    key = (device.index, args[0].dtype, tuple(sorted(kwargs.items())))
+    key = (kernel.fn.__name__, device.index, args[0].dtype, scratch,
+           tuple(sorted(kwargs.items())))
     if key not in _RESIDENT:
         compiled = _loaded(kernel, args, kwargs)
         props = triton.runtime.driver.active.utils.get_device_properties(device.index)
         threads = kwargs["num_warps"] * props["warpSize"]
-        max_threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+        gpu = torch.cuda.get_device_properties(device)
         per_sm = min(props["max_num_regs"] // max(compiled.n_regs * threads, 1),
                      props["max_shared_mem"] // max(compiled.metadata.shared, 1),
-                     max_threads // threads)
-        _RESIDENT[key] = max(per_sm, 1) * props["multiprocessor_count"]
+                     gpu.max_threads_per_multi_processor // threads)
+        programs = max(per_sm, 1) * props["multiprocessor_count"]
+        if scratch:
+            programs = min(programs, max(gpu.L2_cache_size // 2 // scratch,
+                                         props["multiprocessor_count"]))
+        _RESIDENT[key] = programs
     return min(n_items, _RESIDENT[key])
