@@ -209,7 +209,8 @@ def test_cuda_definition():
 # at the right and bottom (a pair, then convolutions alone; from 20 channels, more than the
 # pair kernel reduces in one step); M5's first two convolutions (24 channels: too wide to
 # pair); a convolution from fewer than 16 channels, whose (tap, channel) pairs take two of the
-# interpreter's steps (135 > 128).
+# interpreter's steps (135 > 128); widths whose pixel strides are multiples of 2 only (18,
+# 10), which the Triton kernel's loads and stores take as vectors of that many.
 BACKEND_CASES = {
     "m4_stem": (STEM, 2, 224, 224, False, "contiguous", False),
     "odd_chain": ([3, 12, 20, 36], 2, 17, 9, False, "permuted", True),
@@ -222,6 +223,7 @@ BACKEND_CASES = {
     "pair_wide_input": ([20, 12, 16], 1, 19, 23, False, "strided", True),
     "unpaired_image": ([3, 24, 48], 1, 13, 11, True, "channels_last", True),
     "pairs_over_steps": ([15, 20], 2, 9, 7, False, "strided", True),
+    "narrow_vectors": ([3, 24, 18, 10], 1, 13, 11, False, "channels_last", True),
 }
 
 

@@ -132,14 +132,31 @@ def test_ffn_offers_two_blocks_per_multiprocessor(rows):
     assert not _one_block([r for c in shapes.values() for r in c if r["threads"] == 256])
 
 
-def test_staged_ffn_runs_on_wgmma(rows):
-    """On sm_90 the staged FFN's 64-token tiles take Hopper's warpgroup MMA (wgmma), in every
-    fp16 and bf16 variant."""
-    staged = [r for r in rows if r["kernel"] == "_ffn_staged_kernel" and "error" not in r
-              and r["arch"] == 90]
-    assert staged
+def test_staged_ffn_runs_on_wgmma_with_wide_loads(rows):
+    """On sm_90 every staged FFN variant (fp16 and bf16) takes Hopper's warpgroup MMA (wgmma)
+    on its 64-token tiles, and loads and stores 128 bits at a time."""
+    staged = _sm90_16_bit(rows, "_ffn_staged_kernel")
     without = [r["variant"] for r in staged if not r["warpgroup_mma_instructions"]]
     assert not without, "\n".join(without)
+    narrow = [f"{r['variant']}: load {r['widest_global_load_bits']}, store "
+              f"{r['widest_global_store_bits']}" for r in staged
+              if min(r["widest_global_load_bits"], r["widest_global_store_bits"]) < 128]
+    assert not narrow, "\n".join(narrow)
+
+
+def test_stem_moves_16_bytes_where_strides_allow(rows):
+    """Each single stem convolution in fp16/bf16 on sm_90 whose input and weights' pixels lie
+    16 bytes' multiples apart (XV=WV=8, as from 8 channels in channels-last, M5's 24 and 48
+    among them) loads 128 bits at a time, and each whose output's do (OV=8) stores so."""
+    convs = _sm90_16_bit(rows, "_conv3x3_stride2_kernel")
+    loads = [r for r in convs if " XV=8 WV=8 " in r["variant"]]
+    stores = [r for r in convs if " OV=8 " in r["variant"]]
+    assert any(" CI=24 " in r["variant"] for r in loads)  # M5's second convolution
+    narrow = ([f"{r['variant']}: load {r['widest_global_load_bits']}" for r in loads
+               if r["widest_global_load_bits"] < 128]
+              + [f"{r['variant']}: store {r['widest_global_store_bits']}" for r in stores
+                 if r["widest_global_store_bits"] < 128])
+    assert not narrow, "\n".join(narrow)
 
 
 # Runs where TRITON_INTERPRET is unset: compiles the launches a channels-last dwconv makes.

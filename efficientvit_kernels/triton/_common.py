@@ -98,6 +98,13 @@ def output_tile(pixel_tiles, n_pixels, n_channels, BP: tl.constexpr, BC: tl.cons
 
 
 @triton.jit
+def multiple(n, V: tl.constexpr):
+    """n, which the caller knows to be a multiple of V, in a form the compiler knows to be one
+    (its loads through n then vectorize; it knows by itself only of multiples of 16)."""
+    return n // V * V
+
+
+@triton.jit
 def relu(a):
     # Not tl.maximum: on GPUs it drops NaN (max(NaN, 0) = 0); the reference propagates it.
     return tl.where(a < 0, 0.0, a)

@@ -12,13 +12,15 @@ after it run as one launch (the pair kernel), so the chain's largest activation,
 convolution's output (M4: 16 channels at 112x112, half of the stem's traffic between
 launches), never reaches memory.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import ops
-from ._common import (check_device_dtype, interpreted, launch_kwargs, mm, output_tile, padded,
-                      pixel_offsets, relu)
+from ._common import (check_device_dtype, interpreted, launch_kwargs, mm, multiple, output_tile,
+                      padded, pixel_offsets, relu)
 
 
 # Fewer input channels than this (an image's 3): _conv3x3_taps reduces over (tap, channel)
@@ -79,8 +81,16 @@ def _conv3x3_taps(acc, x_img, top, left, rows_ok, H, W, sxc, sxh, sxw, w_cols, c
 def _conv3x3_stride2_kernel(x_ptr, w_ptr, b_ptr, out_ptr, CO, H, W, OW, OHW, pixel_tiles,
                             sxb, sxc, sxh, sxw, swo, swi, swh, sww, sob, soc, soh, sow,
                             CI: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, RELU: tl.constexpr):
+                            BK: tl.constexpr, RELU: tl.constexpr, XV: tl.constexpr,
+                            WV: tl.constexpr, OV: tl.constexpr):
+    """XV, WV, OV: what the launcher found the pixel strides of x, of the weights (per output
+    channel and tap) and of the output (with CO) to be multiples of (_vector): their channels
+    then move as vectors of that many where Triton's own specialization (multiples of 16) does
+    not see it, as at M5's 24 and 48 channels."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
+    sxb, sxh, sxw = multiple(sxb, XV), multiple(sxh, XV), multiple(sxw, XV)
+    swo, swh, sww = multiple(swo, WV), multiple(swh, WV), multiple(sww, WV)
+    sob, soh, sow, CO = multiple(sob, OV), multiple(soh, OV), multiple(sow, OV), multiple(CO, OV)
     b, p, n, pmask, nmask = output_tile(pixel_tiles, OHW, CO, BP, BN)  # p: output pixels
     acc = _conv3x3_taps(tl.zeros([BP, BN], dtype=tl.float32), x_ptr + b * sxb,
                         2 * (p // OW) - 1, 2 * (p % OW) - 1, pmask, H, W, sxc, sxh, sxw,
@@ -188,6 +198,18 @@ def _blocks(dtype, CI, CO, OHW):
     return 64, min(padded(CO), 64), _reduction_step(CI, 64), 4
 
 
+def _vector(t):
+    """The most elements, up to 16 bytes' worth, that every stride of ``t`` but its channels'
+    (batch, row, column; output channel, tap row and column of weights) is a multiple of,
+    where its channels (dim 1) are unit-stride; else 1."""
+    if t.stride(1) != 1:
+        return 1
+    v = 16 // t.element_size()
+    while v > 1 and any(t.stride(d) % v for d in (0, 2, 3)):
+        v //= 2
+    return v
+
+
 def _conv3x3_stride2(x, weight, bias, relu, out):
     B, CI, H, W = x.shape
     CO, OH, OW = out.shape[1:]
@@ -196,7 +218,7 @@ def _conv3x3_stride2(x, weight, bias, relu, out):
     _conv3x3_stride2_kernel[(B * pixel_tiles, triton.cdiv(CO, BN))](
         x, weight, bias.contiguous(), out, CO, H, W, OW, OH * OW, pixel_tiles, *x.stride(),
         *weight.stride(), *out.stride(), CI=CI, BP=BP, BN=BN, BK=BK, RELU=bool(relu),
-        num_warps=num_warps)
+        XV=_vector(x), WV=_vector(weight), OV=math.gcd(_vector(out), CO), num_warps=num_warps)
 
 
 def _conv3x3_stride2_pair(x, weights, biases, relu, out):
