@@ -275,11 +275,11 @@ def smoke():
             out = ops.cga(x, *cga_args(p), True)
             ref = functional.cga(x.double(), **cast(p, torch.float64, "cuda"), residual=True)
             worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
-        # 144 channels in fp16: Triton's staged FFN, with more token tiles (289) than an H200
-        # holds programs at once, so that some loop over two
-        x = random_input(1, 144, 136, 136, channels_last=True).to(device="cuda",
+        # 272 channels in fp16: Triton's staged FFN, with more token tiles (289 of 64 tokens,
+        # 145 of 128) than an H200 holds programs at once, so that some loop over two
+        x = random_input(1, 272, 136, 136, channels_last=True).to(device="cuda",
                                                                   dtype=torch.float16)
-        f = [t.to(device="cuda", dtype=torch.float16) for t in random_ffn_params(144, 40)]
+        f = [t.to(device="cuda", dtype=torch.float16) for t in random_ffn_params(272, 40)]
         ref = functional.ffn(x.double(), *[t.double() for t in f], True)
         worst = max(worst, relative_error(ops.ffn(x, *f, True), ref) / TOLERANCE[torch.float16])
         for dtype, cl in ((torch.float16, True), (torch.float32, False)):

@@ -12,6 +12,7 @@ pytest.importorskip("triton")  # conftest.py sets TRITON_INTERPRET=1 where there
 
 import efficientvit_kernels  # noqa: E402
 import efficientvit_kernels.triton as kernels  # noqa: E402
+triton_ffn = importlib.import_module("efficientvit_kernels.triton.ffn")  # the module
 from efficientvit_kernels.testing import (assert_close, cast, cga_args, random_cga_params,  # noqa: E402
                                           random_dwconv_params, random_ffn_params, random_input,
                                           random_patch_embed_params, reference_cga,
@@ -69,8 +70,12 @@ STAGED_FFN_CASES = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if GPU else [torch.float16])
+@pytest.mark.parametrize("tiling", range(len(triton_ffn.STAGED_TILINGS)),
+                         ids=[f"bt{t['BT']}" for t in triton_ffn.STAGED_TILINGS])
 @pytest.mark.parametrize("case", list(STAGED_FFN_CASES))
-def test_staged_ffn(case, dtype):
+def test_staged_ffn(case, tiling, dtype, monkeypatch):
+    """Each tiling on its own (a GPU runs the faster; the interpreter, the first)."""
+    monkeypatch.setattr(triton_ffn, "STAGED_TILINGS", triton_ffn.STAGED_TILINGS[tiling:][:1])
     C, M, K, B, H, W, layout, residual = STAGED_FFN_CASES[case]
     x = to_device(random_input(B, C, H, W, layout=layout), dtype)
     ffn = [to_device(t, dtype) for t in random_ffn_params(C, M, seed=C + M)]
@@ -153,6 +158,35 @@ def test_register_cap_policy(warps, registers, spill, spills, expected):
 
     kwargs = capped_registers({"num_warps": warps, "BD": 16}, compile)
     assert kwargs == {"num_warps": warps, "BD": 16, **expected}
+
+
+def test_run_fastest_measures_once_per_key(monkeypatch):
+    """run_fastest times each launch the first time a key comes, then runs the fastest alone
+    for that key; a lone launch runs untimed."""
+    from efficientvit_kernels.triton import _common
+    monkeypatch.setattr(_common, "_FASTEST", {})
+    runs, timed = [], []
+    times = {"a": 2.0, "b": 1.0, "c": 3.0}
+
+    def bench(launch):
+        timed.append(launch.__name__)
+        return times[launch.__name__]
+    monkeypatch.setattr(_common.triton.testing, "do_bench", bench)
+
+    def launch(name):
+        def run():
+            runs.append(name)
+        run.__name__ = name
+        return run
+    launches = [launch(n) for n in "abc"]
+    _common.run_fastest("k", launches)
+    _common.run_fastest("k", launches)
+    assert timed == ["a", "b", "c"] and runs == ["b", "b"]
+    times["a"] = 0.5  # another key is measured on its own
+    _common.run_fastest("k2", launches)
+    assert runs == ["b", "b", "a"]
+    _common.run_fastest("k3", launches[2:])
+    assert timed == ["a", "b", "c"] * 2 and runs == ["b", "b", "a", "c"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

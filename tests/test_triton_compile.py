@@ -107,24 +107,25 @@ def _one_block(rows):
             for r in rows if r["blocks_per_sm"] < 2]
 
 
-@pytest.mark.parametrize("kernel", ["_cga_kernel", "_ffn_staged_kernel"])
-def test_two_blocks_per_multiprocessor(rows, kernel):
-    """Every fp16 and bf16 attention and staged-FFN launch on sm_90 leaves room for a second
-    block on each multiprocessor (the launchers cap registers at 128 where that costs no
-    spill), so one block's barriers and memory waits overlap another's work. (On sm_80 some
-    attention variants take 166-255 registers and spill when capped: one block there.)"""
-    one_block = _one_block(_sm90_16_bit(rows, kernel))
+def test_two_blocks_per_multiprocessor(rows):
+    """Every fp16 and bf16 attention launch on sm_90 leaves room for a second block on each
+    multiprocessor (the launcher caps registers at 128 where that costs no spill), so one
+    block's barriers and memory waits overlap another's work. (On sm_80 some attention
+    variants take 166-255 registers and spill when capped: one block there.)"""
+    one_block = _one_block(_sm90_16_bit(rows, "_cga_kernel"))
     assert not one_block, "\n".join(one_block)
 
 
-def test_ffn_offers_two_blocks_per_multiprocessor(rows):
-    """The register-tile FFN's autotuner chooses among 8-warp configs, each at two or more
-    blocks a multiprocessor on sm_90, and 16-warp ones (one block of as many warps as two):
-    every shape it tunes has the former."""
-    def shape(variant):  # the variant without its config
-        return re.sub(r" (BT|BM|num_warps|num_stages|maxnreg)=\d+", "", variant)
+@pytest.mark.parametrize("kernel", ["_ffn_kernel", "_ffn_staged_kernel"])
+def test_ffn_offers_two_blocks_per_multiprocessor(rows, kernel):
+    """The FFN's launchers choose by measurement (the register-tile kernel's autotuner, the
+    staged kernel's run_fastest) among 8-warp tilings, each at two or more blocks a
+    multiprocessor on sm_90, and 16-warp ones (one block of as many warps as two, holding
+    larger token tiles): every shape they choose for has the former."""
+    def shape(variant):  # the variant without its tiling
+        return re.sub(r" (BT|BM|BN|num_warps|num_stages|maxnreg)=\d+", "", variant)
     shapes = collections.defaultdict(list)
-    for r in _sm90_16_bit(rows, "_ffn_kernel"):
+    for r in _sm90_16_bit(rows, kernel):
         shapes[shape(r["variant"])].append(r)
     without = [s for s, configs in shapes.items()
                if not any(r["threads"] == 256 and r["blocks_per_sm"] >= 2 for r in configs)]
@@ -134,7 +135,7 @@ def test_ffn_offers_two_blocks_per_multiprocessor(rows):
 
 def test_staged_ffn_runs_on_wgmma_with_wide_loads(rows):
     """On sm_90 every staged FFN variant (fp16 and bf16) takes Hopper's warpgroup MMA (wgmma)
-    on its 64-token tiles, and loads and stores 128 bits at a time."""
+    on its 64- and 128-token tiles, and loads and stores 128 bits at a time."""
     staged = _sm90_16_bit(rows, "_ffn_staged_kernel")
     without = [r["variant"] for r in staged if not r["warpgroup_mma_instructions"]]
     assert not without, "\n".join(without)

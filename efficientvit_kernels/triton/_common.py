@@ -2,6 +2,7 @@
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from triton.runtime.interpreter import InterpretedFunction
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -197,6 +198,25 @@ def launch_kwargs(kernel, args, kwargs):
             return compiled.n_regs, compiled.n_spills
         _CAPPED[key] = capped_registers(kwargs, compile)
     return _CAPPED[key]
+
+
+_FASTEST = {}
+
+
+def run_fastest(key, launches):
+    """Runs one of ``launches`` (callables computing the same output, such as one kernel's
+    launches in different tilings): the one measured fastest on this GPU the first time
+    ``key`` came (as triton.autotune measures its configs; ``key`` names what the ranking
+    depends on: device, dtype, shape constants, layout). A lone launch just runs; the static
+    recorder records every one, as it records each config an autotuner keeps."""
+    if recorder is not None or len(launches) == 1:
+        for launch in launches:
+            launch()
+        return
+    if key not in _FASTEST:
+        times = [triton.testing.do_bench(launch) for launch in launches]
+        _FASTEST[key] = times.index(min(times))
+    launches[_FASTEST[key]]()
 
 
 _RESIDENT = {}

@@ -14,15 +14,18 @@ goes to memory. Two kernels:
 - ``_ffn_staged_kernel`` (fp16/bf16 past 256 channels) computes the tile's whole hidden
   activation first, into the program's scratch rows (in cache: the grid is as many programs
   as the device holds at once, each looping over tiles), then the output in column tiles, so
-  that its token tiles stay at 64 rows (wgmma's on Hopper) at any width.
+  that its token tiles stay at 64 or 128 rows (on wgmma on Hopper) at any width.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import ops
 from ._common import (check_device_dtype, dwconv_taps, flat_batch, flat_pixels, interpreted,
-                      launch_kwargs, mm, padded, persistent_grid, pixel_offsets, relu)
+                      launch_kwargs, mm, padded, persistent_grid, pixel_offsets, relu,
+                      run_fastest)
 from .dwconv import dwconv
 
 
@@ -119,9 +122,9 @@ def _ffn_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr, out_p
     tl.store(o_tok + c[None, :] * soc, acc.to(DT), mask=token & (c < C)[None, :])
 
 
-@triton.jit(do_not_specialize=["HW", "H", "W", "tiles"])
+@triton.jit(do_not_specialize=["HW", "H", "W", "images"])
 def _ffn_staged_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr, out_ptr,
-                       hidden_ptr, HW, H, W, tiles, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                       hidden_ptr, HW, H, W, images, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                        C: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, K: tl.constexpr,
                        FLAT: tl.constexpr, RESIDUAL: tl.constexpr):
@@ -133,7 +136,7 @@ def _ffn_staged_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dw_w_ptr, dw_b_ptr
     rows = tl.arange(0, BT)
     hidden = hidden_ptr + tl.program_id(0).to(tl.int64) * (BT * MP) + rows[:, None] * MP
     per_image = tl.cdiv(HW, BT)
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+    for tile in range(tl.program_id(0), images * per_image, tl.num_programs(0)):
         b = (tile // per_image).to(tl.int64)
         p = (tile % per_image) * BT + rows
         token = (p < HW)[:, None]
@@ -180,22 +183,27 @@ def _prune(configs, named_args, **kwargs):
 
 # Larger token tiles re-read the weights less: the best is measured per shape, dtype and layout
 # (sxc is 1 in channels-last). 16 warps (one block a multiprocessor, as many warps as two of 8)
-# hold 64 tokens of 256 channels, where 8 warps stop at 32.
+# hold 64 tokens of 256 channels, where 8 warps stop at 32, and 128 of 128.
 # One config in the interpreter (no benchmarking): few, large programs, as it pays per op.
 _ffn = triton.autotune(
     configs=[triton.Config({"BT": 128, "BM": 128}, num_warps=1)] if interpreted(_ffn_kernel) else
     [triton.Config({"BT": bt, "BM": bm}, num_warps=warps, num_stages=2)
      for bt, bm, warps in ((16, 16, 8), (32, 32, 8), (64, 32, 8), (128, 32, 8), (32, 32, 16),
-                           (64, 32, 16))],
+                           (64, 32, 16), (128, 16, 16))],
     key=["C", "M", "K", "sxc"], prune_configs_by={"early_config_prune": _prune})(_ffn_kernel)
 
 # fp16/bf16 past STAGED_FROM channels run the staged kernel: in registers, their output would
 # take tiles of 32 tokens (on mma.sync, each program's weights serving half the tokens of a
-# 64-token tile), or padded to 512 columns (288, 320). Its tiles: 64 tokens (one wgmma's rows),
-# hidden units and channels 64 at a time, output columns 128 (256 take 180-215 registers, one
-# block a multiprocessor; 64, more passes over the hidden rows).
+# 64-token tile), or padded to 512 columns (288, 320). Its tilings, the faster measured per
+# layer (run_fastest): 64 tokens (one wgmma's rows) on 8 warps, two blocks a multiprocessor
+# (one's barriers overlap the other's products), output columns 128 at a time (256 take
+# 180-215 registers; 64, more passes over the hidden rows); or 128 tokens on 16 warps, one
+# block, each weight tile serving twice the tokens (half the weights' traffic through L2),
+# output columns 64 at a time (128 spill 24-32 bytes a thread on sm_80; 128 tokens on 8 warps
+# take 223-237 registers). Hidden units and channels 64 at a time.
 STAGED_FROM = 256
-STAGED_TILES = dict(BT=64, BM=64, BK=64, BN=128, num_warps=8)
+STAGED_TILINGS = (dict(BT=64, BM=64, BK=64, BN=128, num_warps=8),
+                  dict(BT=128, BM=64, BK=64, BN=64, num_warps=16))
 
 
 def ffn(x, w1, b1, w2, b2, residual=True):
@@ -243,19 +251,25 @@ def _launch(x, w1, b1, w2, b2, residual, M, dw=None):
 
 
 def _launch_staged(x, weights, out, images, pixels, H, W, consts):
-    """_ffn_staged_kernel's launch: as many programs as the device holds at once, each with
-    its scratch rows of the hidden activation."""
-    BT, BM = STAGED_TILES["BT"], STAGED_TILES["BM"]
-    meta = dict(consts, MP=triton.cdiv(consts["M"], BM) * BM, **STAGED_TILES)
-    tiles = images * triton.cdiv(pixels, BT)
+    """_ffn_staged_kernel's launch in the faster of its tilings (the interpreter: the first):
+    as many programs as the device holds at once, each with its scratch rows of the hidden
+    activation (one buffer, sized for the tiling that takes the most)."""
+    tilings = STAGED_TILINGS[:1] if interpreted(_ffn_staged_kernel) else STAGED_TILINGS
 
     def args(hidden):
-        return (x, *weights, out, hidden, pixels, H, W, tiles, *x.stride(), *out.stride())
+        return (x, *weights, out, hidden, pixels, H, W, images, *x.stride(), *out.stride())
 
-    per_program = BT * meta["MP"] * x.element_size()
-    # the grid depends on the compiled kernel (a dtype stands in for the scratch there)
-    meta = launch_kwargs(_ffn_staged_kernel, args(x.dtype), meta)
-    programs = persistent_grid(_ffn_staged_kernel, tiles, args(x.dtype), scratch=per_program,
-                               **meta)
-    hidden = torch.empty(programs * BT * meta["MP"], dtype=x.dtype, device=x.device)
-    _ffn_staged_kernel[(programs,)](*args(hidden), **meta)
+    plans = []
+    for tiling in tilings:
+        meta = dict(consts, MP=triton.cdiv(consts["M"], tiling["BM"]) * tiling["BM"], **tiling)
+        rows = meta["BT"] * meta["MP"]
+        # the grid depends on the compiled kernel (a dtype stands in for the scratch there)
+        meta = launch_kwargs(_ffn_staged_kernel, args(x.dtype), meta)
+        programs = persistent_grid(_ffn_staged_kernel, images * triton.cdiv(pixels, meta["BT"]),
+                                   args(x.dtype), scratch=rows * x.element_size(), **meta)
+        plans.append((programs, rows, meta))
+    hidden = torch.empty(max(p * rows for p, rows, _ in plans), dtype=x.dtype, device=x.device)
+    arguments = args(hidden)  # one tuple: the recorder tells a launch's tilings by it
+    run_fastest(("ffn_staged", x.device, x.dtype, x.stride(1) == 1, *consts.items()),
+                [functools.partial(_ffn_staged_kernel[(p,)], *arguments, **meta)
+                 for p, _, meta in plans])
