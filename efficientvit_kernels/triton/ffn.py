@@ -259,16 +259,18 @@ def _launch_staged(x, weights, out, images, pixels, H, W, consts):
     def args(hidden):
         return (x, *weights, out, hidden, pixels, H, W, images, *x.stride(), *out.stride())
 
+    # the grid depends on the compiled kernel (a dtype stands in for the scratch there)
+    probe = args(x.dtype)
     plans = []
     for tiling in tilings:
         meta = dict(consts, MP=triton.cdiv(consts["M"], tiling["BM"]) * tiling["BM"], **tiling)
         rows = meta["BT"] * meta["MP"]
-        # the grid depends on the compiled kernel (a dtype stands in for the scratch there)
-        meta = launch_kwargs(_ffn_staged_kernel, args(x.dtype), meta)
+        meta = launch_kwargs(_ffn_staged_kernel, probe, meta)
         programs = persistent_grid(_ffn_staged_kernel, images * triton.cdiv(pixels, meta["BT"]),
-                                   args(x.dtype), scratch=rows * x.element_size(), **meta)
+                                   probe, scratch=rows * x.element_size(), **meta)
         plans.append((programs, rows, meta))
-    hidden = torch.empty(max(p * rows for p, rows, _ in plans), dtype=x.dtype, device=x.device)
+    hidden = torch.empty(max(programs * rows for programs, rows, _ in plans), dtype=x.dtype,
+                         device=x.device)
     arguments = args(hidden)  # one tuple: the recorder tells a launch's tilings by it
     run_fastest(("ffn_staged", x.device, x.dtype, x.stride(1) == 1, *consts.items()),
                 [functools.partial(_ffn_staged_kernel[(p,)], *arguments, **meta)
