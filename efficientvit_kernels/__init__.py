@@ -8,11 +8,11 @@ __version__ = "0.2.0"
 
 from . import ops  # noqa: E402  (after __version__, which the build reads without importing)
 from .convert import PASSES, convert
-from .graphs import cpu_graph, cpu_replay, cuda_graph
+from .graphs import cpu_graph, cpu_replay, cuda_graph, export_cpu
 from .modules import (BACKENDS, FusedCGA, FusedConv1x1, FusedDWConv, FusedDWConvFFN, FusedFFN,
                       FusedLinear, FusedPatchEmbed, FusedPatchMerging, FusedSqueezeExcite)
 
-__all__ = ["ops", "convert", "cpu_graph", "cpu_replay", "cuda_graph", "BACKENDS", "PASSES", "FusedCGA", "FusedDWConv",
+__all__ = ["ops", "convert", "cpu_graph", "cpu_replay", "cuda_graph", "export_cpu", "BACKENDS", "PASSES", "FusedCGA", "FusedDWConv",
            "FusedFFN", "FusedDWConvFFN", "FusedConv1x1", "FusedLinear", "FusedPatchEmbed", "FusedPatchMerging",
            "FusedSqueezeExcite"]
 

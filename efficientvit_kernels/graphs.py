@@ -12,8 +12,9 @@ import torch
 
 from . import _C, ops  # noqa: F401  (ops loads the library that defines efficientvit_cpu.Program)
 from .modules import _Fused
+from .plan import encode as encode_plan
 
-__all__ = ["cuda_graph", "cpu_graph", "cpu_replay"]
+__all__ = ["cuda_graph", "cpu_graph", "cpu_replay", "export_cpu"]
 
 
 def _check_like(x, example, what):
@@ -67,11 +68,12 @@ class _Capture:
     weights and the fused ops' packings, taken now; with it, the module's own parameters and
     buffers (so later changes to their values are seen) and the fused ops as op steps that run
     the op's cached packing while the weights it was packed from are unchanged, and pack again
-    once one has changed (Program.pack_last)."""
+    once one has changed (Program.pack_last). ``program``: what to build (a Program, or a
+    _RecordedProgram), else a new Program."""
 
-    def __init__(self, exported, live=None):
+    def __init__(self, exported, live=None, program=None):
         self.live = live
-        self.program = torch.classes.efficientvit_cpu.Program()
+        self.program = program or torch.classes.efficientvit_cpu.Program()
         self.slots = {}      # fx node -> the slot of its value (a tuple's first element)
         self.constants = {}  # fx placeholder -> its tensor (copied at capture unless live)
         self.reads = []      # per step, the slots it reads
@@ -161,17 +163,18 @@ class _Capture:
         flag = _PACKED_FLAG.get(op) if namespace == "efficientvit" else None
         packable = flag is not None and reads == [args["x"][1]] and not any(lists)
         if packable:
+            packing_op = f"efficientvit_cpu::{op}_pack"
             packing = [c for name, (c, _, _) in args.items() if name not in ("x", flag)]
-            packed = getattr(torch.ops.efficientvit_cpu, f"{op}_pack")(*packing)
         if packable and self.live is None:
-            self.slots[node] = self.program.add_packed(packed, args["x"][1], args[flag][0])
+            self.slots[node] = self.program.add_packing(packing_op, packing, args["x"][1],
+                                                        args[flag][0])
         else:
             self.slots[node] = self.program.add_op(
                 node.target._schema.name, node.target._schema.overload_name,
                 list(constants), list(slots), list(lists))
             if packable:  # the op's packing, used while the live weights are unchanged
-                self.program.pack_last(packed, args[flag][0], f"efficientvit_cpu::{op}_pack",
-                                       packing)
+                packed = getattr(torch.ops.efficientvit_cpu, f"{op}_pack")(*packing)
+                self.program.pack_last(packed, args[flag][0], packing_op, packing)
         self.reads.append(reads)
         returns = node.target._schema.returns
         if len(returns) == 1 and isinstance(returns[0].type, torch.ListType):
@@ -212,17 +215,7 @@ def cpu_graph(module, example):
     are not seen; capture again. Raises NotImplementedError for a graph with a step the program
     cannot hold (an op that writes to a buffer or its input, several inputs or outputs).
     """
-    if not isinstance(example, torch.Tensor) or example.device.type != "cpu":
-        raise ValueError("cpu_graph needs a CPU tensor")
-    if isinstance(module, torch.export.ExportedProgram):
-        _check_exported_for(module, example)
-        exported, tensors = module, module.state_dict.items()
-    else:
-        exported, tensors = None, [*module.named_parameters(), *module.named_buffers()]
-    for name, t in tensors:
-        if t.device.type != "cpu":
-            raise ValueError(f"cpu_graph needs a CPU model, but {name} is on {t.device}")
-    program = _Capture(exported or torch.export.export(module, (example,))).program
+    program = _Capture(_exported_for(module, example, "cpu_graph")).program
     example = torch.empty_like(example)  # its shape, dtype and device; not the caller's values
 
     def run(x):
@@ -232,18 +225,98 @@ def cpu_graph(module, example):
     return run
 
 
-def _check_exported_for(exported, example):
+@torch.no_grad()
+def export_cpu(module, example):
+    """``torch.export`` of ``module(example)`` on CPU as a graph of one op that runs
+    ``cpu_graph``'s C++ program: returns a ``torch.export.ExportedProgram`` to save
+    (``torch.export.save``), load where ``efficientvit_kernels`` is imported, call (its
+    ``.module()``) or compile with AOTInductor, at the speed of the converted model's own
+    calls. (Exported op by op, a converted model's ``.module()`` runs each op from Python:
+    1.3-1.6x slower at batch 1.)
+
+    ``module`` may also be the ``torch.export.ExportedProgram`` of one, exported for
+    ``example``'s shape. The graph's one op, ``efficientvit_cpu.program``, reads one uint8
+    buffer, ``plan``: the program's steps and weights (unpacked, so a saved program runs on any
+    CPU), named by their SHA-256. The first call in a process builds the program from it,
+    packing the fused ops' weights; later calls with a plan of the same name run that program.
+    The weights are the module's at export: later changes to the module are not seen. The
+    input must have ``example``'s shape and dtype (any layout); the output is contiguous.
+    Raises NotImplementedError where ``cpu_graph`` does, and for an argument a plan cannot hold
+    (a device, for one).
+    """
+    exported = _exported_for(module, example, "export_cpu")
+    recorded = _RecordedProgram()
+    _Capture(exported, program=recorded)
+    out = exported.graph.output_node().args[0][0].meta["val"]
+    program = _ProgramModule(encode_plan(recorded.calls, example, out), example, out)
+    return torch.export.export(program, (torch.empty_like(example),))
+
+
+class _RecordedProgram:
+    """A Program, and the calls of its methods that built it (for encode_plan)."""
+
+    def __init__(self):
+        self._program = torch.classes.efficientvit_cpu.Program()
+        self.calls = []
+
+    def __getattr__(self, method):  # add_op, add_packing, add_item, finish
+        def call(*args):
+            self.calls.append((method, args))
+            return getattr(self._program, method)(*args)
+        return call
+
+
+class _ProgramModule(torch.nn.Module):
+    """What export_cpu exports: one efficientvit_cpu.program op on a plan."""
+
+    def __init__(self, plan, example, out):
+        super().__init__()
+        self.register_buffer("plan", plan)
+        self.input_size, self.input_dtype = list(example.shape), example.dtype
+        self.output_size, self.output_dtype = list(out.shape), out.dtype
+
+    def forward(self, x):
+        return torch.ops.efficientvit_cpu.program(x, self.plan, self.input_size,
+                                                  self.input_dtype, self.output_size,
+                                                  self.output_dtype)
+
+
+@torch.library.register_fake("efficientvit_cpu::program")
+def _(x, plan, input_size, input_dtype, output_size, output_dtype):
+    torch._check(list(x.shape) == list(input_size) and x.dtype == input_dtype,
+                 lambda: f"efficientvit_cpu.program: the program was captured for "
+                         f"{list(input_size)} {input_dtype}, got {list(x.shape)} {x.dtype}")
+    return x.new_empty(output_size, dtype=output_dtype)
+
+
+def _exported_for(module, example, what):
+    """module's exported program for example: module itself if it is one (checked to be for
+    example's shape), else exported now; both on CPU."""
+    if not isinstance(example, torch.Tensor) or example.device.type != "cpu":
+        raise ValueError(f"{what} needs a CPU tensor")
+    if isinstance(module, torch.export.ExportedProgram):
+        _check_exported_for(module, example, what)
+        exported, tensors = module, module.state_dict.items()
+    else:
+        exported, tensors = None, [*module.named_parameters(), *module.named_buffers()]
+    for name, t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"{what} needs a CPU model, but {name} is on {t.device}")
+    return exported or torch.export.export(module, (example,))
+
+
+def _check_exported_for(exported, example, what):
     """An exported program takes one input of example's static shape and dtype."""
     inputs = [spec.arg.name for spec in exported.graph_signature.input_specs
               if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     vals = [n.meta.get("val") for n in exported.graph.nodes
             if n.op == "placeholder" and n.name in inputs]
     if len(vals) != 1 or not isinstance(vals[0], torch.Tensor):
-        raise NotImplementedError("cpu_graph: the model takes more than one input")
+        raise NotImplementedError(f"{what}: the model takes more than one input")
     shape = tuple(vals[0].shape)
     if not all(isinstance(d, int) for d in shape) or shape != tuple(example.shape) or (
             vals[0].dtype != example.dtype):
-        raise ValueError(f"cpu_graph: the program was exported for {shape} {vals[0].dtype}, "
+        raise ValueError(f"{what}: the program was exported for {shape} {vals[0].dtype}, "
                          f"the example is {tuple(example.shape)} {example.dtype} (export it "
                          "with the example's static shape)")
 

@@ -1,6 +1,7 @@
 """Deployment paths of a converted model: torch.export saved and loaded in a fresh process
 (which registers the ops with `import efficientvit_kernels`), an AOTInductor package likewise,
-both packing the CPU weights once, not on every call; cpu_graph's C++ replay; torch.jit.trace,
+both packing the CPU weights once, not on every call; cpu_graph's C++ replay and export_cpu's
+program of one op (its plan read back, checked and cached); torch.jit.trace,
 torch.jit.script refused with a way out, and ONNX through the reference backend (where onnx
 and onnxruntime are installed: bootstrap.sh --bench)."""
 import copy
@@ -14,6 +15,7 @@ from torch import nn
 
 import efficientvit_kernels as K
 import python_ref as R
+from efficientvit_kernels.plan import encode as encode_plan
 from efficientvit_kernels.testing import assert_close, packings, profiled_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,6 +172,106 @@ def test_program_checks_its_steps():
                        [[], [0], [], []])
     with pytest.raises(RuntimeError, match="not finished"):
         program.run(torch.zeros(1))
+
+
+def test_export_cpu_is_one_op_on_the_models_kernels(fused):
+    """One node, the program, computing what the model does bit for bit, on any layout of the
+    input; its first call packs the weights, later calls run the packed kernels."""
+    x = torch.randn(2, 3, 96, 96)
+    exported = K.export_cpu(fused, x)
+    calls = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert calls == [torch.ops.efficientvit_cpu.program.default]
+    run = exported.module()
+    torch.ops.efficientvit_cpu.clear_packing_cache()  # builds again, as in a fresh process
+    with torch.no_grad():
+        assert packings(lambda: run(x)) > 0
+        for y in (x, torch.randn(2, 3, 96, 96).to(memory_format=torch.channels_last)):
+            assert torch.equal(run(y), fused(y))
+    names = set(profiled_calls(lambda: run(x)))
+    assert {f"efficientvit_cpu::{op}_packed" for op in ("cga", "ffn", "conv1x1", "patch_embed")} <= names
+    assert packings(lambda: run(x)) == 0
+    with pytest.raises(AssertionError, match="Guard failed"):  # .module() checks the shape
+        run(torch.randn(1, 3, 96, 96))
+    plan, sizes = exported.state_dict["plan"], ([2, 3, 96, 96], torch.float32, [2, 1000])
+    with pytest.raises(ValueError, match="captured for"):
+        torch.ops.efficientvit_cpu.program(x.double(), plan, *sizes, torch.float32)
+    with pytest.raises(ValueError, match="its plan takes"):  # the op's arguments are checked
+        torch.ops.efficientvit_cpu.program(x, plan, *sizes, torch.float64)
+
+
+def test_export_cpu_saved_loads_in_a_fresh_process(fused, tmp_path):
+    path = tmp_path / "m0_one_op.pt2"
+    torch.export.save(K.export_cpu(fused, torch.randn(2, 3, 96, 96)), path)
+    _check_in_fresh_process("(lambda p: torch.export.load(p).module())", path, fused, tmp_path)
+
+
+def test_export_cpu_aoti_package_loads_in_a_fresh_process(fused, tmp_path):
+    exported = K.export_cpu(fused, torch.randn(2, 3, 96, 96))
+    path = torch._inductor.aoti_compile_and_package(
+        exported, package_path=str(tmp_path / "m0_one_op_aoti.pt2"))
+    _check_in_fresh_process("torch._inductor.aoti_load_package", path, fused, tmp_path)
+
+
+def test_export_cpu_takes_the_weights_at_export(fused):
+    """Each program its own weights: two exports of one model, one after its weights changed,
+    each computing the model as it was (the programs are cached by their plan's digest)."""
+    model = copy.deepcopy(fused)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before, run_before = model(x), K.export_cpu(model, x).module()
+        for t in [*model.parameters(), *model.buffers()]:
+            t.mul_(1.5)
+        after, run_after = model(x), K.export_cpu(model, x).module()
+        assert not torch.equal(before, after)
+        for _ in range(2):
+            assert torch.equal(run_before(x), before) and torch.equal(run_after(x), after)
+
+
+def test_export_cpu_of_other_modules():
+    """Any op: a reference model (convolutions, batch norm, the attention's indexing; an
+    exported program of it) and an op with two outputs, numbers and lists among their arguments."""
+    model = R.randomize_(R.build("m0"), seed=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    x5, max_over_channels = torch.randn(2, 5, 3, 4), _MaxOverChannels()
+    with torch.no_grad():
+        assert_close(K.export_cpu(exported, x).module()(x), model(x), torch.float32)
+        assert torch.equal(K.export_cpu(max_over_channels, x5).module()(x5), max_over_channels(x5))
+    with pytest.raises(NotImplementedError, match="writes to its buffers"):
+        K.export_cpu(_CountsCalls(), x)
+    with pytest.raises(ValueError, match="exported for"):
+        K.export_cpu(exported, torch.randn(2, 3, 64, 64))
+
+
+def test_plan_holds_only_what_it_can_and_is_checked_when_read():
+    """A plan is read back exactly (numbers, strings, lists, tensors of each dtype) and checked
+    against its own size: a plan that is cut short, not a plan, or not a uint8 CPU vector
+    is refused, not read past its end."""
+    x = torch.randn(3, 4)
+    weights = {dtype: torch.arange(12).reshape(3, 4).to(dtype)
+               for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                             torch.int64, torch.int32, torch.bool)}
+
+    def program(plan):
+        return torch.ops.efficientvit_cpu.program(x, plan, [3, 4], torch.float32, [3, 4],
+                                                  torch.float32)
+
+    steps = [("add_op", ("aten::add", "Tensor", [None, w, 0.5], [0, -1, -1], [[], [], []]))
+             for w in weights.values()]
+    steps += [("add_op", ("aten::div", "Tensor_mode", [None, 3.0, "floor"],
+                          [len(steps), -1, -1], [[], [], []])),
+              ("finish", ([[]] * (len(steps) + 1), len(steps) + 1))]
+    steps[len(weights) - 1] = ("add_op", ("aten::add", "Tensor", [None, None, 0.5], [0, 0, -1],
+                                          [[], [], []]))  # the last add reads x twice
+    plan = encode_plan(steps, x, x)
+    assert torch.equal(program(plan), torch.div(x + 0.5 * x, 3.0, rounding_mode="floor"))
+    for bad, match in ((plan[:-1], "does not fit"), (plan[:40], "uint8 CPU tensor"),
+                       (torch.cat([plan[8:16], plan[8:]]), "not a plan"),
+                       (plan.view(torch.int64), "uint8 CPU tensor")):
+        with pytest.raises(ValueError, match=match):
+            program(bad)
+    with pytest.raises(NotImplementedError, match="cannot hold"):
+        encode_plan([("add_op", ("aten::relu", "", [torch.device("cpu")], [-1], [[]]))], x, x)
 
 
 def test_trace_records_the_ops(fused):

@@ -1,7 +1,7 @@
 // The CPU backend's private library: the PackedWeights class, per op with packed weights its
 // packing X_pack (see packed_weights.h), and the Program class (program.h). Not part of the
 // public API: the layout and these schemas may change with any build. Registered in this one
-// file, in this order: a schema that names PackedWeights (X_pack's, Program.add_packed's) must
+// file, in this order: a schema that names PackedWeights (X_pack's, Program.pack_last's) must
 // come after it (static initializers of different files run in no set order).
 #include "cpu/packed_weights.h"
 
@@ -309,7 +309,7 @@ TORCH_LIBRARY(efficientvit_cpu, m) {
   m.class_<efficientvit::cpu::Program>("Program")
       .def(torch::init<>())
       .def("add_op", &efficientvit::cpu::Program::add_op)
-      .def("add_packed", &efficientvit::cpu::Program::add_packed)
+      .def("add_packing", &efficientvit::cpu::Program::add_packing)
       .def("pack_last", &efficientvit::cpu::Program::pack_last)
       .def("add_item", &efficientvit::cpu::Program::add_item)
       .def("finish", &efficientvit::cpu::Program::finish)
@@ -324,6 +324,9 @@ TORCH_LIBRARY(efficientvit_cpu, m) {
       EFFICIENTVIT_PACKED_WEIGHTS);
   m.def("patch_embed_pack(Tensor[] weights, Tensor[] biases) -> " EFFICIENTVIT_PACKED_WEIGHTS);
   m.def("clear_packing_cache() -> ()", &efficientvit::cpu::clear_packing_cache);
+  m.def(
+      "program(Tensor x, Tensor plan, int[] input_size, ScalarType input_dtype, "
+      "int[] output_size, ScalarType output_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(efficientvit_cpu, CPU, m) {
@@ -331,4 +334,5 @@ TORCH_LIBRARY_IMPL(efficientvit_cpu, CPU, m) {
   m.impl("ffn_pack", EFFICIENTVIT_SELECT_ISA(ffn_cached_pack_cpu));
   m.impl("conv1x1_pack", EFFICIENTVIT_SELECT_ISA(conv1x1_cached_pack_cpu));
   m.impl("patch_embed_pack", EFFICIENTVIT_SELECT_ISA(patch_embed_cached_pack_cpu));
+  m.impl("program", &efficientvit::cpu::run_program);
 }

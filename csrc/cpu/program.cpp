@@ -6,6 +6,10 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
+#include <deque>
+#include <memory>
 #include <utility>
 
 namespace efficientvit::cpu {
@@ -25,6 +29,35 @@ int64_t Program::add_step(Step step) {
   return steps_.back().first_output;
 }
 
+namespace {
+
+// A list argument as the type its schema gives it. The boxed kernels take an int[] or a
+// Tensor[] only as a list typed so, and a list read from a plan is untyped.
+c10::IValue as_schema_list(c10::IValue value, const c10::TypePtr& schema_type) {
+  c10::TypePtr type = schema_type;
+  if (const auto optional = type->cast<c10::OptionalType>()) type = optional->getElementType();
+  const auto list_type = type->cast<c10::ListType>();
+  if (!value.isList() || !list_type) return value;
+  c10::TypePtr element = list_type->getElementType();
+  if (element->kind() == c10::TypeKind::SymIntType) element = c10::IntType::get();
+  c10::List<c10::IValue> list = value.toList();
+  for (const c10::IValue& item : list.vec())
+    TORCH_CHECK_VALUE(item.type()->isSubtypeOf(*element) ||
+                          (item.isTensor() && element->kind() == c10::TypeKind::TensorType),
+                      "efficientvit: a ", item.type()->str(), " in a ", schema_type->str());
+  list.unsafeSetElementType(element);
+  return list;
+}
+
+std::vector<c10::IValue> as_schema_types(std::vector<c10::IValue> arguments,
+                                         const c10::FunctionSchema& schema) {
+  for (size_t i = 0; i < arguments.size() && i < schema.arguments().size(); ++i)
+    arguments[i] = as_schema_list(std::move(arguments[i]), schema.arguments()[i].type());
+  return arguments;
+}
+
+}  // namespace
+
 int64_t Program::add_op(const std::string& name, const std::string& overload,
                         std::vector<c10::IValue> arguments, std::vector<int64_t> slots,
                         std::vector<std::vector<int64_t>> lists) {
@@ -38,6 +71,8 @@ int64_t Program::add_op(const std::string& name, const std::string& overload,
                     " lists");
   Step step;
   for (size_t i = 0; i < n; ++i) {
+    if (lists[i].empty()) arguments[i] = as_schema_list(std::move(arguments[i]),
+                                                        schema.arguments()[i].type());
     // A number where the schema has a Tensor (x * 0.25 as aten::mul.Tensor): the 0-d "wrapped
     // number" tensor Python's argument parser makes of it, which type promotion treats as a
     // Python number.
@@ -86,9 +121,15 @@ c10::IValue Program::list_argument(const Step& step, size_t i,
   return list;
 }
 
-int64_t Program::add_packed(Packed packed, int64_t input, bool flag) {
+int64_t Program::add_packing(const std::string& packing,
+                             std::vector<c10::IValue> packing_arguments, int64_t input,
+                             bool flag) {
+  const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(packing.c_str(), "");
+  torch::jit::Stack stack = as_schema_types(std::move(packing_arguments), op.schema());
+  op.callBoxed(stack);
   Step step;
-  step.packed = std::move(packed);
+  step.packed = stack.at(0).toCustomClass<PackedWeights>();
   step.flag = flag;
   step.slots = {input};
   step.outputs = 1;
@@ -180,6 +221,284 @@ at::Tensor Program::run(const at::Tensor& x) const {
     for (const int64_t slot : step.drop) values[slot] = c10::IValue();
   }
   return values[output_].toTensor();
+}
+
+namespace {
+
+void check_plan_tensor(const at::Tensor& plan) {
+  TORCH_CHECK_VALUE(plan.device().is_cpu() && plan.scalar_type() == at::kByte &&
+                        plan.dim() == 1 && plan.is_contiguous() && plan.numel() >= kPlanHeader,
+                    "efficientvit_cpu.program: the plan is a contiguous 1-d uint8 CPU tensor "
+                    "written by efficientvit_kernels.export_cpu");
+}
+
+// Reads the values of a plan's token stream (program.h). Every count and index is checked
+// against the plan's size: a plan is a buffer of a loaded file.
+class PlanReader {
+ public:
+  explicit PlanReader(const at::Tensor& plan) {
+    check_plan_tensor(plan);
+    bytes_ = static_cast<const uint8_t*>(plan.const_data_ptr());
+    size_ = static_cast<size_t>(plan.numel());
+    const std::array<int64_t, kPlanHeader / 8> header = header_of(plan);
+    TORCH_CHECK_VALUE(header[0] == kPlanMagic, "efficientvit_cpu.program: not a plan");
+    const int64_t tokens = header[1], data_at = header[2], data_bytes = header[3];
+    TORCH_CHECK_VALUE(tokens >= 0 && tokens <= (int64_t(size_) - kPlanHeader) / 8 &&
+                          data_at >= kPlanHeader + tokens * 8 && data_bytes >= 0 &&
+                          data_at <= int64_t(size_) && data_bytes <= int64_t(size_) - data_at,
+                      "efficientvit_cpu.program: the plan's header does not fit its ", size_,
+                      " bytes");
+    tokens_left_ = static_cast<size_t>(tokens);
+    next_token_ = bytes_ + kPlanHeader;
+    data_ = bytes_ + data_at;
+    data_bytes_ = static_cast<size_t>(data_bytes);
+  }
+
+  // The counts, then the digest.
+  static std::array<int64_t, kPlanHeader / 8> header_of(const at::Tensor& plan) {
+    std::array<int64_t, kPlanHeader / 8> header;
+    std::memcpy(header.data(), plan.const_data_ptr(), sizeof(header));
+    return header;
+  }
+
+
+  // The tensor table, then the value that follows it.
+  c10::IValue read() {
+    const c10::IValue table = value();
+    for (const c10::IValue& entry : table.toListRef()) tensors_.push_back(tensor(entry));
+    c10::IValue contents = value();
+    TORCH_CHECK_VALUE(tokens_left_ == 0, "efficientvit_cpu.program: ", tokens_left_,
+                      " tokens left after the plan's calls");
+    return contents;
+  }
+
+ private:
+  enum Token : int64_t { kNone, kBool, kInt, kFloat, kString, kList, kTuple, kTensor };
+
+  int64_t next() {
+    TORCH_CHECK_VALUE(tokens_left_ > 0, "efficientvit_cpu.program: the plan ends early");
+    int64_t token;
+    std::memcpy(&token, next_token_, sizeof(token));
+    next_token_ += sizeof(token);
+    --tokens_left_;
+    return token;
+  }
+
+  int64_t count() {
+    const int64_t n = next();
+    TORCH_CHECK_VALUE(n >= 0 && static_cast<size_t>(n) <= tokens_left_,
+                      "efficientvit_cpu.program: a count of ", n, " in a plan");
+    return n;
+  }
+
+  c10::IValue value() {
+    const int64_t token = next();
+    switch (token) {
+      case kNone:
+        return {};
+      case kBool:
+        return next() != 0;
+      case kInt:
+        return next();
+      case kFloat: {
+        const int64_t bits = next();
+        double v;
+        std::memcpy(&v, &bits, sizeof(v));
+        return v;
+      }
+      case kString: {
+        std::string s(static_cast<size_t>(count()), '\0');
+        for (char& c : s) c = static_cast<char>(next());
+        return s;
+      }
+      case kList: {
+        c10::impl::GenericList list(c10::AnyType::get());
+        for (int64_t n = count(); n > 0; --n) list.push_back(value());
+        return list;
+      }
+      case kTuple: {
+        std::vector<c10::IValue> items;
+        for (int64_t n = count(); n > 0; --n) items.push_back(value());
+        return c10::ivalue::Tuple::create(std::move(items));
+      }
+      case kTensor: {
+        const int64_t i = next();
+        TORCH_CHECK_VALUE(i >= 0 && i < static_cast<int64_t>(tensors_.size()),
+                          "efficientvit_cpu.program: no tensor ", i, " in the plan");
+        return tensors_[i];
+      }
+      default:
+        TORCH_CHECK_VALUE(false, "efficientvit_cpu.program: token ", token, " in a plan");
+    }
+  }
+
+  // A table entry (dtype, sizes, offset): a copy of its bytes, which the program may outlive.
+  at::Tensor tensor(const c10::IValue& entry) const {
+    const auto& items = entry.toTupleRef().elements();
+    TORCH_CHECK_VALUE(items.size() == 3, "efficientvit_cpu.program: a tensor entry of ",
+                      items.size(), " items");
+    const auto dtype = static_cast<at::ScalarType>(items[0].toInt());
+    TORCH_CHECK_VALUE(items[0].toInt() >= 0 &&
+                          items[0].toInt() < static_cast<int64_t>(at::ScalarType::NumOptions),
+                      "efficientvit_cpu.program: dtype ", items[0].toInt(), " in a plan");
+    std::vector<int64_t> sizes;
+    int64_t numel = 1;
+    for (const c10::IValue& size : items[1].toListRef()) {
+      sizes.push_back(size.toInt());
+      TORCH_CHECK_VALUE(sizes.back() >= 0, "efficientvit_cpu.program: a size of ", sizes.back());
+      numel *= sizes.back();
+    }
+    const int64_t offset = items[2].toInt();
+    const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+    TORCH_CHECK_VALUE(offset >= 0 && nbytes >= 0 &&
+                          offset <= static_cast<int64_t>(data_bytes_) &&
+                          nbytes <= static_cast<int64_t>(data_bytes_) - offset,
+                      "efficientvit_cpu.program: a tensor of ", nbytes, " bytes at ", offset,
+                      " in ", data_bytes_, " bytes of data");
+    at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype));
+    if (nbytes > 0) std::memcpy(t.mutable_data_ptr(), data_ + offset, nbytes);
+    return t;
+  }
+
+  const uint8_t* bytes_ = nullptr;
+  size_t size_ = 0;
+  const uint8_t* next_token_ = nullptr;
+  size_t tokens_left_ = 0;
+  const uint8_t* data_ = nullptr;
+  size_t data_bytes_ = 0;
+  std::vector<at::Tensor> tensors_;
+};
+
+std::vector<int64_t> int_vector(const c10::IValue& list) {
+  std::vector<int64_t> out;
+  for (const c10::IValue& v : list.toListRef()) out.push_back(v.toInt());
+  return out;
+}
+
+std::vector<std::vector<int64_t>> int_vectors(const c10::IValue& lists) {
+  std::vector<std::vector<int64_t>> out;
+  for (const c10::IValue& list : lists.toListRef()) out.push_back(int_vector(list));
+  return out;
+}
+
+std::vector<c10::IValue> value_vector(const c10::IValue& list) {
+  const c10::ArrayRef<c10::IValue> items = list.toListRef();
+  return std::vector<c10::IValue>(items.begin(), items.end());
+}
+
+}  // namespace
+
+std::pair<c10::intrusive_ptr<Program>, c10::IValue> Program::from_plan(const at::Tensor& plan) {
+  const c10::IValue signature_and_calls = PlanReader(plan).read();
+  const c10::ArrayRef<c10::IValue> both = signature_and_calls.toListRef();
+  TORCH_CHECK_VALUE(both.size() == 2, "efficientvit_cpu.program: a plan holds a signature and calls");
+  auto program = c10::make_intrusive<Program>();
+  for (const c10::IValue& call : both[1].toListRef()) {
+    const auto& items = call.toTupleRef().elements();
+    TORCH_CHECK_VALUE(items.size() == 2, "efficientvit: a program call is (method, arguments)");
+    const std::string& method = items[0].toStringRef();
+    const c10::ArrayRef<c10::IValue> a = items[1].toListRef();
+    const auto takes = [&](size_t n) {
+      TORCH_CHECK_VALUE(a.size() == n, "efficientvit: Program.", method, " takes ", n,
+                        " arguments, got ", a.size());
+    };
+    if (method == "add_op") {
+      takes(5);
+      program->add_op(a[0].toStringRef(), a[1].toStringRef(), value_vector(a[2]),
+                      int_vector(a[3]), int_vectors(a[4]));
+    } else if (method == "add_packing") {
+      takes(4);
+      program->add_packing(a[0].toStringRef(), value_vector(a[1]), a[2].toInt(), a[3].toBool());
+    } else if (method == "add_item") {
+      takes(2);
+      program->add_item(a[0].toInt(), a[1].toInt());
+    } else if (method == "finish") {
+      takes(2);
+      program->finish(int_vectors(a[0]), a[1].toInt());
+    } else {
+      TORCH_CHECK_VALUE(false, "efficientvit: a program has no method ", method);
+    }
+  }
+  TORCH_CHECK_VALUE(program->output_ >= 0, "efficientvit: the program's calls do not finish it");
+  return {program, both[0]};
+}
+
+namespace {
+
+// A tensor's sizes and dtype, as a plan's signature names the input's and the output's.
+struct TensorSpec {
+  std::vector<int64_t> sizes;
+  at::ScalarType dtype;
+
+  explicit TensorSpec(const c10::IValue& spec) {
+    const auto& items = spec.toTupleRef().elements();
+    TORCH_CHECK_VALUE(items.size() == 2, "efficientvit_cpu.program: a signature of ",
+                      items.size(), " items");
+    sizes = int_vector(items[0]);
+    dtype = static_cast<at::ScalarType>(items[1].toInt());
+  }
+
+  bool matches(at::IntArrayRef other_sizes, at::ScalarType other_dtype) const {
+    return other_sizes == at::IntArrayRef(sizes) && other_dtype == dtype;
+  }
+};
+
+// A program built from a plan, under the plan's size and header, which holds the digest of its
+// content: a plan is written once and never changed, so two plan tensors with one header (a
+// program loaded twice, or its buffer passed as a copy) build the same program. Built again
+// after clear_packing_cache(), as the packings it holds.
+struct BuiltProgram {
+  int64_t plan_bytes = 0;
+  std::array<int64_t, kPlanHeader / 8> header;
+  uint64_t clears = 0;
+  c10::intrusive_ptr<Program> program;
+  TensorSpec input, output;
+};
+
+// Few plans are in use at once (one per exported model); the oldest built goes first.
+constexpr size_t kBuiltPrograms = 8;
+
+std::shared_ptr<const BuiltProgram> program_of(const at::Tensor& plan) {
+  static std::mutex mutex;
+  static std::deque<std::shared_ptr<const BuiltProgram>> built;
+  check_plan_tensor(plan);
+  const std::array<int64_t, kPlanHeader / 8> header = PlanReader::header_of(plan);
+  std::lock_guard<std::mutex> lock(mutex);
+  const uint64_t clears = packing_cache_clears();
+  for (const auto& b : built)
+    if (b->plan_bytes == plan.numel() && b->header == header && b->clears == clears) return b;
+  // Packing reads only the plan, so it is built under the lock (once per plan).
+  auto [program, signature] = Program::from_plan(plan);
+  const c10::ArrayRef<c10::IValue> specs = signature.toListRef();
+  TORCH_CHECK_VALUE(specs.size() == 2, "efficientvit_cpu.program: a signature of ", specs.size(),
+                    " tensors");
+  if (built.size() == kBuiltPrograms) built.pop_front();
+  built.push_back(std::make_shared<const BuiltProgram>(
+      BuiltProgram{plan.numel(), header, clears, program, TensorSpec(specs[0]), TensorSpec(specs[1])}));
+  return built.back();
+}
+
+}  // namespace
+
+at::Tensor run_program(const at::Tensor& x, const at::Tensor& plan, at::IntArrayRef input_size,
+                       at::ScalarType input_dtype, at::IntArrayRef output_size,
+                       at::ScalarType output_dtype) {
+  const std::shared_ptr<const BuiltProgram> built = program_of(plan);
+  TORCH_CHECK_VALUE(built->input.matches(input_size, input_dtype) &&
+                        built->output.matches(output_size, output_dtype),
+                    "efficientvit_cpu.program: its plan takes ", built->input.sizes, " ",
+                    built->input.dtype, " and returns ", built->output.sizes, " ",
+                    built->output.dtype, ", not ", input_size, " ", input_dtype, " and ",
+                    output_size, " ", output_dtype);
+  TORCH_CHECK_VALUE(x.device().is_cpu() && built->input.matches(x.sizes(), x.scalar_type()),
+                    "efficientvit_cpu.program: the program was captured for ", input_size, " ",
+                    input_dtype, " on cpu, got ", x.sizes(), " ", x.scalar_type(), " on ",
+                    x.device());
+  at::Tensor out = built->program->run(x);
+  TORCH_CHECK(built->output.matches(out.sizes(), out.scalar_type()),
+              "efficientvit_cpu.program: the program computed ", out.sizes(), " ",
+              out.scalar_type(), ", its plan promises ", output_size, " ", output_dtype);
+  return out.contiguous();
 }
 
 }  // namespace efficientvit::cpu

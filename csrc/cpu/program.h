@@ -28,8 +28,10 @@ struct Program : torch::CustomClassHolder {
   int64_t add_op(const std::string& name, const std::string& overload,
                  std::vector<c10::IValue> arguments, std::vector<int64_t> slots,
                  std::vector<std::vector<int64_t>> lists);
-  // A fused op's kernel on packed weights, on the value of slot `input` (PackedWeights::run).
-  int64_t add_packed(Packed packed, int64_t input, bool flag);
+  // A fused op's kernel on the value of slot `input` (PackedWeights::run), on the weights the
+  // packing op `packing` ("efficientvit_cpu::ffn_pack") packs now from `packing_arguments`.
+  int64_t add_packing(const std::string& packing, std::vector<c10::IValue> packing_arguments,
+                      int64_t input, bool flag);
   // The last step added, a fused op's call on the value of its first argument x, runs as the
   // kernel of `packed` on x while the weights it was packed from (the tensors among
   // `packing_arguments`, which the program holds) are unchanged (HeldWeight) and the packing
@@ -45,6 +47,20 @@ struct Program : torch::CustomClassHolder {
   void finish(std::vector<std::vector<int64_t>> drop_after, int64_t output);
 
   at::Tensor run(const at::Tensor& x) const;
+
+  // The program a plan builds (efficientvit_kernels.export_cpu writes it; plan.py). A plan is a
+  // 1-d uint8 tensor:
+  //   bytes 0-31:  int64 kPlanMagic, token count T, data offset D, data size (all little-endian)
+  //   bytes 32-63: the SHA-256 of bytes 64 on (the plan's name in the cache of built programs)
+  //   bytes 64-:   T int64 tokens: two values, the tensor table and [signature, calls]
+  //   bytes D-:    the tensors' data, contiguous, each at a multiple of 64 bytes from D.
+  // A value is None (0), bool (1, v), int (2, v), float (3, its IEEE bits), string (4, n, one
+  // token per byte), list (5, n, n values), tuple (6, n, n values) or tensor (7, table index).
+  // The table is a list of (ScalarType, sizes list, offset from D) tuples; the signature a list
+  // of two (sizes list, ScalarType) tuples, the input's and the output's; the calls a list of
+  // (method name, arguments list) tuples, each a call of add_op, add_packing, add_item or
+  // finish, in order. Returns the program and its signature.
+  static std::pair<c10::intrusive_ptr<Program>, c10::IValue> from_plan(const at::Tensor& plan);
 
  private:
   // A packed kernel standing in for an op step while its weights are unchanged.
@@ -82,5 +98,16 @@ struct Program : torch::CustomClassHolder {
   int64_t slot_count_ = 1;
   int64_t output_ = -1;
 };
+
+constexpr int64_t kPlanMagic = 0x314E414C50545645;  // "EVTPLAN1"
+constexpr int64_t kPlanHeader = 64;
+
+// efficientvit_cpu::program: x through the program `plan` builds (Program::from_plan), built on
+// its first call and kept. The sizes and dtypes passed must be the plan's own (the op's fake
+// reads them, not the plan). x must have the size and dtype the program
+// was captured for; the output is contiguous, of output_size and output_dtype.
+at::Tensor run_program(const at::Tensor& x, const at::Tensor& plan, at::IntArrayRef input_size,
+                       at::ScalarType input_dtype, at::IntArrayRef output_size,
+                       at::ScalarType output_dtype);
 
 }  // namespace efficientvit::cpu
