@@ -1,8 +1,8 @@
 """CPU latency: each model's forward at batch 1 (and 16) on one thread (and two), fused against
 the eager reference, ONNX Runtime on the same folded model, and the fused model as converted
 (its calls replayed in C++, cpu_replay), module by module, and in its deployment forms (its
-torch.export program replayed by cpu_graph, and that program's module, optionally an
-AOTInductor package), optionally torch.compile of the reference and of the fused model; all
+torch.export program replayed by cpu_graph, that program's module, the module of its
+export_cpu program (one op), optionally both programs as AOTInductor packages), optionally torch.compile of the reference and of the fused model; all
 timed in this process in interleaved rounds. With --timm the models are timm's (converted as users convert them; ONNX
 Runtime and the check run on the reference loaded with the same weights, folded).
 
@@ -65,11 +65,14 @@ def runners(model, name, batch, threads, args, workdir):
     if args.compile:  # a call without gradients is one op, the replay (cpu_replay)
         out["fused, torch.compile"] = torch.compile(fused)
     out["fused, exported"] = program.module()
+    one_op = K.export_cpu(program, x)  # the same program as one op
+    out["fused, export_cpu"] = one_op.module()
     if args.aoti:
-        path = os.path.join(workdir, f"{name}_b{batch}.pt2")  # one package for all threads
-        if not os.path.exists(path):
-            torch._inductor.aoti_compile_and_package(program, package_path=path)
-        out["fused, AOTInductor"] = torch._inductor.aoti_load_package(path)
+        for label, exported in (("AOTInductor", program), ("export_cpu, AOTInductor", one_op)):
+            path = os.path.join(workdir, f"{name}_b{batch}_{label}.pt2")  # one for all threads
+            if not os.path.exists(path):
+                torch._inductor.aoti_compile_and_package(exported, package_path=path)
+            out[f"fused, {label}"] = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
         ref = folded.double()(x.double())
         for label, fn in out.items():
@@ -118,7 +121,8 @@ def main(argv=None):
 
 
 # The fused model's deployed forms, each held to the fused model's speed.
-DEPLOYED = ("fused, cpu_graph", "fused, AOTInductor", "fused, torch.compile", "fused, exported")
+DEPLOYED = ("fused, cpu_graph", "fused, AOTInductor", "fused, torch.compile", "fused, exported",
+            "fused, export_cpu", "fused, export_cpu, AOTInductor")
 
 
 def markdown(meta, rows):
@@ -135,7 +139,9 @@ def markdown(meta, rows):
              + "; `fused`: the converted model as called "
              "(replayed in C++, `cpu_replay`), `fused, modules`: the same without replay, module "
              "by module, `fused, cpu_graph`: its exported program (`torch.export`) replayed by "
-             "cpu_graph, `fused, exported`: that program's `.module()`; `x ORT`: ONNX Runtime's median over the fused model's, as called, "
+             "cpu_graph, `fused, exported`: that program's `.module()`, `fused, export_cpu`: the "
+             "`.module()` of its `export_cpu` program (one op), `fused, export_cpu, "
+             "AOTInductor`: that program as an AOTInductor package; `x ORT`: ONNX Runtime's median over the fused model's, as called, "
              "module by module, replayed by cpu_graph and as an AOTInductor package (above 1: "
              "fused is faster); `/ fused`: a deployed form's median over the fused model's, as "
              "called (the goal: at most 1.10).", "",
