@@ -54,6 +54,9 @@ def runners(model, name, batch, threads, args, workdir):
     fused = K.convert(model)
     out = {"eager": model}
     if args.compile:
+        # Each row's converted models are new: without this, dynamo's recompile limit (8 frames
+        # of one function) would leave the later rows' compiled forms uncompiled.
+        torch._dynamo.reset()
         out["torch.compile"] = torch.compile(model)
     session = onnx_session(folded, x, threads)
     if session is not None:

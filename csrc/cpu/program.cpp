@@ -391,7 +391,8 @@ std::vector<c10::IValue> value_vector(const c10::IValue& list) {
 std::pair<c10::intrusive_ptr<Program>, c10::IValue> Program::from_plan(const at::Tensor& plan) {
   const c10::IValue signature_and_calls = PlanReader(plan).read();
   const c10::ArrayRef<c10::IValue> both = signature_and_calls.toListRef();
-  TORCH_CHECK_VALUE(both.size() == 2, "efficientvit_cpu.program: a plan holds a signature and calls");
+  TORCH_CHECK_VALUE(both.size() == 2,
+                    "efficientvit_cpu.program: a plan holds a signature and calls");
   auto program = c10::make_intrusive<Program>();
   for (const c10::IValue& call : both[1].toListRef()) {
     const auto& items = call.toTupleRef().elements();
@@ -445,8 +446,8 @@ struct TensorSpec {
 
 // A program built from a plan, under the plan's size and header, which holds the digest of its
 // content: a plan is written once and never changed, so two plan tensors with one header (a
-// program loaded twice, or its buffer passed as a copy) build the same program. Built again
-// after clear_packing_cache(), as the packings it holds.
+// program loaded twice, or its buffer passed as a copy) build the same program. Dropped at the
+// first call after clear_packing_cache(), as the packings it holds.
 struct BuiltProgram {
   int64_t plan_bytes = 0;
   std::array<int64_t, kPlanHeader / 8> header;
@@ -465,16 +466,19 @@ std::shared_ptr<const BuiltProgram> program_of(const at::Tensor& plan) {
   const std::array<int64_t, kPlanHeader / 8> header = PlanReader::header_of(plan);
   std::lock_guard<std::mutex> lock(mutex);
   const uint64_t clears = packing_cache_clears();
+  built.erase(std::remove_if(built.begin(), built.end(),
+                             [&](const auto& b) { return b->clears != clears; }),
+              built.end());
   for (const auto& b : built)
-    if (b->plan_bytes == plan.numel() && b->header == header && b->clears == clears) return b;
+    if (b->plan_bytes == plan.numel() && b->header == header) return b;
   // Packing reads only the plan, so it is built under the lock (once per plan).
   auto [program, signature] = Program::from_plan(plan);
   const c10::ArrayRef<c10::IValue> specs = signature.toListRef();
   TORCH_CHECK_VALUE(specs.size() == 2, "efficientvit_cpu.program: a signature of ", specs.size(),
                     " tensors");
   if (built.size() == kBuiltPrograms) built.pop_front();
-  built.push_back(std::make_shared<const BuiltProgram>(
-      BuiltProgram{plan.numel(), header, clears, program, TensorSpec(specs[0]), TensorSpec(specs[1])}));
+  built.push_back(std::make_shared<const BuiltProgram>(BuiltProgram{
+      plan.numel(), header, clears, program, TensorSpec(specs[0]), TensorSpec(specs[1])}));
   return built.back();
 }
 
