@@ -1,7 +1,8 @@
 """Replays of a (fused) model for batch-1 latency, where the cost around each op dominates:
 ``cuda_graph`` (a CUDA graph: no launch per op), ``cpu_graph`` (one C++ program: no Python
-between the ops) and ``cpu_replay`` (a model's own calls replayed as such programs, captured
-as it runs and checked against the model on every call; ``convert`` turns it on)."""
+between the ops), ``cpu_replay`` (a model's own calls replayed as such programs, captured
+as it runs and checked against the model on every call; ``convert`` turns it on) and
+``export_cpu`` (such a program as the one op of an exported graph, to save or compile)."""
 import itertools
 import operator
 import threading
