@@ -233,7 +233,7 @@ def export_cpu(module, example):
     (``torch.export.save``), load where ``efficientvit_kernels`` is imported, call (its
     ``.module()``) or compile with AOTInductor, at the speed of the converted model's own
     calls. (Exported op by op, a converted model's ``.module()`` runs each op from Python:
-    1.3-1.6x slower at batch 1.)
+    1.2-1.8x slower at batch 1.)
 
     ``module`` may also be the ``torch.export.ExportedProgram`` of one, exported for
     ``example``'s shape. The graph's one op, ``efficientvit_cpu.program``, reads one uint8

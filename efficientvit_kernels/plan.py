@@ -29,7 +29,7 @@ class _Writer:
         self.tokens = []
         self.tensors = {}  # id -> (index, tensor): a tensor named twice is written once
 
-    def value(self, v, method):
+    def value(self, v):
         t = self.tokens
         if v is None:
             t.append(NONE)
@@ -45,7 +45,7 @@ class _Writer:
         elif isinstance(v, (list, tuple)):
             t += [LIST if isinstance(v, list) else TUPLE, len(v)]
             for item in v:
-                self.value(item, method)
+                self.value(item)
         elif isinstance(v, torch.Tensor) and v.dtype in SCALAR_TYPES and v.layout == torch.strided:
             index, _ = self.tensors.setdefault(id(v), (len(self.tensors), v))
             t += [TENSOR, index]
@@ -54,8 +54,8 @@ class _Writer:
         elif isinstance(v, torch.memory_format):
             t += [INT, MEMORY_FORMATS[v]]
         else:
-            raise NotImplementedError(f"export_cpu: Program.{method} takes {v!r}, which a plan "
-                                      "cannot hold")
+            raise NotImplementedError(f"export_cpu: an op of the model takes {v!r}, which a "
+                                      "plan cannot hold")
 
 
 def _aligned(n):
@@ -68,14 +68,14 @@ def encode(calls, input, output):
     ``input`` and returns one like ``output`` (their shapes and dtypes)."""
     writer = _Writer()
     signature = [(list(t.shape), SCALAR_TYPES[t.dtype]) for t in (input, output)]
-    writer.value([signature, [(method, list(args)) for method, args in calls]], "")
+    writer.value([signature, [(method, list(args)) for method, args in calls]])
     calls_tokens, writer.tokens = writer.tokens, []
     table, blobs, data_bytes = [], [], 0
     for _, t in sorted(writer.tensors.values(), key=lambda item: item[0]):
         table.append((SCALAR_TYPES[t.dtype], list(t.shape), data_bytes))
         blobs.append((data_bytes, t.detach().contiguous().reshape(-1).view(torch.uint8)))
         data_bytes = _aligned(data_bytes + t.numel() * t.element_size())
-    writer.value(table, "")
+    writer.value(table)
     tokens = torch.tensor(writer.tokens + calls_tokens, dtype=torch.int64).view(torch.uint8)
     data_at = _aligned(HEADER_BYTES + tokens.numel())
     buffer = bytearray(data_at + data_bytes)
