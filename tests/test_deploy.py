@@ -197,6 +197,9 @@ def test_export_cpu_is_one_op_on_the_models_kernels(fused):
         torch.ops.efficientvit_cpu.program(x.double(), plan, *sizes, torch.float32)
     with pytest.raises(ValueError, match="its plan takes"):  # the op's arguments are checked
         torch.ops.efficientvit_cpu.program(x, plan, *sizes, torch.float64)
+    with torch.no_grad():  # schema, fake (meta) implementation, AOT dispatch
+        torch.library.opcheck(torch.ops.efficientvit_cpu.program.default,
+                              (x, plan, *sizes, torch.float32))
 
 
 def test_export_cpu_saved_loads_in_a_fresh_process(fused, tmp_path):
