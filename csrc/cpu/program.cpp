@@ -31,16 +31,18 @@ int64_t Program::add_step(Step step) {
 
 namespace {
 
-// A list argument as the type its schema gives it. The boxed kernels take an int[] or a
-// Tensor[] only as a list typed so, and a list read from a plan is untyped.
+// An untyped list argument (as a plan's reader makes them) as the type its schema gives it: the
+// boxed kernels take an int[] or a Tensor[] only as a list typed so. Typed lists (Python's)
+// pass as they are.
 c10::IValue as_schema_list(c10::IValue value, const c10::TypePtr& schema_type) {
   c10::TypePtr type = schema_type;
   if (const auto optional = type->cast<c10::OptionalType>()) type = optional->getElementType();
   const auto list_type = type->cast<c10::ListType>();
   if (!value.isList() || !list_type) return value;
+  c10::List<c10::IValue> list = value.toList();
+  if (list.elementType()->kind() != c10::TypeKind::AnyType) return value;
   c10::TypePtr element = list_type->getElementType();
   if (element->kind() == c10::TypeKind::SymIntType) element = c10::IntType::get();
-  c10::List<c10::IValue> list = value.toList();
   for (const c10::IValue& item : list.vec())
     TORCH_CHECK_VALUE(item.type()->isSubtypeOf(*element) ||
                           (item.isTensor() && element->kind() == c10::TypeKind::TensorType),
