@@ -207,10 +207,13 @@ def test_cuda_definition():
 # step holds (136 -> 24: a tap in two steps in the interpreter, three on a GPU); 1x1; an empty
 # batch; the Triton kernel's pairs of convolutions over several tiles of outputs, whole and cut
 # at the right and bottom (a pair, then convolutions alone; from 20 channels, more than the
-# pair kernel reduces in one step); M5's first two convolutions (24 channels: too wide to
-# pair); a convolution from fewer than 16 channels, whose (tap, channel) pairs take two of the
+# pair kernel reduces in one step); M5's first two convolutions (24 channels: a pair of the
+# wider kind, padded to 32), that kind over several tiles cut at the right and bottom (20
+# channels), and a first convolution too wide for a pair (40 channels: the chain unpaired); a
+# convolution from fewer than 16 channels, whose (tap, channel) pairs take two of the
 # interpreter's steps (135 > 128); widths whose pixel strides are multiples of 2 only (18,
-# 10), which the Triton kernel's loads and stores take as vectors of that many.
+# 10, after 40: convolutions alone), which the Triton kernel's loads and stores take as
+# vectors of that many.
 BACKEND_CASES = {
     "m4_stem": (STEM, 2, 224, 224, False, "contiguous", False),
     "odd_chain": ([3, 12, 20, 36], 2, 17, 9, False, "permuted", True),
@@ -221,9 +224,11 @@ BACKEND_CASES = {
     "pair_tiles": ([3, 12, 40, 20], 2, 61, 33, False, "contiguous", True),
     "m0_stem": ([3, 8, 16, 32, 64], 1, 45, 58, True, "channels_last", True),
     "pair_wide_input": ([20, 12, 16], 1, 19, 23, False, "strided", True),
-    "unpaired_image": ([3, 24, 48], 1, 13, 11, True, "channels_last", True),
+    "m5_pair": ([3, 24, 48], 1, 13, 11, True, "channels_last", True),
+    "wide_pair_tiles": ([3, 20, 40, 24], 2, 45, 37, False, "contiguous", True),
+    "unpaired_wide": ([3, 40, 24], 1, 13, 11, False, "channels_last", True),
     "pairs_over_steps": ([15, 20], 2, 9, 7, False, "strided", True),
-    "narrow_vectors": ([3, 24, 18, 10], 1, 13, 11, False, "channels_last", True),
+    "narrow_vectors": ([3, 40, 18, 10], 1, 13, 11, False, "channels_last", True),
 }
 
 

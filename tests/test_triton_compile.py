@@ -145,14 +145,41 @@ def test_staged_ffn_runs_on_wgmma_with_wide_loads(rows):
     assert not narrow, "\n".join(narrow)
 
 
+# Runs where TRITON_INTERPRET is unset: compiles the launches of a single stem convolution from
+# 24 channels (M5's width, which its pair kernel now takes: no model launches it alone).
+CONV_24_CHANNELS = r"""
+import json
+import torch
+from efficientvit_kernels import triton as k, triton_static as s
+
+with s.recording() as launches:
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.empty(8, 24, 56, 56, device="meta", dtype=dtype).to(memory_format=torch.channels_last)
+        w = torch.empty(48, 24, 3, 3, device="meta", dtype=dtype).to(memory_format=torch.channels_last)
+        k.patch_embed(x, [w], [torch.empty(48, device="meta", dtype=dtype)])
+print(json.dumps([s.profile(l, 90) for l in s.unique_launches(launches, 90)]))
+"""
+
+
+def _compiled_rows(script):
+    """The sm_90 profile rows of the launches ``script`` records, compiled in a process
+    without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 def test_stem_moves_16_bytes_where_strides_allow(rows):
     """Each single stem convolution in fp16/bf16 on sm_90 whose input and weights' pixels lie
-    16 bytes' multiples apart (XV=WV=8, as from 8 channels in channels-last, M5's 24 and 48
-    among them) loads 128 bits at a time, and each whose output's do (OV=8) stores so."""
-    convs = _sm90_16_bit(rows, "_conv3x3_stride2_kernel")
+    16 bytes' multiples apart (XV=WV=8, as from 8 channels in channels-last) loads 128 bits at
+    a time, and each whose output's do (OV=8) stores so: those the models launch, and one
+    from 24 channels to 48, whose strides Triton by itself sees as multiples of 8 elements."""
+    convs = _sm90_16_bit(rows, "_conv3x3_stride2_kernel") + _compiled_rows(CONV_24_CHANNELS)
     loads = [r for r in convs if " XV=8 WV=8 " in r["variant"]]
     stores = [r for r in convs if " OV=8 " in r["variant"]]
-    assert any(" CI=24 " in r["variant"] for r in loads)  # M5's second convolution
+    assert sum(" CI=24 " in r["variant"] for r in loads) == 2  # fp16, bf16
     narrow = ([f"{r['variant']}: load {r['widest_global_load_bits']}" for r in loads
                if r["widest_global_load_bits"] < 128]
               + [f"{r['variant']}: store {r['widest_global_store_bits']}" for r in stores
@@ -179,11 +206,7 @@ print(json.dumps([s.profile(l, 90) for l in s.unique_launches(launches, 90)]))
 def test_dwconv_channels_last_moves_16_bytes():
     """Channels-last with C a multiple of 16 (every EfficientViT width), the Triton dwconv
     loads and stores 128 bits at a time (its C is specialized: without, 16 or 32)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", DWCONV_CHANNELS_LAST], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout)
+    rows = _compiled_rows(DWCONV_CHANNELS_LAST)
     assert rows and all("sxc=1" in r["variant"] for r in rows)
     narrow = [f"{r['variant']}: load {r['widest_global_load_bits']}, store "
               f"{r['widest_global_store_bits']}" for r in rows

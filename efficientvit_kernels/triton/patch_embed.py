@@ -107,10 +107,14 @@ def _conv3x3_stride2_kernel(x_ptr, w_ptr, b_ptr, out_ptr, CO, H, W, OW, OHW, pix
 # outputs need, for the halo), and each tap of the second gathers its rows from them on chip.
 PAIR_TILE = 7
 PAIR_REGION = 256
-# The widths a pair holds: the first convolution's output (REGION rows in registers; at 32
-# channels, fp16 takes 148-184 registers, one block, and fp32 spills) and the second's, all in
-# one program. Every model's first two convolutions fit but M5's (24 channels, then 48).
-PAIR_MAX_MID = 16
+# The first convolution's widths (padded) a pair takes, and its program's warps: the region's
+# rows stay in registers. On sm_90, fp16: at 16 channels 73-90 registers a thread on 8 warps
+# (two or three blocks a multiprocessor); at 32, 138 on 8 warps (one block), 76-85 on 16 (one
+# block of as many warps; 5x5 tiles on 8 warps took 104, two blocks, but each program reads
+# the weights of both convolutions, 22 KB at M5's widths, for half the outputs). Wider, a
+# chain runs convolution by convolution. At 32: M5's first convolution (24 channels) and
+# M0's third (32).
+PAIR_WARPS = {16: 8, 32: 16}
 PAIR_MAX_OUT = 64
 
 
@@ -146,6 +150,7 @@ def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
     TILE outputs of one image (all CO channels)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     SIDE: tl.constexpr = 2 * TILE + 1  # the region's side, in conv1 outputs
+    tl.static_assert(SIDE * SIDE <= REGION, "the region must hold every row the taps read")
     HALF: tl.constexpr = REGION // 2
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
@@ -166,7 +171,9 @@ def _conv3x3_stride2_pair_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
     n = tl.arange(0, BN)
     nmask = n < CO
     acc = tl.zeros([BP, BN], dtype=tl.float32)
-    for t in tl.static_range(9):
+    # Unrolled, the taps share their index arithmetic (a third fewer instructions at 16
+    # channels); at 32 that spills on 16 warps, where the loop takes 76-85 registers.
+    for t in tl.range(0, 9, loop_unroll_factor=9 if C1P <= 16 else 1):
         # tap (t // 3, t % 3) of output (oy, ox) reads conv1 output (2 oy - 1 + t // 3, ...):
         # region row 2 py + t // 3, column 2 px + t % 3, in one of the halves
         src = tl.where(p < TILE * TILE, (2 * py + t // 3) * SIDE + 2 * px + t % 3, 0)
@@ -234,7 +241,8 @@ def _conv3x3_stride2_pair(x, weights, biases, relu, out):
     # fp32 reduces 16 a step: 32 (FMA operands in registers) spills on sm_80
     BK = _reduction_step(CI, 16 if x.dtype == torch.float32 else 32)
     kwargs = dict(CI=CI, TILE=PAIR_TILE, REGION=PAIR_REGION, BP=padded(PAIR_TILE * PAIR_TILE),
-                  BK=BK, C1P=padded(C1), BN=padded(CO), RELU=bool(relu), num_warps=8)
+                  BK=BK, C1P=padded(C1), BN=padded(CO), RELU=bool(relu),
+                  num_warps=PAIR_WARPS[padded(C1)])
     _conv3x3_stride2_pair_kernel[(B * tiles,)](
         *args, **launch_kwargs(_conv3x3_stride2_pair_kernel, args, kwargs))
 
@@ -257,7 +265,7 @@ def patch_embed(x, weights, biases, final_relu=False):
     i = 0
     while i <= last:
         # two convolutions at once where the first's output fits a pair program's registers
-        pair = (i < last and weights[i].shape[0] <= PAIR_MAX_MID
+        pair = (i < last and padded(weights[i].shape[0]) <= max(PAIR_WARPS)
                 and weights[i + 1].shape[0] <= PAIR_MAX_OUT)
         j = i + 1 if pair else i  # the last convolution of this launch
         y = out if j == last else ops.empty_output(
