@@ -130,17 +130,38 @@ def unaligned_channels_last(x):
     return out
 
 
-def run_dwconv_unaligned(ops, dtype):
-    """16 channels last, as k3_cl_packs, but x not 16-byte aligned: one channel per thread."""
+def unaligned_tap_major(weight):
+    """weight (C, K, K) as a view of tap-major (K, K, C) storage that starts one element past a
+    16-byte boundary (a contiguous view of the layout the kernel reads)."""
+    C, K, _ = weight.shape
+    storage = torch.empty(weight.numel() + 1, dtype=weight.dtype)[1:]
+    out = storage.view(K, K, C).permute(2, 0, 1)
+    out.copy_(weight)
+    assert out.permute(1, 2, 0).is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+# What is not 16-byte aligned: x (then one channel per thread), or the weights' tap-major view
+# (x aligned: 16-byte packs, from the kernel's own aligned copy of the weights)
+DWCONV_UNALIGNED = {"unaligned": "x", "unaligned_weights": "weights"}
+
+
+def run_dwconv_unaligned(ops, dtype, case="unaligned"):
+    """16 channels last, as k3_cl_packs, with x or the weights not 16-byte aligned."""
     weight, bias = random_dwconv_params(16, 3, dtype=dtype)
-    x = unaligned_channels_last(random_input(2, 16, 5, 3, dtype=dtype))
+    x = random_input(2, 16, 5, 3, dtype=dtype)
+    if DWCONV_UNALIGNED[case] == "x":
+        x = unaligned_channels_last(x)
+    else:
+        x, weight = x.to(memory_format=torch.channels_last), unaligned_tap_major(weight)
     out = ops.dwconv(x, weight, bias, True, True, FORWARD, 0)
     return out, functional.dwconv(x.double(), weight.double(), bias.double(), True, True)
 
 
 @DTYPES
-def test_dwconv_emul_unaligned(emul, dtype):
-    check(*run_dwconv_unaligned(emul, dtype), dtype)
+@pytest.mark.parametrize("case", list(DWCONV_UNALIGNED))
+def test_dwconv_emul_unaligned(emul, case, dtype):
+    check(*run_dwconv_unaligned(emul, dtype, case), dtype)
 
 
 # ffn cases: (C, M, B, H, W, channels_last, residual, smem_target or None)
@@ -227,6 +248,10 @@ MUTANTS = {
                             "is not 16-byte aligned", ("cga unaligned",)),
     "dwconv_unaligned_packs": ("dwconv.cuh", "C % V == 0 && aligned16(x) &&", "C % V == 0 &&",
                                "is not 16-byte aligned", ("dwconv unaligned",)),
+    # the weights' tap-major view read in place, not copied
+    "dwconv_taps_in_place": ("dwconv.cuh", "return taps.copy_(weight.permute({1, 2, 0}));",
+                             "return weight.permute({1, 2, 0}).contiguous();",
+                             "is not 16-byte aligned", ("dwconv unaligned_weights",)),
 }
 CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -278,7 +303,7 @@ def emulated_checks(ops, name):
                 elif op == "ffn":
                     check(*run_ffn(ops, FFN_CASES[case], dtype), dtype)
                 else:
-                    check(*run_dwconv_unaligned(ops, dtype), dtype)
+                    check(*run_dwconv_unaligned(ops, dtype, case), dtype)
             except (AssertionError, RuntimeError) as e:
                 failures.append(f"{run} {dtype}: {str(e).splitlines()[0]}")
     return failures

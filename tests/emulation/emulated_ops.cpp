@@ -74,11 +74,12 @@ at::Tensor dwconv(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   at::Tensor out = poisoned_output(x, format);
   if (out.numel() == 0) return out;
 
-  const at::Tensor xc = x.contiguous(format), wc = weight.contiguous(), bc = bias.contiguous();
+  const at::Tensor xc = x.contiguous(format), taps = dwconv_taps(weight),
+                   bc = bias.contiguous();
   const DwconvLaunch plan = plan_dwconv(xc, format, out);
   EFFICIENTVIT_DISPATCH(x.scalar_type(), "efficientvit_dwconv_emulated", [&] {
     using T = scalar_t;
-    const DwconvArgs<T> args = dwconv_args<T>(plan, xc, format, out, wc, bc, relu, residual);
+    const DwconvArgs<T> args = dwconv_args<T>(plan, xc, format, out, taps, bc, relu, residual);
     emulation::launch(dwconv_kernel_for<T>(plan), plan.blocks, kThreads, 0, args,
                       static_cast<Order>(order), static_cast<unsigned>(seed));
   });
