@@ -72,9 +72,10 @@ DWCONV_SIZES = [(14, 14), full(7, 5), (1, 1), full(4, 9)]
 FFN_CHANNELS = [(64, 128), full(144, 288), (384, 768), (20, 7)]
 FFN_SIZES = [(2, 14, 14), full(1, 5, 3), full(16, 4, 4)]
 # The stem's and PatchMerging's ops, Triton only (backend "cuda" runs their PyTorch definition):
-# M4's and M5's stems, a chain of widths that are not whole tiles; M4's first PatchMerging
-# (its first convolution with the depthwise one, its last), odd widths with and without.
-PATCH_EMBED_CHANNELS = [[3, 16, 32, 64, 128], full([3, 24, 48, 96, 192]), [3, 12, 20]]
+# M4's and M5's stems, a pair of widths that are not whole tiles (from 20 channels: the pair
+# kernel's 16-warp variant, as M5's stem runs it); M4's first PatchMerging (its first
+# convolution with the depthwise one, its last), odd widths with and without.
+PATCH_EMBED_CHANNELS = [[3, 16, 32, 64, 128], full([3, 24, 48, 96, 192]), [3, 20, 12]]
 CONV1X1_CHANNELS = [(128, 512, True), (512, 256, False), (20, 36, True), full(36, 20, False)]
 SQUEEZE_EXCITE_CHANNELS = [(512, 128), full(1536, 384), (20, 5)]
 layouts = pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
