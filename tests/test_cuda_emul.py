@@ -250,7 +250,7 @@ MUTANTS = {
                                "is not 16-byte aligned", ("dwconv unaligned",)),
     # the weights' tap-major view read in place, not copied
     "dwconv_taps_in_place": ("dwconv.cuh", "return taps.copy_(weight.permute({1, 2, 0}));",
-                             "return weight.permute({1, 2, 0}).contiguous();",
+                             "return weight.permute({1, 2, 0}).contiguous().to(at::kFloat);",
                              "is not 16-byte aligned", ("dwconv unaligned_weights",)),
 }
 CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -6,9 +6,9 @@
 // loaded by nearby threads and come from L1/L2, so device memory sees x once and out once.
 // Channels-last with C a multiple of 16 bytes' worth: V fills 16 bytes, every access of x and
 // out is one 128-bit load or store, and the index arithmetic (divisions) is paid once per V
-// outputs, outside the K*K loop. Otherwise V = 1. The kernel reads the weights tap-major
-// (dwconv_taps): a tap's V weights are one 128-bit load too, where channel-major they lie K*K
-// apart (V 16-bit loads and conversions a tap).
+// outputs, outside the K*K loop. Otherwise V = 1. The kernel reads the weights tap-major and in
+// fp32 (dwconv_taps): a tap's V weights are one or two 128-bit loads and no conversions, where
+// channel-major in T they were V 16-bit loads, 9 elements apart, each converted.
 #pragma once
 
 #include <algorithm>
@@ -24,7 +24,7 @@ namespace {
 template <class T>
 struct DwconvArgs {
   global_ptr<const T> x;
-  global_ptr<const T> weight;  // (K, K, C): dwconv_taps
+  global_ptr<const float> weight;  // (K, K, C) fp32: dwconv_taps
   global_ptr<const T> bias;
   global_ptr<T> out;
   int64_t total;
@@ -65,9 +65,9 @@ __global__ void __launch_bounds__(kThreads) dwconv_kernel(const DwconvArgs<T> p)
         const I xx = x + kx - pad;
         if (xx < 0 || xx >= W) continue;
         const Pack<T, V> in = load_pack<T, V>(plane + (yy * sh + xx * sw));
-        const Pack<T, V> w = load_pack<T, V>(p.weight + ((ky * K + kx) * C + c));
+        const Pack<float, V> w = load_pack<float, V>(p.weight + ((ky * K + kx) * C + c));
 #pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] += to_float(w.v[v]) * to_float(in.v[v]);
+        for (int v = 0; v < V; ++v) acc[v] += w.v[v] * to_float(in.v[v]);
       }
     }
     Pack<T, V> result;
@@ -113,10 +113,11 @@ DwconvKernel<T> dwconv_kernel_for(const DwconvLaunch& l) {
   return l.wide ? dwconv_kernel<T, int64_t, 1> : dwconv_kernel<T, int32_t, 1>;
 }
 
-// The weights (C, K, K) as the kernel reads them: (K, K, C), always a new tensor, so that its
-// packs are 16-byte aligned (a contiguous view of tap-major weights might not be).
+// The weights (C, K, K) as the kernel reads them: (K, K, C) in fp32 (exact for fp16 and bf16),
+// always a new tensor, so that its packs are aligned (a contiguous view might not be).
 inline at::Tensor dwconv_taps(const at::Tensor& weight) {
-  at::Tensor taps = at::empty({weight.size(1), weight.size(2), weight.size(0)}, weight.options());
+  at::Tensor taps = at::empty({weight.size(1), weight.size(2), weight.size(0)},
+                              weight.options().dtype(at::kFloat));
   return taps.copy_(weight.permute({1, 2, 0}));
 }
 
@@ -126,7 +127,7 @@ DwconvArgs<T> dwconv_args(const DwconvLaunch& l, const at::Tensor& x, at::Memory
                           at::Tensor& out, const at::Tensor& taps, const at::Tensor& bias,
                           bool relu, bool residual) {
   return {in_ptr<T>(x, "x"),
-          in_ptr<T>(taps, "weight"),
+          in_ptr<float>(taps, "weight"),
           in_ptr<T>(bias, "bias"),
           out_ptr<T>(out, "out"),
           l.total,
