@@ -329,7 +329,8 @@ def _fmt(value, spec):
 
 
 def _ratio(a, b):
-    return "-" if a is None or b is None else f"{a / b:.2f}x"
+    """a / b, or "-" where either is missing or b is 0 (a kind predicted to cost nothing)."""
+    return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
 def render(lines):

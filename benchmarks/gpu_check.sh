@@ -3,16 +3,20 @@
 # kernels for that GPU, run the GPU tests, compute-sanitizer (memcheck, racecheck) on one small
 # call of every kernel (CUDA and Triton), then time whole models (bench_models_gpu.py).
 # Quick by default: at most about 6.5 minutes, build included. --full: every test, M0-M5 with
-# torch.compile max-autotune, and bench_gpu.py's layer table (an hour or two).
+# torch.compile max-autotune, and bench_gpu.py's layer table (an hour or two). --profile: the
+# build, then Nsight Compute's counters for each kernel of one M0 forward per backend
+# (gpu_profile.py; about 5 minutes). --tests EXPR runs only the GPU tests pytest's -k EXPR
+# selects.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh [--full]
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh [--full | --profile] [--tests EXPR]
 #
 # Every step runs under `timeout`: its budget (BUDGET below) plus what the steps before it left
 # unused, so the run ends by the sum of the budgets. A step out of time is TIMEOUT, and the run
 # goes on where that makes sense (no tests without a GPU or a build).
 # Written as it comes: $OUT/env.txt (the machine, first), $OUT/<step>.log, $OUT/summary.tsv (a
 # line per finished step), $OUT/tests.xml, $OUT/models.jsonl (a line per measurement),
-# $OUT/warm-up.log; at the end $OUT/models.md and $OUT/summary.md. Printed last: failures in
+# $OUT/warm-up.log; at the end $OUT/models.md and $OUT/summary.md, and all but those tables
+# packed into $OUT/logs.tar.gz (a lent machine returns at most 8 files). Printed last: failures in
 # brief, the summary table (step | result | seconds), then the speed table. Exit status 0 only
 # when every step passed.
 # shellcheck disable=SC2317  # the step functions run in `bash -c` (export -f), out of its sight
@@ -20,16 +24,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
 MODE=quick
-case "${1:-}" in
-  --full) MODE=full ;;
-  "") ;;
-  *) echo "usage: OUT=DIR bash benchmarks/gpu_check.sh [--full]" >&2; exit 2 ;;
-esac
+TESTS=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --full) MODE=full ;;
+    --profile) MODE=profile ;;
+    --tests) TESTS=${2:?--tests needs an expression}; shift ;;
+    *) echo "usage: OUT=DIR bash benchmarks/gpu_check.sh [--full | --profile] [--tests EXPR]" >&2
+       exit 2 ;;
+  esac
+  shift
+done
 OUT=${OUT:-benchmarks/results/gpu_check_$(date +%F)}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-rm -f "$OUT/summary.tsv" "$OUT/models.md" "$OUT/models.jsonl" "$OUT/tests.xml"
-export OUT PY MODE PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+rm -f "$OUT/summary.tsv" "$OUT/models.md" "$OUT/models.jsonl" "$OUT/tests.xml" "$OUT/logs.tar.gz"
+export OUT PY MODE TESTS PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # One Triton cache for every step (not under $OUT, which comes back): the smoke run fills it,
 # so the sanitizer runs spend their time on the kernels, not on compiling them.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/efficientvit_gpu_check/triton}
@@ -45,6 +55,10 @@ declare -A BUDGET
 if [ "$MODE" = quick ]; then
   BUDGET=([env]=25 [build]=115 [tests]=100 [smoke]=25 [memcheck]=30 [racecheck]=30 [models]=65)
   MODEL_ARGS=()
+elif [ "$MODE" = profile ]; then
+  # profile: about 40 s per backend under ncu once Triton has compiled (~20 s for M0)
+  STEPS=(env build tests profile)
+  BUDGET=([env]=20 [build]=100 [tests]=30 [profile]=150)
 else
   STEPS+=(layers)
   BUDGET=([env]=30 [build]=600 [tests]=1800 [smoke]=120 [memcheck]=600 [racecheck]=600
@@ -166,19 +180,85 @@ run_tests() {
   need pytest
   # -v: a line per test as it ends, so a run stopped by SIGKILL still shows what failed
   local args=(-v -p no:cacheprovider -rf --durations=15 "--junitxml=$OUT/tests.xml")
-  if [ "$MODE" = quick ]; then args+=(-m "not gpu_full"); fi
+  if [ "$MODE" != full ]; then args+=(-m "not gpu_full"); fi
+  if [ -n "$TESTS" ]; then args+=(-k "$TESTS"); fi
   if "$PY" -c "import xdist" 2>/dev/null; then
     args+=(-n "$(($(nproc) < 16 ? $(nproc) : 16))")
   fi
   "$PY" -m pytest "${args[@]}" tests/test_gpu.py
 }
-export -f env_facts need build_ext run_tests
+# Nsight Compute's counters for each kernel of one M0 forward (gpu_profile.py), a backend at a
+# time, each to $OUT/ncu_<backend>.csv (one row per kernel). Clocks as found (METHOD: never
+# change them). The sections: time and throughput, launch shape, occupancy, stall reasons,
+# memory traffic; the metric: instructions executed, for the static profile's counts.
+profile_kernels() {
+  local ncu backend rc=0
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null |
+    head -n 1)
+  for backend in cuda triton eager; do
+    "$ncu" --clock-control none --profile-from-start off --csv --page raw \
+      --section SpeedOfLight --section LaunchStats --section Occupancy \
+      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --metrics smsp__inst_executed.sum \
+      --log-file "$OUT/ncu_$backend.csv" \
+      "$PY" benchmarks/gpu_profile.py --model m0 --batch 256 --backend "$backend" || rc=1
+  done
+  return $rc
+}
+export -f env_facts need build_ext run_tests profile_kernels
 
 # SIGINT stops pytest cleanly (its summary, tests.xml), unless this shell started with SIGINT
 # ignored (a background job without job control), which every child inherits: then SIGTERM.
 SIGIGN=$(awk '/^SigIgn/ {print $2}' /proc/$$/status 2>/dev/null)
 STOP_TESTS=INT
 if [ $((0x${SIGIGN:-0} >> 1 & 1)) = 1 ]; then STOP_TESTS=TERM; fi
+
+# The quick and full modes' steps after the tests: smoke, the sanitizers, the models (and the
+# layers in full), with the warm-up beside the first three.
+check_and_time() {
+  local tool t
+  # Beside the smoke and sanitizer steps, which barely use the GPU, a run of what the models
+  # step will compile (the fused models' Triton kernels, torch.compile) fills the caches on
+  # disk, so that the models step spends its budget measuring. It is stopped, with its compile
+  # workers (its own process group), before the models step starts timing.
+  WARM_START=$(date +%s)
+  TORCHINDUCTOR_COMPILE_THREADS=$(($(nproc) / 2 + 1)) "$PY" benchmarks/bench_models_gpu.py \
+    --warm-up "${MODEL_ARGS[@]}" >"$OUT/warm-up.log" 2>&1 &
+  WARM=$!
+  # The Triton autotuning results are cached too in the smoke and sanitizer runs only (the
+  # tests' runs share the GPU; the models step autotunes afresh).
+  run smoke TERM "$(time_left smoke)" env TRITON_CACHE_AUTOTUNING=1 \
+    "$PY" benchmarks/bench_gpu.py --smoke
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    if [ ! -x "$SANITIZER" ]; then
+      record "$tool" "FAILED (compute-sanitizer not found)" 0
+      continue
+    fi
+    # Only this library's kernels are instrumented (torch's own would only slow the run): the
+    # CUDA ones by their namespace, the Triton ones by name; a kernel matching any of the
+    # --kernel-name filters is checked. Without torch's caching allocator each tensor is its own
+    # allocation, so memcheck sees an access past a tensor's end, not into a neighbour's.
+    run "$tool" TERM "$(time_left "$tool")" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      TRITON_CACHE_AUTOTUNING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+      --kernel-name kns=efficientvit --kernel-name kns=_cga_kernel \
+      --kernel-name kns=_dwconv_kernel --kernel-name kns=_ffn_kernel \
+      --kernel-name kns=_ffn_staged_kernel --kernel-name kns=_conv3x3_stride2_kernel \
+      --kernel-name kns=_conv3x3_stride2_pair_kernel \
+      --kernel-name kns=_conv1x1_kernel --kernel-name kns=_squeeze_excite_gate_kernel \
+      --kernel-name kns=_channel_mean_kernel --kernel-name kns=_channel_scale_kernel \
+      "$PY" benchmarks/bench_gpu.py --smoke
+  done
+  stop_warm_up
+  # The script stops its own measurements 15 s before the step's end, to write its tables.
+  t=$(time_left models)
+  run models TERM "$t" "$PY" benchmarks/bench_models_gpu.py --out "$OUT/models" \
+    --budget "$((t > 20 ? t - 15 : 5))" "${MODEL_ARGS[@]}"
+  if [ "$MODE" = full ]; then
+    run layers TERM "$(time_left layers)" "$PY" benchmarks/bench_gpu.py \
+      --out "$OUT/bench_gpu.json"
+  fi
+}
 
 # (steps)
 if run env TERM "$(time_left env)" bash -c env_facts; then
@@ -191,46 +271,10 @@ if run env TERM "$(time_left env)" bash -c env_facts; then
   if [ "${RESULT[build]}" = ok ] ||
     timeout 60 "$PY" -c "import efficientvit_kernels" 2>/dev/null; then
     run tests "$STOP_TESTS" "$(time_left tests)" bash -c run_tests
-    # Beside the smoke and sanitizer steps, which barely use the GPU, a run of what the models
-    # step will compile (the fused models' Triton kernels, torch.compile) fills the caches on
-    # disk, so that the models step spends its budget measuring. It is stopped, with its compile
-    # workers (its own process group), before the models step starts timing.
-    WARM_START=$(date +%s)
-    TORCHINDUCTOR_COMPILE_THREADS=$(($(nproc) / 2 + 1)) "$PY" benchmarks/bench_models_gpu.py \
-      --warm-up "${MODEL_ARGS[@]}" >"$OUT/warm-up.log" 2>&1 &
-    WARM=$!
-    # The Triton autotuning results are cached too in the smoke and sanitizer runs only (the
-    # tests' runs share the GPU; the models step autotunes afresh).
-    run smoke TERM "$(time_left smoke)" env TRITON_CACHE_AUTOTUNING=1 \
-      "$PY" benchmarks/bench_gpu.py --smoke
-    SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-    for tool in memcheck racecheck; do
-      if [ ! -x "$SANITIZER" ]; then
-        record "$tool" "FAILED (compute-sanitizer not found)" 0
-        continue
-      fi
-      # Only this library's kernels are instrumented (torch's own would only slow the run): the
-      # CUDA ones by their namespace, the Triton ones by name; a kernel matching any of the
-      # --kernel-name filters is checked. Without torch's caching allocator each tensor is its own
-      # allocation, so memcheck sees an access past a tensor's end, not into a neighbour's.
-      run "$tool" TERM "$(time_left "$tool")" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        TRITON_CACHE_AUTOTUNING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
-        --kernel-name kns=efficientvit --kernel-name kns=_cga_kernel \
-        --kernel-name kns=_dwconv_kernel --kernel-name kns=_ffn_kernel \
-        --kernel-name kns=_ffn_staged_kernel --kernel-name kns=_conv3x3_stride2_kernel \
-        --kernel-name kns=_conv3x3_stride2_pair_kernel \
-        --kernel-name kns=_conv1x1_kernel --kernel-name kns=_squeeze_excite_gate_kernel \
-        --kernel-name kns=_channel_mean_kernel --kernel-name kns=_channel_scale_kernel \
-        "$PY" benchmarks/bench_gpu.py --smoke
-    done
-    stop_warm_up
-    # The script stops its own measurements 15 s before the step's end, to write its tables.
-    t=$(time_left models)
-    run models TERM "$t" "$PY" benchmarks/bench_models_gpu.py --out "$OUT/models" \
-      --budget "$((t > 20 ? t - 15 : 5))" "${MODEL_ARGS[@]}"
-    if [ "$MODE" = full ]; then
-      run layers TERM "$(time_left layers)" "$PY" benchmarks/bench_gpu.py \
-        --out "$OUT/bench_gpu.json"
+    if [ "$MODE" = profile ]; then
+      run profile TERM "$(time_left profile)" bash -c profile_kernels
+    else
+      check_and_time
     fi
   else
     for s in "${STEPS[@]:2}"; do skip "$s" "no build"; done
@@ -282,6 +326,12 @@ fi
     grep -E '^\|.*\| float16 \|' "$OUT/bench_gpu.md"
   fi
 } | tee "$OUT/summary.md"
+
+# At most 8 files come back from a lent machine: the tables stay as they are, everything else
+# (env.txt, the logs, tests.xml, summary.tsv, ncu_*.csv) goes into logs.tar.gz.
+(cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.md ! -name 'models.*' \
+  ! -name 'bench_gpu.*' ! -name logs.tar.gz ! -name .packed -printf '%P\n' | sort >.packed &&
+  tar -czf logs.tar.gz -T .packed && xargs rm -f <.packed && rm -f .packed)
 
 for s in "${STEPS[@]}"; do
   [ "${RESULT[$s]:-}" = ok ] || exit 1

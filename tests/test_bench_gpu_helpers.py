@@ -251,6 +251,26 @@ def test_report_has_the_op_table():
     text = B.render(lines)
     assert "| ffn | 1.000 | 3.000 | 1.500 | 2.00x | 0.250 |" in text
     assert "| forward | 6.500 | 6.500 | - | - | - |" in text
+    # a kind predicted to cost nothing (Triton's dwconv runs inside the FFN): no ratio, no error
+    lines[-1]["predicted_ms"]["dwconv"] = 0.0
+    assert "| dwconv | 1.000 | 1.000 | 0.000 | - | 0.250 |" in B.render(lines)
+
+
+def test_ncu_table_of_the_first_gpu_profile():
+    """benchmarks/ncu_table.py on the committed counters of the H200's M0 forward (batch 256):
+    every launch counted once, the largest total first."""
+    import ncu_table
+    path = os.path.join(ROOT, "benchmarks", "results", "gpu_profile_2026-12-04", "ncu_cuda.csv.gz")
+    launches, units = ncu_table.read(path)
+    rows = ncu_table.rows(launches, units)
+    assert len(launches) == 96 and sum(r["launches"] for _, r in rows) == 96
+    (name, grid), top = rows[0]
+    assert name == "efficientvit::<unnamed>::ffn_kernel<c10::Half>" and top["launches"] == 7
+    assert [r["us"] for _, r in rows] == sorted((r["us"] for _, r in rows), reverse=True)
+    assert sum(r["us"] for _, r in rows) == pytest.approx(2481.1, abs=0.1)
+    text = ncu_table.table(path)
+    assert "| `efficientvit::<unnamed>::cga_kernel<c10::Half>` | 1 | 329.2 |" in text
+    assert "wait 2.5, barrier 1.2, selected 1.0" in text  # the three largest stall reasons
 
 
 def test_gpu_predict_prints_every_kind_without_a_gpu():
