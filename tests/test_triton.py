@@ -47,6 +47,11 @@ def test_fp16_in_interpreter():
     # the stem's and PatchMerging's ops (ffn's parameters serve squeeze-excite and conv1x1)
     ref = functional.squeeze_excite(*(t.double() for t in (x, *ffn)))
     assert_close(kernels.squeeze_excite(x, *ffn), ref)
+    # its gates in 64-channel steps, the last partial, and images for two programs of 16
+    se = [to_device(t, dtype) for t in random_ffn_params(136, 34, seed=3)]
+    xs = to_device(random_input(18, 136, 3, 2, channels_last=True), dtype)
+    ref = functional.squeeze_excite(*(t.double() for t in (xs, *se)))
+    assert_close(kernels.squeeze_excite(xs, *se), ref)
     conv = [*ffn[:2], *(to_device(t, dtype) for t in random_dwconv_params(88))]
     ref = functional.conv1x1(*(t.double() for t in (x, *conv[:2])), True, *(t.double() for t in conv[2:]))
     assert_close(kernels.conv1x1(x, *conv[:2], True, *conv[2:]), ref)

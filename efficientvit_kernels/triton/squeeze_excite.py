@@ -41,7 +41,10 @@ def _channel_mean_kernel(x_ptr, out_ptr, C, HW, W, sxb, sxc, sxh, sxw,
 def _squeeze_excite_gate_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, B, C, R,
                                 IB: tl.constexpr, RP: tl.constexpr, BC: tl.constexpr):
     """out (B, C) fp32: the gates of the means x (B, C) fp32 of images IB * program_id .. + IB,
-    channels BC at a time. The products are fp32 (IEEE), as the means are."""
+    channels BC at a time. The products take operands of the weights' dtype (fp32: IEEE;
+    fp16/bf16: the means and the hidden layer rounded to it, as the model's own linear layers
+    round them) and sum in fp32."""
+    DT: tl.constexpr = w1_ptr.dtype.element_ty
     image = tl.program_id(0) * IB + tl.arange(0, IB)
     imask = image < B
     rows = image.to(tl.int64)[:, None] * C
@@ -54,14 +57,14 @@ def _squeeze_excite_gate_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, 
         mean = tl.load(x_ptr + rows + c[None, :], mask=imask[:, None] & cmask[None, :], other=0.0)
         w1 = tl.load(w1_ptr + r[None, :] * C + c[:, None], mask=cmask[:, None] & rmask[None, :],
                      other=0.0)
-        hidden += mm(mean, w1, tl.float32)
+        hidden += mm(mean, w1, DT)
     hidden = relu(hidden + tl.load(b1_ptr + r, mask=rmask, other=0.0).to(tl.float32)[None, :])
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         cmask = c < C
         w2 = tl.load(w2_ptr + c[None, :] * R + r[:, None], mask=rmask[:, None] & cmask[None, :],
                      other=0.0)
-        gate = mm(hidden, w2, tl.float32)
+        gate = mm(hidden, w2, DT)
         gate += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows + c[None, :], 1.0 / (1.0 + tl.exp(-gate)),
                  mask=imask[:, None] & cmask[None, :])
@@ -99,14 +102,19 @@ def squeeze_excite(x, w1, b1, w2, b2):
     means = torch.empty(B, C, dtype=torch.float32, device=x.device)
     _channel_mean_kernel[(B, triton.cdiv(C, BC))](
         x, means, C, H * W, W, *x.stride(), BP=BP, BC=BC, FLAT=flat_pixels(x), num_warps=4)
-    # 16 channels a step, no loads ahead (num_stages=1): the fp32 products on CUDA cores hold
-    # the (channels x hidden) weight tile beside the (images x hidden) result; so every width
-    # of M0-M5 leaves room for two blocks (32 channels took 255 registers and spilled)
+    # A program's steps are a chain: each waits on its loads and products (an H200 measured
+    # about 3 us a step in fp32). fp32: 16 channels a step, no loads ahead (num_stages=1), as
+    # the IEEE products on CUDA cores hold the (channels x hidden) weight tile beside the
+    # (images x hidden) result (32 channels took 255 registers and spilled). fp16/bf16: tensor
+    # cores, 64 channels a step and the next step's loads in flight: a quarter of the steps.
     RP = padded(R)
     gates = torch.empty_like(means)
     args = (means, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), gates, B,
             C, R)
-    kwargs = dict(IB=IMAGES, RP=RP, BC=16, num_warps=8, num_stages=1)
+    if x.dtype == torch.float32:
+        kwargs = dict(IB=IMAGES, RP=RP, BC=16, num_warps=8, num_stages=1)
+    else:
+        kwargs = dict(IB=IMAGES, RP=RP, BC=64, num_warps=8, num_stages=2)
     _squeeze_excite_gate_kernel[(triton.cdiv(B, IMAGES),)](
         *args, **launch_kwargs(_squeeze_excite_gate_kernel, args, kwargs))
     BP = BC = 64
