@@ -6,9 +6,10 @@
 # torch.compile max-autotune, and bench_gpu.py's layer table (an hour or two). --profile: the
 # build, then Nsight Compute's counters for each kernel of one M0 forward per backend
 # (gpu_profile.py; about 5 minutes). --tests EXPR runs only the GPU tests pytest's -k EXPR
-# selects.
+# selects; --gdb runs them in one process under cuda-gdb, which prints the native backtrace of
+# a crash (a segmentation fault) to tests.log.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh [--full | --profile] [--tests EXPR]
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh [--full | --profile] [--tests EXPR [--gdb]]
 #
 # Every step runs under `timeout`: its budget (BUDGET below) plus what the steps before it left
 # unused, so the run ends by the sum of the budgets. A step out of time is TIMEOUT, and the run
@@ -25,12 +26,14 @@ cd "$(dirname "$0")/.." || exit 2
 
 MODE=quick
 TESTS=
+GDB=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) MODE=full ;;
     --profile) MODE=profile ;;
     --tests) TESTS=${2:?--tests needs an expression}; shift ;;
-    *) echo "usage: OUT=DIR bash benchmarks/gpu_check.sh [--full | --profile] [--tests EXPR]" >&2
+    --gdb) GDB=1 ;;
+    *) echo "usage: OUT=DIR bash benchmarks/gpu_check.sh [--full | --profile] [--tests EXPR [--gdb]]" >&2
        exit 2 ;;
   esac
   shift
@@ -39,7 +42,7 @@ OUT=${OUT:-benchmarks/results/gpu_check_$(date +%F)}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 rm -f "$OUT/summary.tsv" "$OUT/models.md" "$OUT/models.jsonl" "$OUT/tests.xml" "$OUT/logs.tar.gz"
-export OUT PY MODE TESTS PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export OUT PY MODE TESTS GDB PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # One Triton cache for every step (not under $OUT, which comes back): the smoke run fills it,
 # so the sanitizer runs spend their time on the kernels, not on compiling them.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/efficientvit_gpu_check/triton}
@@ -182,6 +185,14 @@ run_tests() {
   local args=(-v -p no:cacheprovider -rf --durations=15 "--junitxml=$OUT/tests.xml")
   if [ "$MODE" != full ]; then args+=(-m "not gpu_full"); fi
   if [ -n "$TESTS" ]; then args+=(-k "$TESTS"); fi
+  if [ "$GDB" = 1 ]; then
+    local gdb
+    gdb=$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)
+    # one process (no xdist workers), stopped where it faults; bt: where, native frames
+    "$gdb" -q -batch -ex run -ex bt -ex "info registers rip" --args \
+      "$PY" -m pytest "${args[@]}" -p no:xdist tests/test_gpu.py
+    return
+  fi
   if "$PY" -c "import xdist" 2>/dev/null; then
     args+=(-n "$(($(nproc) < 16 ? $(nproc) : 16))")
   fi
