@@ -43,28 +43,32 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 rm -f "$OUT/summary.tsv" "$OUT/models.md" "$OUT/models.jsonl" "$OUT/tests.xml" "$OUT/logs.tar.gz"
 export OUT PY MODE TESTS GDB PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# One Triton cache for every step (not under $OUT, which comes back): the smoke run fills it,
-# so the sanitizer runs spend their time on the kernels, not on compiling them.
+# One Triton cache for every step (not under $OUT, which comes back): the compile step fills it,
+# so the later steps spend their time on the kernels, not on compiling them.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/efficientvit_gpu_check/triton}
 
 # Budgets in seconds; quick: 390 in all, so that the run ends within 6.5 minutes. env: torch's
-# first import from a cold disk; build: ~90 s expected (three .cu files and the CPU sources, 16
-# cores, one architecture); tests: those not marked gpu_full, on up to 16 workers
-# (tests/test_gpu_budget.py holds their Triton compilations to half of it); smoke: fills the
-# Triton cache; memcheck, racecheck: mostly their start-up; models: M0 and M4, torch.compile
-# last, mostly compiled beforehand by the warm-up. Unused seconds pass on to the next step.
-STEPS=(env build tests smoke memcheck racecheck models)
+# first import from a cold disk (6-9 s on the H200); build: 66-73 s there (three .cu files and
+# the CPU sources, 16 cores, one architecture); compile: the Triton kernels the quick tests and
+# the models launch, on up to 16 processes (gpu_precompile.py; tests/test_gpu_budget.py holds
+# them to this budget), so that the later steps load them: the first run, without this step,
+# spent its tests' 168 s, and the smoke and sanitizer steps' time, compiling; tests: those not
+# marked gpu_full, on up to 16 workers; memcheck, racecheck: mostly their start-up; models: M0
+# and M4, torch.compile last, compiled beforehand by the warm-up. Unused seconds pass on to the
+# next step.
+STEPS=(env build compile tests smoke memcheck racecheck models)
 declare -A BUDGET
 if [ "$MODE" = quick ]; then
-  BUDGET=([env]=25 [build]=115 [tests]=100 [smoke]=25 [memcheck]=30 [racecheck]=30 [models]=65)
+  BUDGET=([env]=20 [build]=100 [compile]=60 [tests]=90 [smoke]=15 [memcheck]=20 [racecheck]=20
+          [models]=65)
   MODEL_ARGS=()
 elif [ "$MODE" = profile ]; then
   # profile: about 40 s per backend under ncu once Triton has compiled (~20 s for M0)
-  STEPS=(env build tests profile)
-  BUDGET=([env]=20 [build]=100 [tests]=30 [profile]=150)
+  STEPS=(env build compile tests profile)
+  BUDGET=([env]=20 [build]=100 [compile]=60 [tests]=20 [profile]=150)
 else
   STEPS+=(layers)
-  BUDGET=([env]=30 [build]=600 [tests]=1800 [smoke]=120 [memcheck]=600 [racecheck]=600
+  BUDGET=([env]=30 [build]=600 [compile]=120 [tests]=1800 [smoke]=120 [memcheck]=600 [racecheck]=600
           [models]=2400 [layers]=2400)
   MODEL_ARGS=(--models m0 m1 m2 m3 m4 m5 --compile-mode max-autotune-no-cudagraphs)
 fi
@@ -281,6 +285,9 @@ if run env TERM "$(time_left env)" bash -c env_facts; then
   run build TERM "$(time_left build)" bash -c build_ext
   if [ "${RESULT[build]}" = ok ] ||
     timeout 60 "$PY" -c "import efficientvit_kernels" 2>/dev/null; then
+    # the Triton kernels the tests and models launch, compiled in parallel into the shared cache
+    run compile TERM "$(time_left compile)" "$PY" benchmarks/gpu_precompile.py \
+      --jobs "$(($(nproc) < 16 ? $(nproc) : 16))"
     run tests "$STOP_TESTS" "$(time_left tests)" bash -c run_tests
     if [ "$MODE" = profile ]; then
       run profile TERM "$(time_left profile)" bash -c profile_kernels
