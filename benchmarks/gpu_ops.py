@@ -41,10 +41,17 @@ Per kind, over one forward at the measured batch:
   and recomputation (triton_product_flops: conv1x1 and ffn). A kind's warps are
   those of its launch with the fewest; where autotuning chooses among configs, the prediction
   takes the config with the least restaged traffic per busy share, the one it should pick.
+  Triton, and at least: the instructions its launches issue, counted as the static SASS of
+  each program's kernel times its warps and programs, at ISSUE_RATE (an H200's issue slots at
+  half use). The first GPU profile (benchmarks/results/gpu_first_run_2026-12-04.md) measured
+  the issue-bound kernels near that rate; it counts each instruction once, so kernels whose
+  loops run their code many times (the attention's heads, the FFN's hidden chunks: 2-21x
+  there) and kernels with too few programs to fill the machine run slower than predicted.
 The constants are leads, to be corrected by measurement: mma.sync reaching half the rate of
 the library's matrix product (wgmma on Hopper) and wgmma all of it, L2 serving restaged
 weights at 2.5x the copy bandwidth, and 16 warps (two blocks of 8) hiding a multiprocessor's
-latencies.
+latencies. The first GPU run measured every kind 4-40x above the predictions made without the
+instruction count.
 """
 import collections
 import copy
@@ -69,6 +76,9 @@ MMA_SYNC_SHARE = 0.5
 WGMMA_SHARE = 1.0
 L2_OVER_DRAM = 2.5
 WARPS_TO_HIDE_LATENCY = 16
+# Warp instructions an H200 issues a second at half its issue slots: 132 multiprocessors x 4
+# schedulers x 1.98 GHz x 0.5 (its issue-bound kernels ran at 45-65% of them).
+ISSUE_RATE = 132 * 4 * 1.98e9 * 0.5
 # The CUDA kernel of each fused kind, as the static profile names its fp16 variant
 KERNELS = {"dwconv": "dwconv_kernel<c10::Half, int, 8>", "ffn": "ffn_kernel<c10::Half>",
            "attention": "cga_kernel<c10::Half>"}
@@ -385,7 +395,7 @@ def triton_predictions(launches, work, bandwidth, matmul_rate, static):
         if kind not in launches:
             out[kind] = 0.0
             continue
-        restaged, products, warps, shares = 0, 0, [], []
+        restaged, products, warps, shares, instructions = 0, 0, [], [], 0
         for alternatives in (a for call in launches.get(kind, []) for a in call):
             options = []
             for launch, weight_bytes in alternatives:
@@ -393,18 +403,28 @@ def triton_predictions(launches, work, bandwidth, matmul_rate, static):
                 w = resident_warps(row)
                 if w:
                     options.append((triton_restaged(launch, weight_bytes), w,
-                                    triton_product_flops(launch), mma_share(row)))
+                                    triton_product_flops(launch), mma_share(row),
+                                    issued_instructions(launch, row)))
             if not options:
                 warps = None
                 break
-            r, w, f, share = min(options,
-                                 key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
+            r, w, f, share, issued = min(
+                options, key=lambda o: o[0] / min(1.0, o[1] / WARPS_TO_HIDE_LATENCY))
             restaged += r
             products += f
             warps.append(w)
             shares.append(share)
+            instructions += issued
         moved = bytes_ + sum(map(triton_intermediate_bytes, launches.get(kind, [])))
         share = min((s for s in shares if s), default=MMA_SYNC_SHARE)
-        out[kind] = (predict_ms(moved, max(flops, products), restaged, min(warps), bandwidth,
-                                matmul_rate, share) if warps else None)
+        out[kind] = (max(predict_ms(moved, max(flops, products), restaged, min(warps),
+                                    bandwidth, matmul_rate, share),
+                         instructions / ISSUE_RATE * 1e3) if warps else None)
     return out
+
+
+def issued_instructions(launch, row):
+    """Warp instructions a Triton launch issues, counting each of its kernel's static SASS
+    instructions once per warp of each program (a lower bound where loops repeat code)."""
+    programs = math.prod(launch.grid or (1,))
+    return programs * row["threads"] // 32 * row["sass_instructions"]

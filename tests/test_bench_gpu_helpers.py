@@ -164,6 +164,28 @@ def test_triton_restaged_weights_per_program():
     assert G.triton_restaged(staged, 1000) == 6 * 1000 + 6 * 64 * 512 * 2 * 3
 
 
+def test_triton_prediction_counts_the_instructions_issued(monkeypatch):
+    """A Triton kind takes at least its launches' static SASS, once per warp of each program,
+    at the issue rate."""
+    from efficientvit_kernels import triton_static
+    monkeypatch.setattr(triton_static, "launch_key", lambda launch, arch: "row")
+    def _cga_kernel(x_ptr, out_ptr):
+        pass
+    x, out = (torch.empty(1, device="meta") for _ in range(2))
+    launch = Launch(SimpleNamespace(fn=_cga_kernel), (x, out), {}, (1000, 2))
+    row = dict(blocks_per_sm=2, threads=256, sass_instructions=500)
+    assert G.issued_instructions(launch, row) == 2000 * 8 * 500
+    issue_ms = 2000 * 8 * 500 / G.ISSUE_RATE * 1e3
+    launches = {"attention": [[[(launch, 0)]]]}
+    predicted = G.triton_predictions(launches, {"attention": (1e3, 1e3)}, 1e12, 1e15,
+                                     {"row": row})
+    assert predicted["attention"] == pytest.approx(issue_ms)
+    # where the bytes take longer, the bytes
+    predicted = G.triton_predictions(launches, {"attention": (1e9, 1e3)}, 1e12, 1e15,
+                                     {"row": row})
+    assert predicted["attention"] == pytest.approx(1.0) and issue_ms < 1.0
+
+
 def test_triton_product_flops_count_padding_and_taps():
     def _conv1x1_kernel(x_ptr, C):
         pass
