@@ -51,8 +51,9 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/efficientvit_gpu_check/triton}
 # first import from a cold disk (6-9 s on the H200); build: 66-73 s there (three .cu files and
 # the CPU sources, 16 cores, one architecture); compile: the Triton kernels the quick tests and
 # the models launch, on up to 16 processes (gpu_precompile.py; tests/test_gpu_budget.py holds
-# them to this budget), so that the later steps load them: the first run, without this step,
-# spent its tests' 168 s, and the smoke and sanitizer steps' time, compiling; tests: those not
+# them to this budget), so that the later steps load them: in the first run, without this
+# step, the tests did not finish in 168 s (what took the time is not known: their log was lost)
+# and the smoke and sanitizer steps ran out of time compiling; tests: those not
 # marked gpu_full, on up to 16 workers; memcheck, racecheck: mostly their start-up; models: M0
 # and M4, torch.compile last, compiled beforehand by the warm-up. Unused seconds pass on to the
 # next step.

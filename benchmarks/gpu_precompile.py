@@ -1,7 +1,8 @@
 """Compiles, before the GPU check's tests, every Triton specialization its quick tests and timed
 models launch, in parallel processes, into the Triton cache the check's steps share
 (TRITON_CACHE_DIR), so that they load kernels instead of compiling them, each test worker on
-its own (the first H200 run spent its whole tests step of 168 s without finishing).
+its own (in the first H200 run the tests did not finish in their 168 s, and the smoke and
+sanitizer steps ran out of time compiling).
 
 The launches are recorded on meta tensors (efficientvit_kernels.triton_static.recording) from
 the quick cases of tests/test_gpu.py and the models the check times; the distinct ones are
