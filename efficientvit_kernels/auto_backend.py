@@ -46,12 +46,18 @@ def signature(op, x, args):
     return " ".join(parts)
 
 
+# The ops the compiled CUDA kernels implement (conv1x1 and squeeze_excite are their plain-PyTorch
+# definition on CUDA; patch_embed is cuDNN's convolutions with this library's bias-and-ReLU
+# kernel).
+CUDA_KERNEL_OPS = ("cga", "dwconv", "ffn", "dwconv_ffn", "patch_embed")
+
+
 @functools.lru_cache(maxsize=None)
 def _candidates(op):
     """{backend name: op callable} of the backends that can run ``op`` on CUDA here, the
     plain-PyTorch definition last."""
     out = {}
-    if ops.has_compiled_kernels("cuda") and op in ("cga", "dwconv", "ffn", "dwconv_ffn"):
+    if ops.has_compiled_kernels("cuda") and op in CUDA_KERNEL_OPS:
         out["cuda"] = getattr(torch.ops.efficientvit, op).default
     from . import triton as triton_kernels
     if triton_kernels.available():

@@ -273,8 +273,10 @@ def patch_embed(x, weights, biases, final_relu=False):
     convolution's output, (B, C_last, H', W') with each convolution halving H and W (rounding up),
     channels-last. On CPU the first convolution is made for a few input channels (Ci = 3), where it is
     several times faster than oneDNN's; the others are implicit GEMMs on rows of the one before,
-    computed a few rows at a time in cache: no output but the last reaches memory. On CUDA: its
-    PyTorch definition (cuDNN); the Triton backend's kernel
+    computed a few rows at a time in cache: no output but the last reaches memory. On CUDA:
+    cuDNN's convolutions, each without its bias, then the bias and the ReLU in one pass of this
+    library's kernel (its PyTorch definition in a build without the CUDA kernels); the Triton
+    backend's kernel
     (``efficientvit_kernels.triton.patch_embed``) is an implicit GEMM per convolution.
     """
     return torch.ops.efficientvit.patch_embed(x, list(weights), list(biases), final_relu)
@@ -348,11 +350,11 @@ def _patch_embed_fake(x, weights, biases, final_relu):
     return empty_output(x, check_patch_embed(x, weights, biases), torch.channels_last)
 
 
-# conv1x1, patch_embed and squeeze_excite have no CUDA kernels (their Triton kernels serve
-# backend "triton"); on CUDA the dispatcher runs their plain-PyTorch definition (python_ref),
-# checked and laid out as the contract says, so a model converted on CPU still runs after
-# .to("cuda"). (Registered after their definitions, not by
-# decorator, which would leave their names None: the tests call them on CPU tensors.)
+# conv1x1 and squeeze_excite have no CUDA kernels (their Triton kernels serve backend
+# "triton"), nor patch_embed in a build without the CUDA kernels; on CUDA the dispatcher runs
+# their plain-PyTorch definition (python_ref), checked and laid out as the contract says, so a
+# model converted on CPU still runs after .to("cuda"). (Registered after their definitions, not
+# by decorator, which would leave their names None: the tests call them on CPU tensors.)
 def conv1x1_composite(x, weight, bias, relu, dw_weight=None, dw_bias=None):
     check_conv1x1(x, weight, bias, dw_weight, dw_bias)
     y = python_ref.functional.conv1x1(x, weight, bias, relu, dw_weight, dw_bias)
@@ -382,5 +384,8 @@ def dwconv_ffn_composite(x, dw_weight, dw_bias, w1, b1, w2, b2):
 
 torch.library.register_kernel("efficientvit::dwconv_ffn", ("cpu", "cuda"), dwconv_ffn_composite)
 torch.library.register_kernel("efficientvit::conv1x1", "cuda", conv1x1_composite)
-torch.library.register_kernel("efficientvit::patch_embed", "cuda", patch_embed_composite)
+# A build with the CUDA kernels has patch_embed's (csrc/cuda/patch_embed.cu); one without runs
+# the op's plain-PyTorch definition on CUDA tensors.
+if not has_compiled_kernels("cuda"):
+    torch.library.register_kernel("efficientvit::patch_embed", "cuda", patch_embed_composite)
 torch.library.register_kernel("efficientvit::squeeze_excite", "cuda", squeeze_excite_composite)

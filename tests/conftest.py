@@ -145,5 +145,6 @@ def backend(request):
 @pytest.fixture(params=PATCH_OPS_BACKENDS)
 def patch_ops_backend(request):
     """A backend with kernels of its own for patch_embed, conv1x1 and squeeze_excite (the CUDA
-    backend runs their plain-PyTorch definition)."""
+    backend runs the last two's plain-PyTorch definition, and patch_embed's convolutions in
+    cuDNN: tests/test_gpu.py and test_cuda_emul.py test its kernel)."""
     return _backend(request, request.param)

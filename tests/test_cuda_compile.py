@@ -185,14 +185,16 @@ def test_cuda_sources_compile():
 # kernels stage operands by cp.async and feed mma.sync from ldmatrix with at most 12 SASS
 # instructions per MMA in their loops, and load 128 bits at a time (ffn stores so too); the
 # fused kernels keep
-# two blocks per multiprocessor at the planner's design point; dwconv's channels-last packs
-# load and store 128 bits.
+# two blocks per multiprocessor at the planner's design point; dwconv's channels-last packs,
+# and bias_act's packs, load and store 128 bits.
 DESIGN_TARGETS = {
     r"(cga|ffn)_kernel<c10::(Half|BFloat16)>": dict(
         tensor_core=True, max_mma_loop_density=12, cp_async=True, ldmatrix=True, load_bits=128,
         store_bits=128, min_blocks_per_sm=2),
     r"(cga|ffn)_kernel<float>": dict(min_blocks_per_sm=2),
     r"dwconv_kernel<float, \w+, 4>|dwconv_kernel<c10::\w+, \w+, 8>": dict(
+        load_bits=128, store_bits=128),
+    r"bias_act_kernel<float, \w+, 4>|bias_act_kernel<c10::\w+, \w+, 8>": dict(
         load_bits=128, store_bits=128),
 }
 
@@ -235,7 +237,8 @@ def test_design_violations():
     rows = [dict(good, widest_global_store_bits=128),
             dict(good, kernel="cga_kernel<c10::BFloat16>", widest_global_store_bits=128),
             dict(good, kernel="cga_kernel<float>"), dict(good, kernel="ffn_kernel<float>"),
-            dict(good, kernel="dwconv_kernel<float, int, 4>", widest_global_store_bits=128)]
+            dict(good, kernel="dwconv_kernel<float, int, 4>", widest_global_store_bits=128),
+            dict(good, kernel="bias_act_kernel<c10::Half, int, 8>", widest_global_store_bits=128)]
     assert design_violations(rows) == []
     bad = dict(good, tensor_core_instructions=0, mma_loop_density=40.0, cp_async=0, ldmatrix=0,
                widest_global_load_bits=16, blocks_per_sm=1)

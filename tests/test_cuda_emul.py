@@ -1,7 +1,7 @@
 """What only the emulated CUDA kernels (csrc/cuda/*.cuh run on CPU under tests/emulation) show:
 the launch plans (windows per block, rows per block) at small shared-memory targets, thread
-orders, and planted bugs caught. (The same kernels on every op case: tests/test_cga.py,
-test_dwconv.py, test_ffn.py, backend "cuda (emulated)".)
+orders, planted bugs caught, and patch_embed's bias-and-ReLU kernel. (The same kernels on every
+op case: tests/test_cga.py, test_dwconv.py, test_ffn.py, backend "cuda (emulated)".)
 
 The kernel headers compile as host C++ (tests/emulation/emulation.h says what is emulated):
 threads are fibers run one after another between barriers, in forward, reverse or shuffled
@@ -19,7 +19,8 @@ import torch
 
 from conftest import ROOT, build_emulation
 from efficientvit_kernels.testing import (TOLERANCE, cga_args, random_cga_params, random_dwconv_params,
-                                          random_ffn_params, random_input, reference_cga, relative_error)
+                                          random_ffn_params, random_input, random_patch_embed_params,
+                                          reference_cga, relative_error)
 from python_ref import functional
 
 FORWARD, REVERSE, SHUFFLED = 0, 1, 2  # emulation::Order
@@ -162,6 +163,43 @@ def run_dwconv_unaligned(ops, dtype, case="unaligned"):
 @pytest.mark.parametrize("case", list(DWCONV_UNALIGNED))
 def test_dwconv_emul_unaligned(emul, case, dtype):
     check(*run_dwconv_unaligned(emul, dtype, case), dtype)
+
+
+# patch_embed cases: (channels, B, H, W, channels-last weights). Its CPU convolutions stand in
+# for cuDNN's; what is emulated is the kernel after each, bias and ReLU in one pass.
+PATCH_EMBED_CASES = {
+    # channels-last weights, as FusedPatchEmbed holds them: channels-last outputs; 8 and 16
+    # channels, 16-byte packs (of 4 fp32 or 8 16-bit channels)
+    "packs": ([3, 8, 16], 2, 16, 16, True),
+    # 20 and 12 channels: packs of 4 in fp32 (20), one element a thread otherwise
+    "odd_channels": ([3, 20, 12], 1, 13, 10, True),
+    # contiguous weights: NCHW outputs, packs along each channel's 8x8 and 4x4 pixels
+    "contiguous": ([3, 8, 4], 2, 16, 16, False),
+    # NCHW outputs of 7x5 and 4x3 pixels: one element a thread
+    "contiguous_odd": ([3, 8, 4], 1, 13, 10, False),
+    "batch0": ([3, 8], 0, 8, 8, True),
+}
+
+
+@DTYPES
+@pytest.mark.parametrize("case", list(PATCH_EMBED_CASES))
+def test_patch_embed_emul(emul, case, dtype):
+    """Bit for bit what the same convolutions give with their bias and ReLU in fp32, rounded
+    once to the dtype, and within tolerance of the spec."""
+    channels, B, H, W, weights_channels_last = PATCH_EMBED_CASES[case]
+    weights, biases = random_patch_embed_params(channels, dtype=dtype)
+    if weights_channels_last:
+        weights = [w.contiguous(memory_format=torch.channels_last) for w in weights]
+    x = random_input(B, 3, H, W, dtype=dtype)
+    out = emul.patch_embed(x, weights, biases, False, FORWARD, 0)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    y = x
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        y = torch.nn.functional.conv2d(y, w, None, 2, 1).float() + b.float()[:, None, None]
+        y = (y.relu() if i + 1 < len(weights) else y).to(dtype)
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
+    check(out, functional.patch_embed(x.double(), [w.double() for w in weights],
+                                      [b.double() for b in biases], False), dtype)
 
 
 # ffn cases: (C, M, B, H, W, channels_last, residual, smem_target or None)

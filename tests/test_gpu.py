@@ -235,8 +235,10 @@ def test_dwconv_ffn_nan_and_empty(backend, dtype):
 @dtypes
 @layouts
 @pytest.mark.parametrize("channels", PATCH_EMBED_CHANNELS, ids=lambda c: "-".join(map(str, c)))
-def test_triton_patch_embed(dtype, channels_last, channels):
-    ops = _triton_ops()
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_patch_embed(kernels, dtype, channels_last, channels):
+    """The Triton kernels, and cuDNN's convolutions with the CUDA bias-and-ReLU kernel."""
+    ops = _triton_ops() if kernels == "triton" else _cuda_ops()
     weights, biases = random_patch_embed_params(channels, seed=len(channels))
     x = random_input(2, 3, 61, 48, channels_last=channels_last).to(device=DEVICE, dtype=dtype)
     out = ops.patch_embed(x, [w.to(DEVICE, dtype) for w in weights],

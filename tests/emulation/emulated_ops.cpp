@@ -4,6 +4,7 @@
 // tests/test_cuda_emul.py with EFFICIENTVIT_EMULATION defined, as torch ops in the namespace
 // TORCH_EXTENSION_NAME (one per build, so a mutant's build loads beside the real one); torch's
 // op registration compiles faster than pybind11's bindings.
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -12,6 +13,7 @@
 #include "cga.cuh"
 #include "dwconv.cuh"
 #include "ffn.cuh"
+#include "patch_embed.cuh"
 
 namespace efficientvit {
 namespace gpu {
@@ -86,6 +88,31 @@ at::Tensor dwconv(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   return out;
 }
 
+// patch_embed: CPU convolutions standing in for cuDNN's, each followed by the emulated
+// bias_act_kernel, as patch_embed.cu runs them.
+at::Tensor patch_embed(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                       bool final_relu, int64_t order, int64_t seed) {
+  check_patch_embed(x, weights, biases);
+  check_cuda_dtype(x);
+  at::Tensor y = x;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    y = at::conv2d(y, weights[l], /*bias=*/{}, /*stride=*/{2, 2}, /*padding=*/{1, 1});
+    if (y.numel() == 0) continue;
+    const at::MemoryFormat format = y.suggest_memory_format();
+    if (!y.is_contiguous(format)) y = y.contiguous(format);
+    const at::Tensor bc = biases[l].contiguous();
+    const BiasActLaunch plan = plan_bias_act(y, format);
+    const bool relu = final_relu || l + 1 < weights.size();
+    EFFICIENTVIT_DISPATCH(y.scalar_type(), "efficientvit_bias_act_emulated", [&] {
+      using T = scalar_t;
+      emulation::launch(bias_act_kernel_for<T>(plan), plan.blocks, kThreads, 0,
+                        bias_act_args<T>(plan, y, bc, relu), static_cast<Order>(order),
+                        static_cast<unsigned>(seed));
+    });
+  }
+  return y.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                const at::Tensor& w2, const at::Tensor& b2, bool residual, int64_t order,
                int64_t seed, int64_t smem_target) {
@@ -127,6 +154,10 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
       "dwconv(Tensor x, Tensor weight, Tensor bias, bool relu, bool residual, int order, "
       "int seed) -> Tensor",
       &g::dwconv);
+  m.def(
+      "patch_embed(Tensor x, Tensor[] weights, Tensor[] biases, bool final_relu, int order, "
+      "int seed) -> Tensor",
+      &g::patch_embed);
   m.def(
       "ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool residual, int order, "
       "int seed, int smem_target) -> Tensor",
