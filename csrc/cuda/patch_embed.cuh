@@ -9,6 +9,8 @@
 // or contiguous with H*W one: then V elements share a channel), one element otherwise.
 #pragma once
 
+#include <ATen/ops/conv2d.h>
+
 #include <algorithm>
 #include <climits>
 
@@ -87,6 +89,24 @@ BiasActArgs<T> bias_act_args(const BiasActLaunch& l, at::Tensor& y, const at::Te
           static_cast<int>(y.size(2) * y.size(3)),
           l.channels_last,
           relu};
+}
+
+// patch_embed's chain after its checks: each convolution by ATen (cuDNN on CUDA) without its
+// bias, then launch(plan, y, bias, relu) runs bias_act_kernel on y, dense (made so if ATen
+// returned it otherwise): patch_embed.cu on the GPU, the emulation on CPU.
+template <class Launch>
+at::Tensor patch_embed_chain(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                             bool final_relu, const Launch& launch) {
+  at::Tensor y = x;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    y = at::conv2d(y, weights[l], /*bias=*/{}, /*stride=*/{2, 2}, /*padding=*/{1, 1});
+    if (y.numel() == 0) continue;
+    const at::MemoryFormat format = y.suggest_memory_format();
+    if (!y.is_contiguous(format)) y = y.contiguous(format);
+    launch(plan_bias_act(y, format), y, biases[l].contiguous(),
+           final_relu || l + 1 < weights.size());
+  }
+  return y.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 // tests/test_cuda_emul.py with EFFICIENTVIT_EMULATION defined, as torch ops in the namespace
 // TORCH_EXTENSION_NAME (one per build, so a mutant's build loads beside the real one); torch's
 // op registration compiles faster than pybind11's bindings.
-#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -89,28 +88,21 @@ at::Tensor dwconv(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 }
 
 // patch_embed: CPU convolutions standing in for cuDNN's, each followed by the emulated
-// bias_act_kernel, as patch_embed.cu runs them.
+// bias_act_kernel (patch_embed_chain, as patch_embed.cu runs it).
 at::Tensor patch_embed(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                        bool final_relu, int64_t order, int64_t seed) {
   check_patch_embed(x, weights, biases);
   check_cuda_dtype(x);
-  at::Tensor y = x;
-  for (size_t l = 0; l < weights.size(); ++l) {
-    y = at::conv2d(y, weights[l], /*bias=*/{}, /*stride=*/{2, 2}, /*padding=*/{1, 1});
-    if (y.numel() == 0) continue;
-    const at::MemoryFormat format = y.suggest_memory_format();
-    if (!y.is_contiguous(format)) y = y.contiguous(format);
-    const at::Tensor bc = biases[l].contiguous();
-    const BiasActLaunch plan = plan_bias_act(y, format);
-    const bool relu = final_relu || l + 1 < weights.size();
+  return patch_embed_chain(x, weights, biases, final_relu, [&](const BiasActLaunch& plan,
+                                                               at::Tensor& y,
+                                                               const at::Tensor& bias, bool relu) {
     EFFICIENTVIT_DISPATCH(y.scalar_type(), "efficientvit_bias_act_emulated", [&] {
       using T = scalar_t;
       emulation::launch(bias_act_kernel_for<T>(plan), plan.blocks, kThreads, 0,
-                        bias_act_args<T>(plan, y, bc, relu), static_cast<Order>(order),
+                        bias_act_args<T>(plan, y, bias, relu), static_cast<Order>(order),
                         static_cast<unsigned>(seed));
     });
-  }
-  return y.contiguous(at::MemoryFormat::ChannelsLast);
+  });
 }
 
 at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
