@@ -316,14 +316,19 @@ def triton_launches(fused, x):
         previous = None
         for launch in launches[start:end]:
             read = sum(weights.get(id(a), 0) for a in launch.args)
-            same = previous is not None and previous.kernel is launch.kernel and all(
-                a is b for a, b in zip(previous.args, launch.args))
-            if same:
+            if autotune_alternative(previous, launch):
                 calls[-1].append((launch, read))
             else:
                 calls.append([(launch, read)])
             previous = launch
     return out
+
+
+def autotune_alternative(previous, launch):
+    """Whether a recorded launch is another config of the one before it (an autotuner tries
+    each config on the same arguments)."""
+    return previous is not None and previous.kernel is launch.kernel and all(
+        a is b for a, b in zip(previous.args, launch.args))
 
 
 def triton_restaged(launch, weight_bytes):
