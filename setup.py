@@ -61,6 +61,20 @@ def _with_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _loaded_libstdcxx():
+    """The libstdc++ this process (Python, torch) runs with, as a link input, on Linux. A
+    compiler with a libstdc++ of its own that links it statically (one in /opt, say) would put a
+    second copy in _C: its locale facets are numbered apart from the process's, so formatting a
+    number into a C++ error message calls the wrong facet (lost digits, or a crash). Linked
+    first, this one defines every symbol it has, and only its SONAME is recorded."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(paths)[:1]
+
+
 def _extension():
     with_cuda = _with_cuda()
     cxx = ["-O3", "-fopenmp"]
@@ -73,7 +87,7 @@ def _extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=_loaded_libstdcxx() + ["-fopenmp"],
         py_limited_api=False,
     )
     if not with_cuda:
