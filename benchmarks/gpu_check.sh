@@ -2,7 +2,7 @@
 # The GPU check, one command on a machine with a CUDA GPU: build the extension with its CUDA
 # kernels for that GPU, run the GPU tests, compute-sanitizer (memcheck, racecheck) on one small
 # call of every kernel (CUDA and Triton), then time whole models (bench_models_gpu.py).
-# Quick by default: at most about 6.5 minutes, build included. --full: every test, M0-M5 with
+# Quick by default: at most about 7 minutes, build included. --full: every test, M0-M5 with
 # torch.compile max-autotune, and bench_gpu.py's layer table (an hour or two). --profile: the
 # build, then Nsight Compute's counters for each kernel of one M0 forward per backend
 # (gpu_profile.py; about 5 minutes). --tests EXPR runs only the GPU tests pytest's -k EXPR
@@ -46,27 +46,34 @@ export OUT PY MODE TESTS GDB PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # One Triton cache for every step (not under $OUT, which comes back): the compile step fills it,
 # so the later steps spend their time on the kernels, not on compiling them.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/efficientvit_gpu_check/triton}
+# backend "auto"'s choices measured afresh in each run, by the models step on a GPU of its own
+# (not kept from an earlier run on this machine, nor from the warm-up)
+EFFICIENTVIT_CACHE_DIR=$(mktemp -d)
+export EFFICIENTVIT_CACHE_DIR
 
-# Budgets in seconds; quick: 390 in all, so that the run ends within 6.5 minutes. env: torch's
-# first import from a cold disk (6-9 s on the H200); build: 66-73 s there (three .cu files and
-# the CPU sources, 16 cores, one architecture); compile: the Triton kernels the quick tests and
-# the models launch, on up to 16 processes (gpu_precompile.py; tests/test_gpu_budget.py holds
-# them to this budget), so that the later steps load them: in the first run, without this
-# step, the tests did not finish in 168 s (what took the time is not known: their log was lost)
-# and the smoke and sanitizer steps ran out of time compiling; tests: those not
-# marked gpu_full, on up to 16 workers; memcheck, racecheck: mostly their start-up; models: M0
-# and M4, torch.compile last, compiled beforehand by the warm-up. Unused seconds pass on to the
-# next step.
+# Budgets in seconds; quick: 400 in all, so that the run ends within 7 minutes. env: torch's
+# first import from a cold disk (6-9 s on the H200); build: 59-73 s there (the .cu files and
+# the CPU sources, 16 cores, one architecture); compile: the Triton kernels the models and the
+# quick tests launch, on up to 16 processes (gpu_precompile.py, the models' first;
+# tests/test_gpu_budget.py holds them to this budget), so that the later steps load them: in
+# the second H200 run 15 of 16 processes had compiled their 35-36 launches at 115 s, and the
+# tests (bf16 still among them) then spent 88 s, 20-56 s a Triton attention case; tests: those
+# not marked gpu_full, on up to 16 workers; memcheck, racecheck: mostly their start-up; models:
+# M0 and M4, torch.compile last, compiled beforehand by the warm-up. Unused seconds pass on to
+# the next step.
 STEPS=(env build compile tests smoke memcheck racecheck models)
 declare -A BUDGET
+COMPILE_ARGS=()
 if [ "$MODE" = quick ]; then
-  BUDGET=([env]=20 [build]=100 [compile]=60 [tests]=90 [smoke]=15 [memcheck]=20 [racecheck]=20
-          [models]=65)
+  BUDGET=([env]=15 [build]=80 [compile]=100 [tests]=70 [smoke]=20 [memcheck]=20 [racecheck]=20
+          [models]=75)
   MODEL_ARGS=()
 elif [ "$MODE" = profile ]; then
-  # profile: about 40 s per backend under ncu once Triton has compiled (~20 s for M0)
+  # profile: about 40 s per backend under ncu once Triton has compiled (~20 s for M0); the
+  # compile step compiles the profiled models' kernels only
   STEPS=(env build compile tests profile)
-  BUDGET=([env]=20 [build]=100 [compile]=60 [tests]=20 [profile]=150)
+  BUDGET=([env]=15 [build]=80 [compile]=40 [tests]=20 [profile]=200)
+  COMPILE_ARGS=(--models-only)
 else
   STEPS+=(layers)
   BUDGET=([env]=30 [build]=600 [compile]=120 [tests]=1800 [smoke]=120 [memcheck]=600 [racecheck]=600
@@ -200,6 +207,8 @@ run_tests() {
   fi
   if "$PY" -c "import xdist" 2>/dev/null; then
     args+=(-n "$(($(nproc) < 16 ? $(nproc) : 16))")
+    # a CPU thread a worker for the float64 references, not nproc each beside the compilers
+    export OMP_NUM_THREADS=1
   fi
   "$PY" -m pytest "${args[@]}" tests/test_gpu.py
 }
@@ -288,7 +297,7 @@ if run env TERM "$(time_left env)" bash -c env_facts; then
     timeout 60 "$PY" -c "import efficientvit_kernels" 2>/dev/null; then
     # the Triton kernels the tests and models launch, compiled in parallel into the shared cache
     run compile TERM "$(time_left compile)" "$PY" benchmarks/gpu_precompile.py \
-      --jobs "$(($(nproc) < 16 ? $(nproc) : 16))"
+      --jobs "$(($(nproc) < 16 ? $(nproc) : 16))" "${COMPILE_ARGS[@]}"
     run tests "$STOP_TESTS" "$(time_left tests)" bash -c run_tests
     if [ "$MODE" = profile ]; then
       run profile TERM "$(time_left profile)" bash -c profile_kernels

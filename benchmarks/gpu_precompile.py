@@ -12,7 +12,7 @@ JITFunction.warmup, on empty CUDA tensors of the recorded shapes and strides. Wh
 tensor is a view at an offset (so aligned otherwise), its launch compiles again there.
 tests/test_gpu_budget.py counts these launches without a GPU and holds them to the check's time.
 
-    python benchmarks/gpu_precompile.py [--jobs 16]
+    python benchmarks/gpu_precompile.py [--jobs 16] [--models-only]
 """
 import argparse
 import os
@@ -50,7 +50,7 @@ def _test_cases():
     def params(make, dtype, *args):
         return [x.to("meta", dtype) for x in make(*args)]
 
-    for dtype in t.DTYPES:
+    for dtype in t.quick(t.DTYPES):
         for _, C, heads, kernels, window in stage_shapes():
             if dtype in t.quick(t.STAGE_DTYPES):
                 cga(C, heads, kernels, window, (2, C) + {7: (14, 14), 4: (4, 4)}[window], dtype,
@@ -151,18 +151,26 @@ def compile_on_gpu(launch):
     launch.kernel.warmup(*args, grid=(1,), **kwargs)
 
 
-def compile_share(shard, jobs):
+def compile_share(shard, jobs, models_only, started):
     tests, models = recorded()
     major, minor = torch.cuda.get_device_capability()
-    launches = distinct(tests + models, 10 * major + minor)[shard::jobs]
+    # the models' first: a step stopped by its time leaves what the models step times compiled
+    launches = distinct(models + ([] if models_only else tests), 10 * major + minor)[shard::jobs]
+    print(f"shard {shard}/{jobs}: {len(launches)} launches to compile after "
+          f"{time.time() - started:.0f} s starting", flush=True)
     failed = []
-    for launch in launches:
+    for i, launch in enumerate(launches):
+        start = time.time()
         try:
             compile_on_gpu(launch)
         except Exception as e:  # noqa: BLE001  one launch failing must not stop the others
             failed.append(f"{launch.kernel.fn.__name__}: {type(e).__name__}: {str(e)[:200]}")
         torch.cuda.empty_cache()
-    print(f"shard {shard}/{jobs}: {len(launches) - len(failed)} compiled, {len(failed)} failed")
+        # each launch's time, so that a step stopped by its time still says where it went
+        print(f"shard {shard}/{jobs}: {i + 1}/{len(launches)} {launch.kernel.fn.__name__} "
+              f"{time.time() - start:.1f} s", flush=True)
+    print(f"shard {shard}/{jobs}: {len(launches) - len(failed)} compiled, {len(failed)} failed "
+          f"in {time.time() - started:.0f} s", flush=True)
     for line in failed[:5]:
         print("  " + line)
     return 1 if failed else 0
@@ -171,13 +179,18 @@ def compile_share(shard, jobs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 16))
+    parser.add_argument("--models-only", action="store_true",
+                        help="only the models' launches (the profile mode's)")
     parser.add_argument("--shard", type=int, help=argparse.SUPPRESS)  # a worker's share
+    parser.add_argument("--started", type=float, help=argparse.SUPPRESS)  # the workers' start
     args = parser.parse_args()
     if args.shard is not None:
-        return compile_share(args.shard, args.jobs)
+        return compile_share(args.shard, args.jobs, args.models_only, args.started)
     start = time.time()
     workers = [subprocess.Popen([sys.executable, __file__, "--jobs", str(args.jobs),
-                                 "--shard", str(i)]) for i in range(args.jobs)]
+                                 "--shard", str(i), "--started", str(start)]
+                                + (["--models-only"] if args.models_only else []))
+               for i in range(args.jobs)]
     status = max(w.wait() for w in workers)
     print(f"{args.jobs} processes done in {time.time() - start:.0f} s"
           + ("" if status == 0 else " (some launches failed: see above)"))

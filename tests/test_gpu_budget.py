@@ -19,15 +19,19 @@ pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The quick check's compile step (benchmarks/gpu_check.sh: 60 s on 16 processes), less what a
+# The quick check's compile step (benchmarks/gpu_check.sh: 100 s on 16 processes), less what a
 # process spends starting (torch, CUDA, recording the launches).
-COMPILE_SECONDS, WORKERS, START_SECONDS = 60, 16, 15
+COMPILE_SECONDS, WORKERS, START_SECONDS = 100, 16, 15
+# A compilation on the H200 machine, 16 processes compiling at once, against the same one alone
+# on this project's 2-core machine: in its second run, 15 of 16 processes had compiled their
+# share (35-36 launches, 555 s of compiling here by this count over 16: 35 s) by 115 s, about
+# 100 s after starting.
+GPU_MACHINE_SLOWDOWN = 3.0
 
 
 def compile_seconds():
     """Mean time to compile one specialization of each kernel for sm_90, measured from an empty
-    cache on this project's 2-core CPU machine (benchmarks/gpu_static.py wrote them; the GPU
-    machine's cores are no slower)."""
+    cache on this project's 2-core CPU machine (benchmarks/gpu_static.py wrote them)."""
     with open(os.path.join(ROOT, "benchmarks", "results", "gpu_static.json")) as f:
         rows = [r for r in json.load(f)["rows"] if r["backend"] == "triton" and r["arch"] == 90]
     times = {}
@@ -67,8 +71,8 @@ def test_quick_check_compilations_fit_its_time():
     seconds = compile_seconds()
     test_time = sum(n * seconds[kernel] for kernel, n in tests.items())
     model_time = sum(n * seconds[kernel] for kernel, n in models.items())
-    budget = (COMPILE_SECONDS - START_SECONDS) * WORKERS
+    budget = (COMPILE_SECONDS - START_SECONDS) * WORKERS / GPU_MACHINE_SLOWDOWN
     print(f"quick check: Triton compilations {tests} for the tests, {models} more for the "
-          f"models: {test_time + model_time:.0f} s of compiling (budget {budget:.0f} s over "
-          f"{WORKERS} processes)")
+          f"models: {test_time + model_time:.0f} s of compiling here (budget {budget:.0f} s: "
+          f"{WORKERS} processes on the GPU machine, {GPU_MACHINE_SLOWDOWN}x slower)")
     assert test_time + model_time <= budget
