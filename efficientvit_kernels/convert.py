@@ -12,8 +12,9 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   ``FusedPatchMerging`` (the same math, in a module the converter owns); a squeeze-excite ->
   the same with Linear layers; every other Conv-BN / BN-Linear -> one folded Conv2d / Linear;
   everything else is copied, its children converted.
-- ``"patch_ops"`` (the backends with kernels for these ops: backend "auto", "triton", and "cpu"
-  on a CPU model): the stem's convolutions and ReLUs (3x3, stride 2, the first from the
+- ``"patch_ops"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model; backend
+  "cuda" has a kernel for the stem's op only, its PatchMerging ops run their plain-PyTorch
+  definition, as PatchMerging itself would): the stem's convolutions and ReLUs (3x3, stride 2, the first from the
   image's few channels, in a plain ``nn.Sequential``) -> one ``FusedPatchEmbed`` with
   channels-last output; PatchMerging's first 1x1 convolution, its depthwise convolution and
   their ReLUs -> one ``FusedConv1x1``, its last 1x1 convolution another, its squeeze-excite
@@ -27,9 +28,9 @@ The conversion is a sequence of named passes (``PASSES``, in this order), each s
   two kernels through one more Python call.
 - ``"channels_last"`` (backends "auto", "cuda", "triton", and "cpu" on a CPU model): every
   remaining convolution gets channels-last weights, so oneDNN or cuDNN runs it channels-last,
-  and the activations stay channels-last through the fused ops, which take either layout. After "patch_ops" no convolution of M0-M5
-  is left; with backend "cuda" the stem's and PatchMerging's convolutions are (cuDNN's), and
-  channels-last rows let the CUDA kernels move x and out in 16-byte packs.
+  and the activations stay channels-last through the fused ops, which take either layout (the
+  CUDA kernels then move x and out in 16-byte packs). After "patch_ops" no convolution of
+  M0-M5 is left.
 
 Nothing is computed in place, so no tensor a user's module may read again is overwritten
 (benchmarks/results/cpu_inplace_2026-12-01.md and cpu_passes.md: writing over inputs gained
@@ -343,10 +344,8 @@ def _default_passes(model, backend):
     on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
     if backend == "triton":
         return PASSES
-    if backend == "auto" or (backend == "cpu" and on_cpu):
+    if backend in ("auto", "cuda") or (backend == "cpu" and on_cpu):
         return ("fuse", "patch_ops", "channels_last")
-    if backend == "cuda":
-        return ("fuse", "channels_last")
     return ("fuse",)
 
 
@@ -361,8 +360,8 @@ def convert(model, backend="auto", passes=None, cpu_replay=True):
     see ``efficientvit_kernels.auto_backend``), "cpu", "cuda", "triton" or "reference" (the
     plain-PyTorch decomposition of each op).
     ``passes``: the passes to run (a subset of ``PASSES``, run in that order; see the module
-    docstring). Default: all four for backend "triton"; all but "dwconv_ffn" for "auto", and
-    "cpu" on a CPU model; "fuse" and "channels_last" for backend "cuda"; else "fuse". (A 4-D
+    docstring). Default: all four for backend "triton"; all but "dwconv_ffn" for "auto", "cuda",
+    and "cpu" on a CPU model; else "fuse". (A 4-D
     output of the model may be channels-last; its values are the same.)
     ``cpu_replay``: with backend "auto" or "cpu", the copy's calls on CPU replay a C++ program
     of its ops (no Python between them), captured on the second call with an input of the

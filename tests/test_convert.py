@@ -162,16 +162,15 @@ def test_passes(models, passes):
 
 def test_default_passes(models):
     """All four for Triton; all but dwconv_ffn for the other backends with kernels for
-    patch_embed, conv1x1 and squeeze_excite (the CPU's; "auto", which on a GPU measures them
-    against PyTorch's); fuse and channels_last for the CUDA backend (channels-last rows for its
-    16-byte packs; cuDNN's stem and PatchMerging); fuse alone otherwise."""
+    patch_embed, conv1x1 or squeeze_excite (the CPU's; the CUDA backend's patch_embed; "auto",
+    which on a GPU measures them against PyTorch's); fuse alone otherwise."""
     from efficientvit_kernels.convert import _default_passes
     model = models["m0"]
     on_meta = copy.deepcopy(model).to("meta")  # a model on another device than the CPU
     for m in (model, on_meta):
         assert _default_passes(m, "triton") == K.PASSES
         assert _default_passes(m, "auto") == ("fuse", "patch_ops", "channels_last")
-        assert _default_passes(m, "cuda") == ("fuse", "channels_last")
+        assert _default_passes(m, "cuda") == ("fuse", "patch_ops", "channels_last")
         assert _default_passes(m, "reference") == ("fuse",)
     assert _default_passes(model, "cpu") == ("fuse", "patch_ops", "channels_last")
     assert _default_passes(on_meta, "cpu") == ("fuse",)
