@@ -254,59 +254,68 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-@torch.inference_mode()
-def smoke():
-    """Each op of each GPU backend (gpu_ops) once on small inputs, every dtype path and both
-    layouts: a short run for compute-sanitizer, which names the kernels it checks. Fails on a
-    launch error, a wrong result, or no backend."""
+def smoke_calls(device):
+    """The smoke run's op calls, small, every dtype path and both layouts: a list of (op, args,
+    reference), reference() the float64 result. On "meta" they record what the run launches
+    (gpu_precompile.py compiles it beforehand)."""
     from efficientvit_kernels.testing import (cast, random_cga_params, random_dwconv_params,
                                               random_ffn_params, random_input,
                                               random_patch_embed_params)
     from python_ref import functional
-    cases = [(torch.float16, 64, 4, (7, 5, 3, 3), 7, (2, 14, 14), False),
-             (torch.float32, 64, 4, (7, 5, 3, 3), 4, (1, 3, 5), True),  # several windows per block
-             (torch.bfloat16, 384, 4, (7, 5, 3, 3), 8, (1, 8, 8), True)]  # CUDA's largest plan
+
+    def on_device(tensors, dtype):
+        return [t.to(device=device, dtype=dtype) for t in tensors]
+
+    def double(tensors):
+        return [t.double() for t in tensors]
+
+    calls = []
+    for dtype, C, heads, kernels, ws, (B, H, W), cl in (
+            (torch.float16, 64, 4, (7, 5, 3, 3), 7, (2, 14, 14), False),
+            (torch.float32, 64, 4, (7, 5, 3, 3), 4, (1, 3, 5), True),  # several windows a block
+            (torch.bfloat16, 384, 4, (7, 5, 3, 3), 8, (1, 8, 8), True)):  # CUDA's largest plan
+        p = cast(random_cga_params(C, heads, kernels, ws), dtype, device)
+        x = random_input(B, C, H, W, channels_last=cl).to(device=device, dtype=dtype)
+        calls.append(("cga", (x, *cga_args(p), True), lambda x=x, p=p: functional.cga(
+            x.double(), **cast(p, torch.float64, device), residual=True)))
+    # 272 channels in fp16: Triton's staged FFN, with more token tiles (289 of 64 tokens, 145 of
+    # 128) than an H200 holds programs at once, so that some loop over two
+    x = random_input(1, 272, 136, 136, channels_last=True).to(device=device, dtype=torch.float16)
+    f = on_device(random_ffn_params(272, 40), torch.float16)
+    calls.append(("ffn", (x, *f, True), lambda x=x, f=f: functional.ffn(x.double(), *double(f), True)))
+    for dtype, cl in ((torch.float16, True), (torch.float32, False)):
+        x = random_input(2, 20, 5, 6, channels_last=cl).to(device=device, dtype=dtype)
+        w, b = on_device(random_dwconv_params(20, 3), dtype)
+        f = on_device(random_ffn_params(20, 7), dtype)  # 20 channels, 7 hidden
+        conv = [*f[:2], *on_device(random_dwconv_params(7, 3), dtype)]  # 20 -> 7, then dwconv
+        weights, biases = (on_device(ts, dtype) for ts in random_patch_embed_params([3, 16, 24]))
+        image = random_input(2, 3, 13, 10, channels_last=cl).to(device=device, dtype=dtype)
+        calls += [
+            ("dwconv", (x, w, b, True, True),
+             lambda x=x, w=w, b=b: functional.dwconv(x.double(), w.double(), b.double(), True, True)),
+            ("ffn", (x, *f, True), lambda x=x, f=f: functional.ffn(x.double(), *double(f), True)),
+            ("squeeze_excite", (x, *f),
+             lambda x=x, f=f: functional.squeeze_excite(x.double(), *double(f))),
+            ("conv1x1", (x, *conv[:2], True, *conv[2:]), lambda x=x, c=conv: functional.conv1x1(
+                x.double(), *double(c[:2]), True, *double(c[2:]))),
+            ("patch_embed", (image, weights, biases, False),
+             lambda x=image, w=weights, b=biases: functional.patch_embed(
+                 x.double(), double(w), double(b), False))]
+    return calls
+
+
+@torch.inference_mode()
+def smoke():
+    """Each op of each GPU backend (gpu_ops) once on small inputs (smoke_calls): a short run for
+    compute-sanitizer, which names the kernels it checks. Fails on a launch error, a wrong
+    result, or no backend."""
+    calls = smoke_calls("cuda")
     backends_run, failed = gpu_ops(), []
     for name, ops in backends_run.items():
         worst = 0.0
-        for dtype, C, heads, kernels, ws, (B, H, W), cl in cases:
-            p = cast(random_cga_params(C, heads, kernels, ws), dtype, "cuda")
-            x = random_input(B, C, H, W, channels_last=cl).to(device="cuda", dtype=dtype)
-            out = ops.cga(x, *cga_args(p), True)
-            ref = functional.cga(x.double(), **cast(p, torch.float64, "cuda"), residual=True)
-            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
-        # 272 channels in fp16: Triton's staged FFN, with more token tiles (289 of 64 tokens,
-        # 145 of 128) than an H200 holds programs at once, so that some loop over two
-        x = random_input(1, 272, 136, 136, channels_last=True).to(device="cuda",
-                                                                  dtype=torch.float16)
-        f = [t.to(device="cuda", dtype=torch.float16) for t in random_ffn_params(272, 40)]
-        ref = functional.ffn(x.double(), *[t.double() for t in f], True)
-        worst = max(worst, relative_error(ops.ffn(x, *f, True), ref) / TOLERANCE[torch.float16])
-        for dtype, cl in ((torch.float16, True), (torch.float32, False)):
-            x = random_input(2, 20, 5, 6, channels_last=cl).to(device="cuda", dtype=dtype)
-            w, b = (t.to(device="cuda", dtype=dtype) for t in random_dwconv_params(20, 3))
-            out = ops.dwconv(x, w, b, True, True)
-            ref = functional.dwconv(x.double(), w.double(), b.double(), True, True)
-            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
-            f = [t.to(device="cuda", dtype=dtype) for t in random_ffn_params(20, 7)]
-            out = ops.ffn(x, *f, True)
-            ref = functional.ffn(x.double(), *[t.double() for t in f], True)
-            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
-            out = ops.squeeze_excite(x, *f)  # ffn's parameters: 20 channels, 7 hidden
-            ref = functional.squeeze_excite(x.double(), *[t.double() for t in f])
-            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
-            conv = [*f[:2], *(t.to(device="cuda", dtype=dtype) for t in random_dwconv_params(7, 3))]
-            out = ops.conv1x1(x, *conv[:2], True, *conv[2:])  # 20 -> 7 channels, then dwconv
-            conv64 = [t.double() for t in conv]
-            ref = functional.conv1x1(x.double(), *conv64[:2], True, *conv64[2:])
-            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
-            weights, biases = ([t.to(device="cuda", dtype=dtype) for t in ts]
-                               for ts in random_patch_embed_params([3, 16, 24]))
-            image = random_input(2, 3, 13, 10, channels_last=cl).to(device="cuda", dtype=dtype)
-            out = ops.patch_embed(image, weights, biases, False)
-            ref = functional.patch_embed(image.double(), [w.double() for w in weights],
-                                         [b.double() for b in biases], False)
-            worst = max(worst, relative_error(out, ref) / TOLERANCE[dtype])
+        for op, args, reference in calls:
+            out = getattr(ops, op)(*args)
+            worst = max(worst, relative_error(out, reference()) / TOLERANCE[out.dtype])
         torch.cuda.synchronize()
         print(f"smoke {name}: every op ran; worst error {worst:.2f} x tolerance", flush=True)
         if not worst < 1:  # the other backend still runs: under compute-sanitizer it is checked too

@@ -1,11 +1,12 @@
-"""Compiles, before the GPU check's tests, every Triton specialization its quick tests and timed
-models launch, in parallel processes, into the Triton cache the check's steps share
+"""Compiles, before the GPU check's tests, every Triton specialization its quick tests, smoke
+run and timed models launch, in parallel processes, into the Triton cache the check's steps share
 (TRITON_CACHE_DIR), so that they load kernels instead of compiling them, each test worker on
 its own (in the first H200 run the tests did not finish in their 168 s, and the smoke and
 sanitizer steps ran out of time compiling).
 
 The launches are recorded on meta tensors (efficientvit_kernels.triton_static.recording) from
-the quick cases of tests/test_gpu.py and the models the check times; the distinct ones are
+the quick cases of tests/test_gpu.py, the smoke run (bench_gpu.smoke_calls) and the models
+the check times; the distinct ones are
 split among --jobs processes, each of which compiles its share on the GPU: the register limit
 the launcher would choose (launch_kwargs, for the kernels that cap registers) and
 JITFunction.warmup, on empty CUDA tensors of the recorded shapes and strides. Where a test's
@@ -23,7 +24,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")]
 
 # The models the check times (bench_models_gpu.py; gpu_profile.py's batch 256 too), fp16.
 MODELS, MODEL_INPUTS = ("m0", "m4"), ((1, 224), (256, 224), (2048, 224))
@@ -103,11 +104,22 @@ def _test_cases():
                                                                           dtype, C, R))
 
 
+def _smoke_cases():
+    """Calls the Triton ops as the smoke run does (bench_gpu.smoke_calls: the memcheck and
+    racecheck steps run it, too slowly under the sanitizers to compile there)."""
+    import bench_gpu
+    from efficientvit_kernels import triton as k
+    for op, args, _ in bench_gpu.smoke_calls("meta"):
+        getattr(k, op)(*args)
+
+
 def recorded():
-    """(the quick tests' launches, the timed models' launches), recorded on meta tensors."""
+    """(the quick tests' and smoke run's launches, the timed models' launches), recorded on meta
+    tensors."""
     from efficientvit_kernels import triton_static as s
     with s.recording() as tests:
         _test_cases()
+        _smoke_cases()
     tests += s.model_launches(("m0",), (torch.float16,), ((2, 64),))  # test_converted_model's
     models = s.model_launches(MODELS, (torch.float16,), MODEL_INPUTS)
     return tests, models

@@ -309,3 +309,18 @@ def test_gpu_predict_prints_every_kind_without_a_gpu():
     triton, unpaired, cuda = (float(v) for v in rows["dwconv"][1:])
     assert triton == 0 < unpaired and cuda > 0
     assert rows["stem"][3] == "-" and float(rows["**total**"][1]) < float(rows["**total**"][2])
+
+
+def test_smoke_calls_hold_their_references():
+    """bench_gpu.smoke_calls: each call's reference is what its op computes, checked by running
+    the calls in Triton's interpreter: fp32 and fp16 (its bf16 is not faithful), but the large
+    FFN (half a minute there; the GPU runs them all)."""
+    triton = pytest.importorskip("efficientvit_kernels.triton")
+    import bench_gpu
+    from efficientvit_kernels.testing import TOLERANCE, relative_error
+    calls = [(op, args, reference) for op, args, reference in bench_gpu.smoke_calls("cpu")
+             if args[0].dtype != torch.bfloat16 and args[0].numel() < 1e6]
+    assert len(calls) == 12
+    for op, args, reference in calls:
+        out = getattr(triton, op)(*args)
+        assert relative_error(out, reference()) < TOLERANCE[out.dtype], op
