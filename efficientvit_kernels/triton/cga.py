@@ -5,7 +5,9 @@ the device holds at once, so each program's scratch stays in cache); windows up 
 8 at a time, stacked into the rows of its tiles. For a window it reads the ws x ws tokens
 straight from x through strides (tokens beyond the map load as zeros: the spec's zero padding,
 and those tokens take part in attention), runs the heads in cascade order with every per-head
-tensor on chip, and writes the window's valid tokens once. Tokens are the rows of every tile:
+tensor on chip (the query's depthwise convolution with only the taps of each head's own kernel:
+M4's heads of 7x7, 5x5, 3x3 and 3x3 run 92 taps a token, not 4 x 49), and writes the window's
+valid tokens once. Tokens are the rows of every tile:
 N = ws*ws is padded to a power of two NP, and those extra rows/columns are masked out of the
 softmax.
 """
@@ -28,7 +30,8 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 HEADS: tl.constexpr, KD: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
                 WS: tl.constexpr, NP: tl.constexpr, WPB: tl.constexpr, KDP: tl.constexpr,
-                DP: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr):
+                DP: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr,
+                HP: tl.constexpr, KKP: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     N: tl.constexpr = WS * WS
     C: tl.constexpr = HEADS * D
@@ -67,6 +70,16 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     cat_rows = cat_scratch_ptr + pid.to(tl.int64) * (R * C)
     cat = cat_rows + r[:, None] * C
     cat3 = cat_rows + (w3 * NP + t3) * C
+    # Each head's query kernel without its all-zero border rings (a head's smaller kernel comes
+    # zero-padded to K x K; a NaN weight counts as nonzero): its radius, so that only its own
+    # taps run. (HP, KDP, KKP): heads, key channels, taps, each padded to a power of two.
+    hh = tl.arange(0, HP)
+    tap3 = tl.arange(0, KKP)[None, None, :]
+    dw_all = tl.load(dw_w_ptr + (hh[:, None, None] * KD + kc[None, :, None]) * (K * K) + tap3,
+                     mask=(hh < HEADS)[:, None, None] & kmask[None, :, None] & (tap3 < K * K),
+                     other=0.0)
+    ring = tl.maximum(tl.abs(tap3 // K - K // 2), tl.abs(tap3 % K - K // 2))
+    radii = tl.max(tl.max(tl.where(dw_all != 0, ring, 0), axis=2), axis=1)
 
     for first in range(pid * WPB, n_windows, tl.num_programs(0) * WPB):
         win = first + r // NP
@@ -111,15 +124,10 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             qc = tl.zeros([R, KDP], dtype=tl.float32)
             qc += tl.load(dw_b_ptr + i * KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
             dw = dw_w_ptr + (i * KD + kc) * (K * K)
-            for ky in range(K):
-                ny = ty + ky - K // 2
-                for kx in range(K):
-                    nx = tx + kx - K // 2
-                    within = token & (ny >= 0) & (ny < WS) & (nx >= 0) & (nx < WS)
-                    src = tl.where(within, r - n + ny * WS + nx, 0)
-                    nb = tl.gather(q, tl.broadcast_to(src[:, None], (R, KDP)), 0)
-                    tap = tl.load(dw + ky * K + kx, mask=kmask, other=0.0).to(tl.float32)
-                    qc += tl.where(within[:, None], nb, 0.0) * tap[None, :]
+            radius = tl.max(tl.where(hh == i, radii, 0))
+            for ky in range(K // 2 - radius, K // 2 + radius + 1):
+                for kx in range(K // 2 - radius, K // 2 + radius + 1):
+                    qc = _q_tap(q, qc, dw, ky, kx, r, n, ty, tx, token, kmask, K, WS)
 
             # Scores within each window: a product batched over the windows (a lone window's
             # is 2-D, whose layouts take fewer registers: one 7x7 variant keeps its second
@@ -180,6 +188,20 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             tl.store(o_tok[:, None] + oc[None, :] * soc, y.to(DT), mask=io_mask)
 
 
+@triton.jit
+def _q_tap(q, qc, dw, ky, kx, r, n, ty, tx, token, kmask, K: tl.constexpr, WS: tl.constexpr):
+    """qc + tap (ky, kx) of the query's depthwise convolution: each token's neighbour at that
+    tap, gathered from the registers of the threads holding its row of q (zero past the
+    window's edge), times the tap's weight per channel (dw: the head's weights, K x K each)."""
+    ny = ty + ky - K // 2
+    nx = tx + kx - K // 2
+    within = token & (ny >= 0) & (ny < WS) & (nx >= 0) & (nx < WS)
+    src = tl.where(within, r - n + ny * WS + nx, 0)
+    nb = tl.gather(q, tl.broadcast_to(src[:, None], q.shape), 0)
+    tap = tl.load(dw + ky * K + kx, mask=kmask, other=0.0).to(tl.float32)
+    return qc + tl.where(within[:, None], nb, 0.0) * tap[None, :]
+
+
 # Windows of at most 16 tokens (4x4 and smaller) are stacked this many to a program, so its
 # products have 128 rows (tensor-core tiles take 16 rows a warp) and 8 windows share each load
 # of the weights. A 7x7 window alone (64 padded rows, 64x64 scores) holds 8 warps at 128
@@ -226,7 +248,8 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     # tiles); DP is d padded to them.
     DP = triton.cdiv(d, 16) * 16
     meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, WPB=WPB, KDP=padded(kd), DP=DP,
-                BD=16, BC=16, RESIDUAL=bool(residual), num_warps=8)
+                BD=16, BC=16, RESIDUAL=bool(residual), HP=triton.next_power_of_2(heads),
+                KKP=triton.next_power_of_2(K * K), num_warps=8)
     params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
     params += [_score_bias(attention_bias, ws, NP), proj_weight.contiguous(),
                proj_bias.contiguous()]
