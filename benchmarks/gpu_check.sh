@@ -4,7 +4,7 @@
 # call of every kernel (CUDA and Triton), then time whole models (bench_models_gpu.py).
 # Quick by default: at most about 7 minutes, build included. --full: every test, M0-M5 with
 # torch.compile max-autotune, and bench_gpu.py's layer table (an hour or two). --profile: the
-# build, then Nsight Compute's counters for each kernel of one M0 forward per backend
+# build, then Nsight Compute's counters for each kernel of one M4 forward per backend
 # (gpu_profile.py; about 5 minutes). --tests EXPR runs only the GPU tests pytest's -k EXPR
 # selects; --gdb runs them in one process under cuda-gdb, which prints the native backtrace of
 # a crash (a segmentation fault) to tests.log.
@@ -212,8 +212,8 @@ run_tests() {
   fi
   "$PY" -m pytest "${args[@]}" tests/test_gpu.py
 }
-# Nsight Compute's counters for each kernel of one M0 forward (gpu_profile.py), a backend at a
-# time, each to $OUT/ncu_<backend>.csv (one row per kernel). Clocks as found (METHOD: never
+# Nsight Compute's counters for each kernel of one M4 forward (gpu_profile.py; the speed goals'
+# model: M0's are in the first two runs' results), a backend at a time, each to $OUT/ncu_<backend>.csv (one row per kernel). Clocks as found (METHOD: never
 # change them). The sections: time and throughput, launch shape, occupancy, stall reasons,
 # memory traffic; the metric: instructions executed, for the static profile's counts.
 profile_kernels() {
@@ -226,7 +226,7 @@ profile_kernels() {
       --section WarpStateStats --section MemoryWorkloadAnalysis \
       --metrics smsp__inst_executed.sum \
       --log-file "$OUT/ncu_$backend.csv" \
-      "$PY" benchmarks/gpu_profile.py --model m0 --batch 256 --backend "$backend" || rc=1
+      "$PY" benchmarks/gpu_profile.py --model m4 --batch 256 --backend "$backend" || rc=1
   done
   return $rc
 }
