@@ -84,18 +84,49 @@ struct CgaArgs {
   bool x_packs;                // 16-bit: rows of channels (channels last) of x and out too
 };
 
+// A head's query kernel without its all-zero border rings (a head's smaller kernel comes
+// zero-padded to K x K; a NaN weight counts as nonzero), found in two steps either side of a
+// barrier the head passes anyway: flag_taps marks each tap that can reach into a ws x ws
+// window (offset below ws) and has a nonzero weight (wd: the head's kd x K x K weights), in
+// `flags` (shared memory, (2 reach + 1)^2 ints); kernel_radius reads the marks.
+__device__ __forceinline__ int tap_reach(int K, int ws) { return std::min(K / 2, ws - 1); }
+
+template <class T>
+__device__ __forceinline__ void flag_taps(global_ptr<const T> wd, int kd, int K, int ws,
+                                          int* flags) {
+  const int reach = tap_reach(K, ws), side = 2 * reach + 1;
+  for (int t = threadIdx.x; t < side * side; t += blockDim.x) {
+    const int tap = (K / 2 - reach + t / side) * K + K / 2 - reach + t % side;
+    bool nonzero = false;
+    for (int c = 0; c < kd; ++c) nonzero = nonzero || !(to_float(wd[c * K * K + tap]) == 0.f);
+    flags[t] = nonzero;
+  }
+}
+
+__device__ __forceinline__ int kernel_radius(const int* flags, int K, int ws) {
+  const int reach = tap_reach(K, ws), side = 2 * reach + 1;
+  int radius = 0;
+  for (int y = 0; y < side; ++y) {
+    for (int x = 0; x < side; ++x) {
+      if (flags[y * side + x]) radius = std::max(radius, std::max(abs(y - reach), abs(x - reach)));
+    }
+  }
+  return radius;
+}
+
 // q = dwconv_KxK(q) + bias at token t of a ws x ws window, channel c, zero padding at the
-// window's edge; q[token * ldq] is the window's q of that channel (fp32).
+// window's edge, over the taps within `radius` of the centre (kernel_radius: the others'
+// weights are zero); q[token * ldq] is the window's q of that channel (fp32).
 template <class T>
 __device__ __forceinline__ float window_dwconv(global_ptr<const T> wd, global_ptr<const T> bd,
-                                               int K, int ws, const float* q, int ldq, int t,
-                                               int c) {
+                                               int K, int radius, int ws, const float* q,
+                                               int ldq, int t, int c) {
   const int ty = t / ws, tx = t % ws;
   float acc = to_float(bd[c]);
-  for (int ky = 0; ky < K; ++ky) {
+  for (int ky = K / 2 - radius; ky <= K / 2 + radius; ++ky) {
     const int y = ty + ky - K / 2;
     if (y < 0 || y >= ws) continue;
-    for (int kx = 0; kx < K; ++kx) {
+    for (int kx = K / 2 - radius; kx <= K / 2 + radius; ++kx) {
       const int x = tx + kx - K / 2;
       if (x < 0 || x >= ws) continue;
       acc += to_float(wd[(c * K + ky) * K + kx]) * q[(y * ws + x) * ldq];
@@ -122,7 +153,10 @@ __device__ __forceinline__ void cga_heads_fma(const CgaArgs<T>& p, const CgaPlan
       }
       __syncthreads();
     }
-    // q, k, v = W_i feat_i + b_i for every token
+    // q, k, v = W_i feat_i + b_i for every token; the head's kernel taps flagged in S (free
+    // until the scores)
+    const global_ptr<const T> wd = p.dw_w + static_cast<int64_t>(i) * kd * K * K;
+    flag_taps(wd, kd, K, ws, reinterpret_cast<int*>(S));
     const global_ptr<const T> wq = p.qkv_w + static_cast<int64_t>(i) * nq * d;
     const global_ptr<const T> bq = p.qkv_b + i * nq;
     block_gemm(
@@ -131,11 +165,12 @@ __device__ __forceinline__ void cga_heads_fma(const CgaArgs<T>& p, const CgaPlan
         [&](int, int m, int n, float v) { QKV[m * ldq + n] = v + to_float(bq[n]); });
     __syncthreads();
     // q = dwconv_KxK(q) + c_i on each window's ws x ws grid, zero padding at its edge
-    const global_ptr<const T> wd = p.dw_w + static_cast<int64_t>(i) * kd * K * K;
     const global_ptr<const T> bd = p.dw_b + i * kd;
+    const int radius = kernel_radius(reinterpret_cast<const int*>(S), K, ws);
     for (int e = threadIdx.x; e < R * kd; e += blockDim.x) {
       const int r = e / kd, c = e % kd, t = r % N;
-      Q2[r * ldq2 + c] = window_dwconv(wd, bd, K, ws, QKV + (r - t) * ldq + c, ldq, t, c);
+      Q2[r * ldq2 + c] =
+          window_dwconv(wd, bd, K, radius, ws, QKV + (r - t) * ldq + c, ldq, t, c);
     }
     __syncthreads();
     // scores = scale q^T k + AB_i[|dy|, |dx|], window by window
@@ -237,6 +272,9 @@ __device__ __forceinline__ void cga_heads_mma(const CgaArgs<T>& p, const CgaPlan
       }
       F[r * ldf + c] = T(v);
     }
+    // the head's kernel taps flagged in S (free until the scores)
+    const global_ptr<const T> wd = p.dw_w + static_cast<int64_t>(i) * kd * K * K;
+    flag_taps(wd, kd, K, ws, reinterpret_cast<int*>(S));
     cp_async_wait<0>();
     __syncthreads();
     // q (fp32, for the dwconv), k, v^T = W_i feat_i + b_i for every row
@@ -254,12 +292,12 @@ __device__ __forceinline__ void cga_heads_mma(const CgaArgs<T>& p, const CgaPlan
     __syncthreads();
     if (i + 1 < p.heads) stage_wqkv(i + 1);  // Wqkv is free: the next head's flies
     // q = dwconv_KxK(q) + c_i on each window's ws x ws grid, zero padding at its edge
-    const global_ptr<const T> wd = p.dw_w + static_cast<int64_t>(i) * kd * K * K;
     const global_ptr<const T> bd = p.dw_b + i * kd;
+    const int radius = kernel_radius(reinterpret_cast<const int*>(S), K, ws);
     for (int e = threadIdx.x; e < R * kd; e += blockDim.x) {
       const int r = e / kd, c = e - r * kd, t = r % np;  // rows past N: zeros
-      Q2[r * ldk + c] = T(t < N ? window_dwconv(wd, bd, K, ws, Q + (r - t) * ldq + c, ldq, t, c)
-                                : 0.f);
+      Q2[r * ldk + c] =
+          T(t < N ? window_dwconv(wd, bd, K, radius, ws, Q + (r - t) * ldq + c, ldq, t, c) : 0.f);
     }
     __syncthreads();
     // scores = scale q^T k + AB_i[|dy|, |dx|], window by window (rows past N left out)
