@@ -282,7 +282,8 @@ def smoke_calls(device):
     # 128) than an H200 holds programs at once, so that some loop over two
     x = random_input(1, 272, 136, 136, channels_last=True).to(device=device, dtype=torch.float16)
     f = on_device(random_ffn_params(272, 40), torch.float16)
-    calls.append(("ffn", (x, *f, True), lambda x=x, f=f: functional.ffn(x.double(), *double(f), True)))
+    calls.append(("ffn", (x, *f, True),
+                  lambda x=x, f=f: functional.ffn(x.double(), *double(f), True)))
     for dtype, cl in ((torch.float16, True), (torch.float32, False)):
         x = random_input(2, 20, 5, 6, channels_last=cl).to(device=device, dtype=dtype)
         w, b = on_device(random_dwconv_params(20, 3), dtype)
@@ -291,8 +292,8 @@ def smoke_calls(device):
         weights, biases = (on_device(ts, dtype) for ts in random_patch_embed_params([3, 16, 24]))
         image = random_input(2, 3, 13, 10, channels_last=cl).to(device=device, dtype=dtype)
         calls += [
-            ("dwconv", (x, w, b, True, True),
-             lambda x=x, w=w, b=b: functional.dwconv(x.double(), w.double(), b.double(), True, True)),
+            ("dwconv", (x, w, b, True, True), lambda x=x, w=w, b=b: functional.dwconv(
+                x.double(), w.double(), b.double(), True, True)),
             ("ffn", (x, *f, True), lambda x=x, f=f: functional.ffn(x.double(), *double(f), True)),
             ("squeeze_excite", (x, *f),
              lambda x=x, f=f: functional.squeeze_excite(x.double(), *double(f))),

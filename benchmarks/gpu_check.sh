@@ -69,8 +69,8 @@ if [ "$MODE" = quick ]; then
           [models]=75)
   MODEL_ARGS=()
 elif [ "$MODE" = profile ]; then
-  # profile: about 40 s per backend under ncu once Triton has compiled (~20 s for M0); the
-  # compile step compiles the profiled models' kernels only
+  # profile: about 40 s per backend under ncu for M0 once Triton has compiled (M4's not yet
+  # measured: its eager pass may not fit); the compile step compiles the models' kernels only
   STEPS=(env build compile tests profile)
   BUDGET=([env]=15 [build]=80 [compile]=40 [tests]=20 [profile]=200)
   COMPILE_ARGS=(--models-only)
@@ -213,9 +213,10 @@ run_tests() {
   "$PY" -m pytest "${args[@]}" tests/test_gpu.py
 }
 # Nsight Compute's counters for each kernel of one M4 forward (gpu_profile.py; the speed goals'
-# model: M0's are in the first two runs' results), a backend at a time, each to $OUT/ncu_<backend>.csv (one row per kernel). Clocks as found (METHOD: never
-# change them). The sections: time and throughput, launch shape, occupancy, stall reasons,
-# memory traffic; the metric: instructions executed, for the static profile's counts.
+# model: M0's are in the first two runs' results), a backend at a time, each to
+# $OUT/ncu_<backend>.csv (one row per kernel). Clocks as found (METHOD: never change them).
+# The sections: time and throughput, launch shape, occupancy, stall reasons, memory traffic;
+# the metric: instructions executed, for the static profile's counts.
 profile_kernels() {
   local ncu backend rc=0
   ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null |
