@@ -8,8 +8,8 @@ kernel's alone. Every output is poisoned with NaN first, so an element a kernel 
 
 The quick GPU check (benchmarks/gpu_check.sh) runs ``-m "not gpu_full"``: every code path
 (each model stage, padded and whole-map windows, batch 1 and 16, both layouts, fp32 and fp16)
-on fewer sizes; ``gpu_full`` marks the rest (bf16 among it). The module imports without a GPU, so that
-tests/test_gpu_budget.py can count the Triton compilations the quick cases cause.
+on fewer sizes; ``gpu_full`` marks the rest (bf16 among it). The module imports without a
+GPU, so that tests/test_gpu_budget.py can count the Triton compilations the quick cases cause.
 """
 import pytest
 import torch
