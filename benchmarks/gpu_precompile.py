@@ -113,14 +113,16 @@ def _smoke_cases():
         getattr(k, op)(*args)
 
 
-def recorded():
-    """(the quick tests' and smoke run's launches, the timed models' launches), recorded on meta
-    tensors."""
+def recorded(models_only):
+    """(the quick tests' and smoke run's launches, none if ``models_only``; the timed models'
+    launches), recorded on meta tensors."""
     from efficientvit_kernels import triton_static as s
-    with s.recording() as tests:
-        _test_cases()
-        _smoke_cases()
-    tests += s.model_launches(("m0",), (torch.float16,), ((2, 64),))  # test_converted_model's
+    tests = []
+    if not models_only:
+        with s.recording() as tests:
+            _test_cases()
+            _smoke_cases()
+        tests += s.model_launches(("m0",), (torch.float16,), ((2, 64),))  # test_converted_model's
     models = s.model_launches(MODELS, (torch.float16,), MODEL_INPUTS)
     return tests, models
 
@@ -164,10 +166,14 @@ def compile_on_gpu(launch):
 
 
 def compile_share(shard, jobs, models_only, started):
-    tests, models = recorded()
+    # One thread each: the workers share the cores, and 16 of them each running torch's thread
+    # pool on 16 cores to record the launches took 97 s on the H200 machine (here: 8 workers
+    # on 2 cores, 37 s with two threads each, 21 s with one).
+    torch.set_num_threads(1)
+    tests, models = recorded(models_only)
     major, minor = torch.cuda.get_device_capability()
     # the models' first: a step stopped by its time leaves what the models step times compiled
-    launches = distinct(models + ([] if models_only else tests), 10 * major + minor)[shard::jobs]
+    launches = distinct(models + tests, 10 * major + minor)[shard::jobs]
     print(f"shard {shard}/{jobs}: {len(launches)} launches to compile after "
           f"{time.time() - started:.0f} s starting", flush=True)
     failed = []

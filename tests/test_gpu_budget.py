@@ -56,7 +56,7 @@ import gpu_precompile
 from efficientvit_kernels import triton_static as s
 from efficientvit_kernels.triton._common import REGISTER_CAPPED
 
-tests, models = gpu_precompile.recorded()
+tests, models = gpu_precompile.recorded(models_only=False)
 quick = s.unique_launches(tests, 90)
 more = s.unique_launches(tests + models, 90)[len(quick):]
 
