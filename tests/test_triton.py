@@ -133,23 +133,24 @@ def test_import_without_triton(monkeypatch):
     (8, 128, 0, {}, {}),                        # two blocks already
     (8, 162, 0, {}, {"maxnreg": 128}),          # the cap brings the second block, no spill
     (8, 162, 0, {(128, 3): 8}, {"maxnreg": 128, "num_stages": 2}),  # with two stages
-    (8, 162, 0, {(128, 3): 8, (128, 2): 8}, {}),  # the cap spills: left as it is
+    (8, 162, 0, {(128, 3): 8, (128, 2): 8}, {"maxnreg": 128, "num_stages": 1}),  # with one
+    (8, 162, 0, {(128, 3): 8, (128, 2): 8, (128, 1): 8}, {}),  # the cap spills: left as it is
     (8, 128, 8, {}, {"maxnreg": 128}),          # ptxas's own choice spills, an explicit 128 not
-    (8, 128, 8, {(128, 3): 8, (128, 2): 8}, {"maxnreg": 255}),
+    (8, 128, 8, {(128, 3): 8, (128, 2): 8, (128, 1): 8}, {"maxnreg": 255}),
     (4, 128, 8, {}, {"maxnreg": 128}),          # four blocks of 128 threads
     (4, 128, 8, {(128, 3): 8}, {"maxnreg": 168}),  # three
     (4, 128, 8, {(128, 3): 8, (168, 3): 8}, {"maxnreg": 255}),  # two
     (4, 128, 8, {(128, 3): 8, (168, 3): 8, (255, 3): 8}, {"maxnreg": 255, "num_stages": 1}),
-    (8, 255, 8, {(128, 3): 8, (128, 2): 8, (255, 3): 8, (255, 1): 8}, {}),  # the gate fails it
+    (8, 255, 8, {(128, 3): 8, (128, 2): 8, (128, 1): 8, (255, 3): 8, (255, 1): 8}, {}),
     (16, 128, 8, {(128, 3): 8}, {"maxnreg": 128, "num_stages": 1}),  # 512 threads: 128 at most
     (16, 128, 8, {(128, 3): 8, (128, 1): 8}, {}),
-], ids=["4warps", "8warps_fits", "8warps_capped", "8warps_capped_2stages", "8warps_cap_spills",
+], ids=["4warps", "8warps_fits", "8warps_capped", "8warps_capped_2stages", "8warps_capped_1stage", "8warps_cap_spills",
         "8warps_spill_capped", "8warps_spill_uncapped", "4warps_spill_4blocks",
         "4warps_spill_3blocks", "4warps_spill_2blocks", "4warps_spill_one_stage",
         "spills_anyway", "16warps_one_stage", "16warps_spills_anyway"])
 def test_register_cap_policy(warps, registers, spill, spills, expected):
     """A launch's register limit: 128 for a 256-thread launch that takes more (two blocks per
-    multiprocessor), with three stages of loads in flight or else two, where that spills
+    multiprocessor), with three stages of loads in flight or else two or one, where that spills
     nothing; for a launch whose compile spills, the first of those, then the limits that let
     4, 3, 2, 1 blocks reside (of 128 threads: 128, 168, 255; of 256: 128, 255; of 512: 128),
     then the one-block limit with one stage, that spills nothing. ``spills``: what a compile

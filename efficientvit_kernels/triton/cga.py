@@ -5,9 +5,9 @@ the device holds at once, so each program's scratch stays in cache); windows up 
 8 at a time, stacked into the rows of its tiles. For a window it reads the ws x ws tokens
 straight from x through strides (tokens beyond the map load as zeros: the spec's zero padding,
 and those tokens take part in attention), runs the heads in cascade order with every per-head
-tensor on chip (the query's depthwise convolution with only the taps of each head's own kernel:
-M4's heads of 7x7, 5x5, 3x3 and 3x3 run 92 taps a token, not 4 x 49), and writes the window's
-valid tokens once. Tokens are the rows of every tile:
+tensor on chip (the query's depthwise convolution of a lone window with only the taps of each
+head's own kernel: M4's heads of 7x7, 5x5, 3x3 and 3x3 run 92 taps a token, not 4 x 49), and
+writes the window's valid tokens once. Tokens are the rows of every tile:
 N = ws*ws is padded to a power of two NP, and those extra rows/columns are masked out of the
 softmax.
 """
@@ -73,6 +73,9 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     # Each head's query kernel without its all-zero border rings (a head's smaller kernel comes
     # zero-padded to K x K; a NaN weight counts as nonzero): its radius, so that only its own
     # taps run. (HP, KDP, KKP): heads, key channels, taps, each padded to a power of two.
+    # Stacked small windows run all K x K taps: with a loop bound read from these, Triton 3.6
+    # holds them in 192-197 registers (one block a multiprocessor) or spills at 128, and M0's
+    # 5x5 heads have no border rings to skip.
     hh = tl.arange(0, HP)
     tap3 = tl.arange(0, KKP)[None, None, :]
     dw_all = tl.load(dw_w_ptr + (hh[:, None, None] * KD + kc[None, :, None]) * (K * K) + tap3,
@@ -124,7 +127,10 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             qc = tl.zeros([R, KDP], dtype=tl.float32)
             qc += tl.load(dw_b_ptr + i * KD + kc, mask=kmask, other=0.0).to(tl.float32)[None, :]
             dw = dw_w_ptr + (i * KD + kc) * (K * K)
-            radius = tl.max(tl.where(hh == i, radii, 0))
+            if WPB == 1:
+                radius = tl.max(tl.where(hh == i, radii, 0))
+            else:
+                radius: tl.constexpr = K // 2
             for ky in range(K // 2 - radius, K // 2 + radius + 1):
                 for kx in range(K // 2 - radius, K // 2 + radius + 1):
                     qc = _q_tap(q, qc, dw, ky, kx, r, n, ty, tx, token, kmask, K, WS)
