@@ -58,8 +58,8 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     # operands into registers):
     #   feat  (R, DP)       fp32: feat_i = x_i + out_{i-1}
     #   prev  (R, DP)       fp32: out_i, for the next head's cascade
-    #   attn  (WPB, NP, NP) fp32: the attention weights of each window
-    #   v     (R, BD)       fp32: BD channels of v
+    #   attn  (WPB, NP, NP) fp32: the attention weights of each window (fp32 inputs only)
+    #   v     (R, BD)       fp32: BD channels of v (fp32 inputs only)
     #   cat   (R, C)        DT:   relu(concat(out_i)), the output projection's input
     feat_scratch = scratch_ptr + pid.to(tl.int64) * (R * (2 * DP + NP + BD))
     feat = feat_scratch + r[:, None] * DP
@@ -145,7 +145,14 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 s = mm(tl.reshape(qc, (WPB, NP, KDP)), tl.trans(k3, (0, 2, 1)), DT)
             s = s * scale + tl.load(ab_ptr + i * NP * NP + pair)
             p = tl.exp(s - tl.max(s, axis=2)[:, :, None])
-            tl.store(attn_scratch + pair, p / tl.sum(p, axis=2)[:, :, None])
+            attn = p / tl.sum(p, axis=2)[:, :, None]
+            # fp16/bf16: the weights stay in registers, the product's operand for every value
+            # chunk (8 registers a thread for a 64x64 window). fp32's product would hold whole
+            # rows of them in each thread: they go through scratch, 16 key tokens at a time.
+            if DT == tl.float32:
+                tl.store(attn_scratch + pair, attn)
+            else:
+                attn = attn.to(DT)
 
             # out_i = attn v, BD value channels at a time; v's chunk reduces feat in chunks.
             for j0 in range(0, DP, BD):
@@ -158,16 +165,22 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                                  mask=(c < D)[:, None] & jmask[None, :], other=0.0)
                     v += mm(tl.load(feat + c[None, :]), wv, DT)
                 v += tl.load(bias + 2 * KD + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-                # out = attn v per window, reduced over its tokens 16 at a time; zero in padded
-                # value columns
-                tl.store(v_scratch + r[:, None] * BD + bd[None, :], v)
-                tl.debug_barrier()  # v's chunk is whole before other tokens' rows are read
-                out = tl.zeros([WPB, NP, BD], dtype=tl.float32)
-                for m0 in range(0, NP, 16):
-                    m = m0 + b16
-                    vm = tl.load(v_scratch + (w3 * NP + m[None, :, None]) * BD + bd[None, None, :])
-                    out += mm(tl.load(attn_scratch + t3 * NP + m[None, None, :]), vm, DT)
-                tl.debug_barrier()  # v's chunk is read before the next one overwrites it
+                # out = attn v per window (zero in padded value columns)
+                if DT != tl.float32:
+                    if WPB == 1:
+                        out = tl.expand_dims(mm(tl.reshape(attn, (NP, NP)), v, DT), 0)
+                    else:
+                        out = mm(attn, tl.reshape(v, (WPB, NP, BD)), DT)
+                else:  # reduced over the window's tokens 16 at a time, through scratch
+                    tl.store(v_scratch + r[:, None] * BD + bd[None, :], v)
+                    tl.debug_barrier()  # v's chunk is whole before other tokens' rows are read
+                    out = tl.zeros([WPB, NP, BD], dtype=tl.float32)
+                    for m0 in range(0, NP, 16):
+                        m = m0 + b16
+                        vm = tl.load(v_scratch + (w3 * NP + m[None, :, None]) * BD
+                                     + bd[None, None, :])
+                        out += mm(tl.load(attn_scratch + t3 * NP + m[None, None, :]), vm, DT)
+                    tl.debug_barrier()  # v's chunk is read before the next one overwrites it
                 tl.store(prev3 + j[None, None, :], out)
                 tl.store(cat3 + (i * D + j)[None, None, :], relu(out).to(DT),
                          mask=(j < D)[None, None, :])
