@@ -30,8 +30,8 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 HEADS: tl.constexpr, KD: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
                 WS: tl.constexpr, NP: tl.constexpr, WPB: tl.constexpr, KDP: tl.constexpr,
-                DP: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, RESIDUAL: tl.constexpr,
-                HP: tl.constexpr, KKP: tl.constexpr):
+                DP: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                RESIDUAL: tl.constexpr, HP: tl.constexpr, KKP: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     N: tl.constexpr = WS * WS
     C: tl.constexpr = HEADS * D
@@ -47,6 +47,7 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     kmask = kc < KD
     bd = tl.arange(0, BD)
     bc = tl.arange(0, BC)
+    bk = tl.arange(0, BK)
     b16 = tl.arange(0, 16)
     # 3-D views (window, token, channel) for the products within each window
     w3 = tl.arange(0, WPB)[:, None, None]
@@ -186,14 +187,14 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                          mask=(j < D)[None, None, :])
             tl.debug_barrier()  # out_i is whole before the next head reads it as prev
 
-        # y = P relu(concat) + p (+ x), in blocks of BC output channels.
+        # y = P relu(concat) + p (+ x), in blocks of BC output channels, BK input channels a step.
         o_tok = out_ptr + b * sob + gy * soh + gx * sow
         for c0 in range(0, C, BC):
             oc = c0 + bc
             ocm = oc < C
             y = tl.zeros([R, BC], dtype=tl.float32)
-            for k0 in range(0, C, BC):
-                ic = k0 + bc
+            for k0 in range(0, C, BK):
+                ic = k0 + bk
                 icm = ic < C
                 a = tl.load(cat + ic[None, :], mask=icm[None, :], other=0.0)
                 pw = tl.load(proj_w_ptr + oc[None, :] * C + ic[:, None],
@@ -264,10 +265,13 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     NP = padded(ws * ws)
     WPB = SMALL_WINDOWS_STACKED if NP == 16 else 1
     # Value and output channels go 16 at a time (wider chunks spill these 64- and 128-row
-    # tiles); DP is d padded to them.
+    # tiles); DP is d padded to them. The projection reduces over 64 input channels a step in
+    # fp16/bf16 (rows of 128 bytes from the concat; 4x fewer steps), 16 in fp32, whose
+    # product would hold whole rows in each thread.
     DP = triton.cdiv(d, 16) * 16
     meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, WPB=WPB, KDP=padded(kd), DP=DP,
-                BD=16, BC=16, RESIDUAL=bool(residual), HP=triton.next_power_of_2(heads),
+                BD=16, BC=16, BK=16 if x.dtype == torch.float32 else 64,
+                RESIDUAL=bool(residual), HP=triton.next_power_of_2(heads),
                 KKP=triton.next_power_of_2(K * K), num_warps=8)
     params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
     params += [_score_bias(attention_bias, ws, NP), proj_weight.contiguous(),
