@@ -56,6 +56,10 @@ from efficientvit_kernels.testing import relative_error  # noqa: E402
 from efficientvit_kernels import convert  # noqa: E402
 from efficientvit_kernels.modules import LinearSqueezeExcite, backend_ops  # noqa: E402
 
+# What the check times by default (gpu_precompile.py compiles their launches beforehand). M4
+# first: the speed goals' model (the quick check's budget may end before the second).
+MODELS = ("m4", "m0")
+BATCHES = (1, 2048)
 RESOLUTION = 224
 FUSED = ("cuda", "triton", "auto")  # auto: per op call, the fastest measured (auto_backend)
 COLUMNS = ("eager", "compile") + FUSED
@@ -462,10 +466,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "models_gpu"),
                    help="results prefix: <out>.jsonl (as measured) and <out>.md (the tables)")
-    # M4 first: the speed goals' model (the quick check's budget may end before the second)
-    p.add_argument("--models", nargs="+", default=["m4", "m0"],
+    p.add_argument("--models", nargs="+", default=list(MODELS),
                    choices=list(python_ref.MODEL_CONFIGS))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 2048],
+    p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES),
                    help="each one, or the largest power of two below it that fits")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune",

@@ -26,8 +26,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")]
 
-# The models the check times (bench_models_gpu.py; gpu_profile.py's batch 256 too), fp16.
-MODELS, MODEL_INPUTS = ("m0", "m4"), ((1, 224), (256, 224), (2048, 224))
+# The models the check times, fp16, at its batches and the profile mode's 256 (gpu_check.sh).
+from bench_models_gpu import BATCHES, MODELS, RESOLUTION  # noqa: E402
+MODEL_INPUTS = tuple((batch, RESOLUTION) for batch in sorted({*BATCHES, 256}))
 
 
 def _meta(shape, dtype, channels_last=False):
