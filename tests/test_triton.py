@@ -144,8 +144,9 @@ def test_import_without_triton(monkeypatch):
     (8, 255, 8, {(128, 3): 8, (128, 2): 8, (128, 1): 8, (255, 3): 8, (255, 1): 8}, {}),
     (16, 128, 8, {(128, 3): 8}, {"maxnreg": 128, "num_stages": 1}),  # 512 threads: 128 at most
     (16, 128, 8, {(128, 3): 8, (128, 1): 8}, {}),
-], ids=["4warps", "8warps_fits", "8warps_capped", "8warps_capped_2stages", "8warps_capped_1stage", "8warps_cap_spills",
-        "8warps_spill_capped", "8warps_spill_uncapped", "4warps_spill_4blocks",
+], ids=["4warps", "8warps_fits", "8warps_capped", "8warps_capped_2stages",
+        "8warps_capped_1stage", "8warps_cap_spills", "8warps_spill_capped",
+        "8warps_spill_uncapped", "4warps_spill_4blocks",
         "4warps_spill_3blocks", "4warps_spill_2blocks", "4warps_spill_one_stage",
         "spills_anyway", "16warps_one_stage", "16warps_spills_anyway"])
 def test_register_cap_policy(warps, registers, spill, spills, expected):
