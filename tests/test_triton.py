@@ -61,6 +61,23 @@ def test_fp16_in_interpreter():
     assert_close(kernels.patch_embed(x, weights, biases, False), ref)
 
 
+@pytest.mark.skipif(GPU, reason="the GPU runs every case in fp16")
+@pytest.mark.parametrize("d,kernel_sizes,window", [
+    (64, (7, 5), 7),      # v in two 32-channel passes, the projection in two 64-channel steps
+    (48, (7, 5, 3), 7),   # the second pass partial (d padded to 48, 64 columns)
+    (40, (5, 3), 4),      # stacked 4x4 windows: 16-channel passes, a partial projection step
+], ids=["d64_7x7", "d48_7x7", "d40_4x4"])
+def test_cga_fp16_paths_in_interpreter(d, kernel_sizes, window):
+    """The attention's fp16/bf16-only paths (the weights kept in registers for the value
+    product, v in wider passes, the projection 64 input channels a step), which the fp32 cases
+    of tests/test_cga.py do not take."""
+    dtype = torch.float16
+    heads = len(kernel_sizes)
+    p = cast(random_cga_params(heads * d, heads, kernel_sizes, window), dtype, DEVICE)
+    x = to_device(random_input(2, heads * d, 9, 8, channels_last=True), dtype)
+    assert_close(kernels.cga(x, *cga_args(p), True), reference_cga(x, cast(p, torch.float64), True))
+
+
 # The staged FFN kernel (fp16/bf16 past 256 channels): (C, hidden, K of the dwconv before it,
 # B, H, W, layout, residual). Hidden widths within one chunk and past several (a last one
 # masked); output columns in tiles of 128, a last one masked; a token tile spanning images,

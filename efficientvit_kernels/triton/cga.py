@@ -30,8 +30,8 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                 HEADS: tl.constexpr, KD: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
                 WS: tl.constexpr, NP: tl.constexpr, WPB: tl.constexpr, KDP: tl.constexpr,
-                DP: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                RESIDUAL: tl.constexpr, HP: tl.constexpr, KKP: tl.constexpr):
+                DP: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
+                BK: tl.constexpr, RESIDUAL: tl.constexpr, HP: tl.constexpr, KKP: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     N: tl.constexpr = WS * WS
     C: tl.constexpr = HEADS * D
@@ -46,6 +46,7 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
     kc = tl.arange(0, KDP)
     kmask = kc < KD
     bd = tl.arange(0, BD)
+    bv = tl.arange(0, BV)
     bc = tl.arange(0, BC)
     bk = tl.arange(0, BK)
     b16 = tl.arange(0, 16)
@@ -155,11 +156,11 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
             else:
                 attn = attn.to(DT)
 
-            # out_i = attn v, BD value channels at a time; v's chunk reduces feat in chunks.
-            for j0 in range(0, DP, BD):
-                j = j0 + bd
+            # out_i = attn v, BV value channels at a time; v's chunk reduces feat in chunks.
+            for j0 in range(0, DP, BV):
+                j = j0 + bv
                 jmask = j < D
-                v = tl.zeros([R, BD], dtype=tl.float32)
+                v = tl.zeros([R, BV], dtype=tl.float32)
                 for c0 in range(0, DP, BD):
                     c = c0 + bd
                     wv = tl.load(w + (2 * KD + j[None, :]) * D + c[:, None],
@@ -171,8 +172,8 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                     if WPB == 1:
                         out = tl.expand_dims(mm(tl.reshape(attn, (NP, NP)), v, DT), 0)
                     else:
-                        out = mm(attn, tl.reshape(v, (WPB, NP, BD)), DT)
-                else:  # reduced over the window's tokens 16 at a time, through scratch
+                        out = mm(attn, tl.reshape(v, (WPB, NP, BV)), DT)
+                else:  # reduced over the window's tokens 16 at a time, through scratch (BV = BD)
                     tl.store(v_scratch + r[:, None] * BD + bd[None, :], v)
                     tl.debug_barrier()  # v's chunk is whole before other tokens' rows are read
                     out = tl.zeros([WPB, NP, BD], dtype=tl.float32)
@@ -182,9 +183,9 @@ def _cga_kernel(x_ptr, out_ptr, scratch_ptr, cat_scratch_ptr,
                                      + bd[None, None, :])
                         out += mm(tl.load(attn_scratch + t3 * NP + m[None, None, :]), vm, DT)
                     tl.debug_barrier()  # v's chunk is read before the next one overwrites it
-                tl.store(prev3 + j[None, None, :], out)
+                tl.store(prev3 + j[None, None, :], out, mask=(j < DP)[None, None, :])
                 tl.store(cat3 + (i * D + j)[None, None, :], relu(out).to(DT),
-                         mask=(j < D)[None, None, :])
+                         mask=jmask[None, None, :])
             tl.debug_barrier()  # out_i is whole before the next head reads it as prev
 
         # y = P relu(concat) + p (+ x), in blocks of BC output channels, BK input channels a step.
@@ -269,8 +270,11 @@ def cga(x, qkv_weight, qkv_bias, dw_weight, dw_bias, attention_bias, proj_weight
     # fp16/bf16 (rows of 128 bytes from the concat; 4x fewer steps), 16 in fp32, whose
     # product would hold whole rows in each thread.
     DP = triton.cdiv(d, 16) * 16
+    # fp16/bf16 lone windows take v 32 channels a pass (a pass reads all of feat: d = 32 reads
+    # it once); stacked windows and fp32 16.
+    BV = min(32, padded(DP)) if x.dtype != torch.float32 and WPB == 1 else 16
     meta = dict(HEADS=heads, KD=kd, D=d, K=K, WS=ws, NP=NP, WPB=WPB, KDP=padded(kd), DP=DP,
-                BD=16, BC=16, BK=16 if x.dtype == torch.float32 else 64,
+                BD=16, BV=BV, BC=16, BK=16 if x.dtype == torch.float32 else 64,
                 RESIDUAL=bool(residual), HP=triton.next_power_of_2(heads),
                 KKP=triton.next_power_of_2(K * K), num_warps=8)
     params = [t.contiguous() for t in (qkv_weight, qkv_bias, dw_weight, dw_bias)]
