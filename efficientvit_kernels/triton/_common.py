@@ -141,9 +141,9 @@ def capped_registers(kwargs, compile):
     thread, local-memory bytes a thread). The first of these whose compile spills nothing:
     - for a 256-thread launch that takes more than 128 registers or spills: a limit of 128, a
       second block on each multiprocessor, then the same with two stages of loads in flight
-      instead of three (fewer registers held for loads ahead), then one (Triton 3.6 compiles
-      M4's 4x4-window attention at 192 registers, and at 128 spills with two or three stages,
-      not one); a cap may instead trade the second block for local-memory traffic, as some do;
+      instead of three (fewer registers held for loads ahead), then one (under Triton 3.6 an
+      attention variant that spilled at 128 with two or three stages fit with one); a cap may
+      instead trade the second block for local-memory traffic, as some do;
     - where the kernel as written spills: the limits of ``block_limits``, most resident blocks
       first, then the one-block limit with one stage of loads in flight (left to itself, ptxas
       stops some variants at 128 registers and spills a few bytes, the attention's on
