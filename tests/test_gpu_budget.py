@@ -30,6 +30,8 @@ def quick_compile_seconds():
     with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
         quick = f.read().split('if [ "$MODE" = quick ]; then', 1)[1]
     return int(re.search(r"\[compile\]=(\d+)", quick).group(1))
+
+
 # A compilation on the H200 machine, 16 processes compiling at once, against the same one alone
 # on this project's 2-core machine: in its second run, 15 of 16 processes had compiled their
 # share (35-36 launches, 555 s of compiling here by this count over 16: 35 s) by 115 s, about
